@@ -1,0 +1,78 @@
+//! `groundkit bench`: forward-pass timings on random weights, one JSON line per case.
+//! `tools/reference/bench_compare.sh` runs this and the PyTorch twin side by side.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use gk_models::clip::{ClipVisionConfig, ClipVisionTransformer};
+use gk_models::grounder::{Grounder, GrounderConfig};
+use std::time::Instant;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Batch sizes to time.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    batch: Vec<usize>,
+    /// Timed iterations per case (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Which models: clip-b16-vision, grounder-clip-b16.
+    #[arg(long, value_delimiter = ',', default_value = "clip-b16-vision,grounder-clip-b16")]
+    models: Vec<String>,
+}
+
+fn median_ms(iters: usize, f: &dyn Fn() -> Result<()>) -> Result<f64> {
+    f()?; // warm-up
+    let mut t: Vec<f64> = (0..iters)
+        .map(|_| {
+            let s = Instant::now();
+            f().map(|_| s.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<_>>()?;
+    t.sort_by(|a, b| a.total_cmp(b));
+    Ok(t[t.len() / 2])
+}
+
+/// One benchmark case: builds its inputs for a batch size, returns the timed forward.
+type Case = Box<dyn Fn(usize) -> Result<Box<dyn Fn() -> Result<()>>>>;
+
+fn case(name: &str, vb: VarBuilder) -> Result<Case> {
+    let dev = Device::Cpu;
+    Ok(match name {
+        "clip-b16-vision" => {
+            let vit = std::rc::Rc::new(ClipVisionTransformer::new(vb, &ClipVisionConfig::vit_base_patch16())?);
+            Box::new(move |b| {
+                let x = Tensor::randn(0f32, 1.0, (b, 3, 224, 224), &dev)?;
+                let vit = vit.clone();
+                Ok(Box::new(move || vit.forward(&x).map(|_| ()).map_err(Into::into)))
+            })
+        }
+        "grounder-clip-b16" => {
+            let cfg = GrounderConfig::clip_b16();
+            let g = std::rc::Rc::new(Grounder::new(vb, &cfg)?);
+            Box::new(move |b| {
+                let x = Tensor::randn(0f32, 1.0, (b, 3, 224, 224), &dev)?;
+                let pm = Tensor::ones((b, 224, 224), DType::F32, &dev)?;
+                let ids = Tensor::ones((b, cfg.max_text_len), DType::U32, &dev)?;
+                let tm = Tensor::ones((b, cfg.max_text_len), DType::F32, &dev)?;
+                let g = g.clone();
+                Ok(Box::new(move || g.forward(&x, &pm, &ids, &tm, false).map(|_| ()).map_err(Into::into)))
+            })
+        }
+        other => anyhow::bail!("unknown bench model {other:?} (clip-b16-vision, grounder-clip-b16)"),
+    })
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    for name in &a.models {
+        let map = VarMap::new();
+        let run_case = case(name, VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu))?;
+        for &b in &a.batch {
+            let forward = run_case(b)?;
+            let ms = median_ms(a.iters, &*forward)?;
+            println!("{}", serde_json::json!({"impl": "groundkit", "model": name, "batch": b, "threads": threads, "median_ms": ms}));
+        }
+    }
+    Ok(())
+}

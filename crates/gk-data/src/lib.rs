@@ -1,0 +1,8 @@
+//! gk-data: records, datasets, transforms, tokenizers and batching.
+pub mod error;
+pub mod image_io;
+pub mod record;
+pub mod synth;
+pub mod tokenize;
+
+pub use error::{DataError, Result};

@@ -1,0 +1,454 @@
+//! The TransVG-style grounder: visual encoder + text encoder + projections + [REG] token +
+//! visual-linguistic transformer + box head.
+//!
+//! Port of TransVG `models/trans_vg.py` and `models/vl_transformer.py`
+//! (<https://github.com/djiajunustc/TransVG/blob/main/models/trans_vg.py>), with the
+//! backbone and fusion choices of CLIP-VG/HiVG available by config (CLIP towers, pre-norm).
+//! Sub-modules are built outside the fusion and passed in (DETR style); every method
+//! variant plugs in as a backbone or a loss, never as a flag inside this file.
+
+use crate::bert::{Bert, BertConfig};
+use crate::clip::{ClipTextConfig, ClipTextTransformer, ClipVisionConfig, ClipVisionTransformer};
+use crate::nn::{self, LayerNorm};
+use candle_core::{DType, IndexOp, Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+/// Which visual backbone, with its own config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum VisualConfig {
+    /// A CLIP ViT tower (`vision_model.*` keys); all tokens (CLS + patches) after
+    /// `post_layernorm` go to the fusion.
+    ClipVit(ClipVisionConfig),
+}
+
+/// Which text backbone, with its own config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TextConfig {
+    Bert(BertConfig),
+    /// A CLIP text tower (`text_model.*` keys), causal attention.
+    ClipText(ClipTextConfig),
+}
+
+/// The visual-linguistic transformer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FusionConfig {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub ffn: usize,
+    pub dropout: f32,
+    /// Pre-norm (HiVG, `--normalize_before`) adds a final layer norm; post-norm is TransVG.
+    pub pre_norm: bool,
+}
+
+/// A whole grounder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrounderConfig {
+    pub visual: VisualConfig,
+    pub text: TextConfig,
+    pub fusion: FusionConfig,
+    /// Square input side in pixels.
+    pub image_size: usize,
+    /// Text length including the special tokens.
+    pub max_text_len: usize,
+}
+
+impl GrounderConfig {
+    /// CLIP ViT-B/16 towers, 224 px, 77 tokens, 6-layer pre-norm fusion of width 512:
+    /// the CLIP-VG/HiVG shape without the bridge.
+    pub fn clip_b16() -> Self {
+        Self {
+            visual: VisualConfig::ClipVit(ClipVisionConfig::vit_base_patch16()),
+            text: TextConfig::ClipText(ClipTextConfig::base()),
+            fusion: FusionConfig { hidden: 512, layers: 6, heads: 8, ffn: 2048, dropout: 0.1, pre_norm: true },
+            image_size: 224,
+            max_text_len: 77,
+        }
+    }
+
+    /// A tiny grounder for tests (tiny CLIP vision + tiny BERT).
+    pub fn tiny() -> Self {
+        Self {
+            visual: VisualConfig::ClipVit(ClipVisionConfig::tiny()),
+            text: TextConfig::Bert(BertConfig { max_position_embeddings: 16, ..BertConfig::tiny() }),
+            fusion: FusionConfig { hidden: 32, layers: 2, heads: 4, ffn: 64, dropout: 0.0, pre_norm: false },
+            image_size: 32,
+            max_text_len: 12,
+        }
+    }
+
+    /// Number of visual tokens the fusion sees (CLS + patches).
+    pub fn visual_tokens(&self) -> usize {
+        match &self.visual {
+            VisualConfig::ClipVit(c) => {
+                let g = self.image_size / c.patch_size;
+                g * g + 1
+            }
+        }
+    }
+
+    fn visual_dim(&self) -> usize {
+        match &self.visual {
+            VisualConfig::ClipVit(c) => c.hidden_size,
+        }
+    }
+
+    fn text_dim(&self) -> usize {
+        match &self.text {
+            TextConfig::Bert(c) => c.hidden_size,
+            TextConfig::ClipText(c) => c.hidden_size,
+        }
+    }
+}
+
+/// A visual backbone.
+#[derive(Debug, Clone)]
+pub enum VisualEncoder {
+    ClipVit(ClipVisionTransformer),
+}
+
+/// Visual backbone output in fusion-ready form.
+#[derive(Debug, Clone)]
+pub struct VisualFeatures {
+    /// `[B, N, Cv]` tokens (for CLIP: CLS then patches, after `post_layernorm`).
+    pub tokens: Tensor,
+    /// `[B, N]`, 1 = image, 0 = padding.
+    pub mask: Tensor,
+    /// `[B, Cv]` a global feature (CLIP: pooled CLS).
+    pub pooled: Tensor,
+    /// `(gh, gw)` of the patch grid, for region pooling.
+    pub grid: (usize, usize),
+    /// Every layer's hidden state (multi-level features, bridges).
+    pub hidden_states: Vec<Tensor>,
+}
+
+impl VisualEncoder {
+    pub fn new(vb: VarBuilder, cfg: &VisualConfig) -> Result<Self> {
+        match cfg {
+            VisualConfig::ClipVit(c) => Ok(Self::ClipVit(ClipVisionTransformer::new(vb, c)?)),
+        }
+    }
+
+    /// `pixels: [B, 3, S, S]`, `pixel_mask: [B, S, S]` (1 = image).
+    pub fn forward(&self, pixels: &Tensor, pixel_mask: &Tensor) -> Result<VisualFeatures> {
+        match self {
+            Self::ClipVit(vit) => {
+                let out = vit.forward(pixels)?;
+                let tokens = vit.post_layernorm(&out.last_hidden_state)?;
+                let p = vit.config().patch_size;
+                let (b, h, w) = pixel_mask.dims3()?;
+                let (gh, gw) = (h / p, w / p);
+                // nearest-neighbour downsampling (top-left pixel of each patch), as F.interpolate
+                let patch_mask = pixel_mask
+                    .reshape((b, gh, p, gw, p))?
+                    .i((.., .., 0, .., 0))?
+                    .reshape((b, gh * gw))?
+                    .to_dtype(tokens.dtype())?;
+                let mask = Tensor::cat(&[Tensor::ones((b, 1), tokens.dtype(), tokens.device())?, patch_mask], 1)?;
+                Ok(VisualFeatures { tokens, mask, pooled: out.pooled, grid: (gh, gw), hidden_states: out.hidden_states })
+            }
+        }
+    }
+}
+
+/// A text backbone.
+#[derive(Debug, Clone)]
+pub enum TextEncoder {
+    Bert(Bert),
+    ClipText(ClipTextTransformer),
+}
+
+/// Text backbone output.
+#[derive(Debug, Clone)]
+pub struct TextFeatures {
+    /// `[B, L, Ct]`.
+    pub tokens: Tensor,
+    /// `[B, Ct]`: BERT [CLS] hidden state, CLIP EOS token.
+    pub pooled: Tensor,
+    pub hidden_states: Vec<Tensor>,
+}
+
+impl TextEncoder {
+    pub fn new(vb: VarBuilder, cfg: &TextConfig) -> Result<Self> {
+        match cfg {
+            TextConfig::Bert(c) => Ok(Self::Bert(Bert::new(vb, c)?)),
+            TextConfig::ClipText(c) => Ok(Self::ClipText(ClipTextTransformer::new(vb, c)?)),
+        }
+    }
+
+    /// `ids, mask: [B, L]`.
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<TextFeatures> {
+        match self {
+            Self::Bert(bert) => {
+                let out = bert.forward(ids, mask, None)?;
+                let pooled = out.last_hidden_state.i((.., 0))?;
+                Ok(TextFeatures { tokens: out.last_hidden_state, pooled, hidden_states: out.hidden_states })
+            }
+            Self::ClipText(t) => {
+                let out = t.forward(ids, Some(mask))?;
+                Ok(TextFeatures { tokens: out.last_hidden_state, pooled: out.pooled, hidden_states: out.hidden_states })
+            }
+        }
+    }
+}
+
+/// One fusion layer with `nn.MultiheadAttention` key names (`self_attn.in_proj_weight`,
+/// `self_attn.out_proj`, `linear1`, `linear2`, `norm1`, `norm2`), so TransVG checkpoints map.
+#[derive(Debug, Clone)]
+struct FusionLayer {
+    in_proj_weight: Tensor,
+    in_proj_bias: Tensor,
+    out_proj: Linear,
+    linear1: Linear,
+    linear2: Linear,
+    norm1: LayerNorm,
+    norm2: LayerNorm,
+    heads: usize,
+    dropout: f32,
+    pre_norm: bool,
+}
+
+impl FusionLayer {
+    fn new(vb: VarBuilder, cfg: &FusionConfig) -> Result<Self> {
+        let d = cfg.hidden;
+        let bound = (6.0 / (d + 3 * d) as f64).sqrt(); // xavier_uniform on [3d, d]
+        let att = vb.pp("self_attn");
+        Ok(Self {
+            in_proj_weight: att.get_with_hints((3 * d, d), "in_proj_weight", candle_nn::Init::Uniform { lo: -bound, up: bound })?,
+            in_proj_bias: att.get_with_hints(3 * d, "in_proj_bias", candle_nn::Init::Const(0.0))?,
+            out_proj: candle_nn::linear(d, d, att.pp("out_proj"))?,
+            linear1: candle_nn::linear(d, cfg.ffn, vb.pp("linear1"))?,
+            linear2: candle_nn::linear(cfg.ffn, d, vb.pp("linear2"))?,
+            norm1: LayerNorm::new(vb.pp("norm1"), d, 1e-5)?,
+            norm2: LayerNorm::new(vb.pp("norm2"), d, 1e-5)?,
+            heads: cfg.heads,
+            dropout: cfg.dropout,
+            pre_norm: cfg.pre_norm,
+        })
+    }
+
+    fn proj(&self, x: &Tensor, i: usize) -> Result<Tensor> {
+        let d = self.in_proj_weight.dim(1)?;
+        let w = self.in_proj_weight.narrow(0, i * d, d)?;
+        let b = self.in_proj_bias.narrow(0, i * d, d)?;
+        x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)
+    }
+
+    fn drop(&self, x: Tensor, train: bool) -> Result<Tensor> {
+        if train && self.dropout > 0.0 {
+            candle_nn::ops::dropout(&x, self.dropout)
+        } else {
+            Ok(x)
+        }
+    }
+
+    /// Self-attention with `pos` added to queries and keys (not values).
+    fn attend(&self, x: &Tensor, pos: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let qk_in = x.broadcast_add(pos)?;
+        let (q, k, v) = (self.proj(&qk_in, 0)?, self.proj(&qk_in, 1)?, self.proj(x, 2)?);
+        self.out_proj.forward(&nn::attention(&q, &k, &v, self.heads, Some(bias))?)
+    }
+
+    fn ffn(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self.drop(self.linear1.forward(x)?.relu()?, train)?;
+        self.linear2.forward(&h)
+    }
+
+    /// `x: [B, T, d]`, `pos: [1, T, d]`, `bias: [B, 1, 1, T]`.
+    fn forward(&self, x: &Tensor, pos: &Tensor, bias: &Tensor, train: bool) -> Result<Tensor> {
+        if self.pre_norm {
+            let x = (x + self.drop(self.attend(&self.norm1.forward(x)?, pos, bias)?, train)?)?;
+            &x + self.drop(self.ffn(&self.norm2.forward(&x)?, train)?, train)?
+        } else {
+            let x = self.norm1.forward(&(x + self.drop(self.attend(x, pos, bias)?, train)?)?)?;
+            self.norm2.forward(&(&x + self.drop(self.ffn(&x, train)?, train)?)?)
+        }
+    }
+}
+
+/// DETR's `MLP`: `layers.{i}` linears with ReLU between.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    layers: Vec<Linear>,
+}
+
+impl Mlp {
+    pub fn new(vb: VarBuilder, dims: &[usize]) -> Result<Self> {
+        let layers = dims
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| candle_nn::linear(w[0], w[1], vb.pp(format!("layers.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Self { layers })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (i, l) in self.layers.iter().enumerate() {
+            x = l.forward(&x)?;
+            if i + 1 < self.layers.len() {
+                x = x.relu()?;
+            }
+        }
+        Ok(x)
+    }
+}
+
+/// What [`Grounder::forward`] returns.
+#[derive(Debug, Clone)]
+pub struct GrounderOutput {
+    /// `[B, 4]` normalised cxcywh in the padded square frame.
+    pub pred_box: Tensor,
+    /// `[B, d]` the fused [REG] token.
+    pub reg: Tensor,
+    /// `[B, N, d]` fused visual tokens.
+    pub visual_tokens: Tensor,
+    /// `[B, L, d]` fused text tokens.
+    pub text_tokens: Tensor,
+    /// Backbone outputs before fusion (distillation and region losses read these).
+    pub visual: VisualFeatures,
+    pub text: TextFeatures,
+}
+
+/// The grounder. Keys: `visual.*`, `text.*`, `visu_proj`, `text_proj`, `reg_token`,
+/// `vl_pos_embed`, `vl_transformer.layers.{i}`, `vl_transformer.norm` (pre-norm only), `bbox_embed`.
+#[derive(Debug, Clone)]
+pub struct Grounder {
+    pub visual: VisualEncoder,
+    pub text: TextEncoder,
+    visu_proj: Linear,
+    text_proj: Linear,
+    reg_token: Tensor,
+    vl_pos_embed: Tensor,
+    layers: Vec<FusionLayer>,
+    final_norm: Option<LayerNorm>,
+    bbox_embed: Mlp,
+    cfg: GrounderConfig,
+}
+
+impl Grounder {
+    pub fn new(vb: VarBuilder, cfg: &GrounderConfig) -> Result<Self> {
+        let visual = VisualEncoder::new(vb.pp("visual"), &cfg.visual)?;
+        let text = TextEncoder::new(vb.pp("text"), &cfg.text)?;
+        Self::from_parts(vb, cfg, visual, text)
+    }
+
+    /// Builds the fusion and head around already built backbones.
+    pub fn from_parts(vb: VarBuilder, cfg: &GrounderConfig, visual: VisualEncoder, text: TextEncoder) -> Result<Self> {
+        let f = &cfg.fusion;
+        let d = f.hidden;
+        let n_tokens = 1 + cfg.max_text_len + cfg.visual_tokens();
+        let vl = vb.pp("vl_transformer");
+        Ok(Self {
+            visual,
+            text,
+            visu_proj: candle_nn::linear(cfg.visual_dim(), d, vb.pp("visu_proj"))?,
+            text_proj: candle_nn::linear(cfg.text_dim(), d, vb.pp("text_proj"))?,
+            reg_token: vb.get_with_hints((1, d), "reg_token.weight", candle_nn::Init::Randn { mean: 0.0, stdev: 1.0 })?,
+            vl_pos_embed: vb.get_with_hints((n_tokens, d), "vl_pos_embed.weight", candle_nn::Init::Randn { mean: 0.0, stdev: 1.0 })?,
+            layers: (0..f.layers).map(|i| FusionLayer::new(vl.pp(format!("layers.{i}")), f)).collect::<Result<_>>()?,
+            final_norm: if f.pre_norm { Some(LayerNorm::new(vl.pp("norm"), d, 1e-5)?) } else { None },
+            bbox_embed: Mlp::new(vb.pp("bbox_embed"), &[d, d, d, 4])?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &GrounderConfig {
+        &self.cfg
+    }
+
+    /// `pixels: [B, 3, S, S]`, `pixel_mask: [B, S, S]` (1 = image), `ids, text_mask: [B, L]`
+    /// (L = `max_text_len`). `train` enables dropout.
+    pub fn forward(&self, pixels: &Tensor, pixel_mask: &Tensor, ids: &Tensor, text_mask: &Tensor, train: bool) -> Result<GrounderOutput> {
+        let visual = self.visual.forward(pixels, pixel_mask)?;
+        let text = self.text.forward(ids, text_mask)?;
+        let v = self.visu_proj.forward(&visual.tokens)?; // [B, N, d]
+        let t = self.text_proj.forward(&text.tokens)?; // [B, L, d]
+        let (b, n, d) = v.dims3()?;
+        let l = t.dim(1)?;
+        if 1 + l + n != self.vl_pos_embed.dim(0)? {
+            candle_core::bail!(
+                "grounder expects {} tokens (1 + text {} + visual {}), got 1 + {l} + {n}",
+                self.vl_pos_embed.dim(0)?,
+                self.cfg.max_text_len,
+                self.cfg.visual_tokens()
+            );
+        }
+        let reg = self.reg_token.unsqueeze(0)?.broadcast_as((b, 1, d))?;
+        let mut x = Tensor::cat(&[&reg, &t, &v], 1)?; // [B, 1+L+N, d]
+        let ones = Tensor::ones((b, 1), DType::F32, x.device())?;
+        let mask = Tensor::cat(&[&ones, &text_mask.to_dtype(DType::F32)?, &visual.mask.to_dtype(DType::F32)?], 1)?;
+        let bias = nn::key_padding_bias(&mask, x.dtype())?;
+        let pos = self.vl_pos_embed.unsqueeze(0)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &pos, &bias, train)?;
+        }
+        if let Some(norm) = &self.final_norm {
+            x = norm.forward(&x)?;
+        }
+        let reg = x.i((.., 0))?; // [B, d]
+        let pred_box = nn::sigmoid(&self.bbox_embed.forward(&reg)?)?;
+        Ok(GrounderOutput {
+            pred_box,
+            reg,
+            text_tokens: x.narrow(D::Minus2, 1, l)?,
+            visual_tokens: x.narrow(D::Minus2, 1 + l, n)?,
+            visual,
+            text,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    #[test]
+    fn tiny_grounder_shapes_and_all_parameters_get_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let cfg = GrounderConfig::tiny();
+        let g = Grounder::new(vb, &cfg)?;
+        let b = 2;
+        let s = cfg.image_size;
+        let pixels = Tensor::randn(0f32, 1.0, (b, 3, s, s), &dev)?;
+        let mut pm = vec![1f32; b * s * s];
+        pm[s * s..s * s + s * 8].iter_mut().for_each(|v| *v = 0.0); // padded top rows of sample 1
+        let pixel_mask = Tensor::from_vec(pm, (b, s, s), &dev)?;
+        let ids = Tensor::from_vec((0..b * cfg.max_text_len).map(|i| (i % 50) as u32 + 1).collect::<Vec<_>>(), (b, cfg.max_text_len), &dev)?;
+        let mut tm = vec![1f32; b * cfg.max_text_len];
+        tm[cfg.max_text_len + 5..].iter_mut().for_each(|v| *v = 0.0);
+        let text_mask = Tensor::from_vec(tm, (b, cfg.max_text_len), &dev)?;
+        let out = g.forward(&pixels, &pixel_mask, &ids, &text_mask, true)?;
+        assert_eq!(out.pred_box.dims(), &[b, 4]);
+        assert_eq!(out.visual_tokens.dims(), &[b, cfg.visual_tokens(), 32]);
+        // a loss touching every output path
+        let loss = (out.pred_box.sum_all()? + out.visual.pooled.sqr()?.sum_all()?)?;
+        let grads = loss.backward()?;
+        let data = map.data().lock().unwrap();
+        let mut missing = Vec::new();
+        for (name, var) in data.iter() {
+            match grads.get(var) {
+                Some(g) => {
+                    let s = g.abs()?.sum_all()?.to_scalar::<f32>()?;
+                    if !(s.is_finite() && s > 0.0) {
+                        missing.push(format!("{name} (|g| = {s})"));
+                    }
+                }
+                None => missing.push(format!("{name} (none)")),
+            }
+        }
+        // The BERT pooler and CLIP's last-layer-only paths are not in the box loss.
+        missing.retain(|n| !n.starts_with("text.pooler"));
+        assert!(missing.is_empty(), "parameters without gradient: {missing:#?}");
+        Ok(())
+    }
+}

@@ -1,0 +1,8 @@
+//! gk-models: network definitions only (no file I/O beyond a `VarBuilder`).
+//!
+//! Every module here is trainable end to end: it uses the differentiable layer norm,
+//! softmax and attention of [`nn`] and never candle's fused ops that drop gradients.
+pub mod bert;
+pub mod clip;
+pub mod grounder;
+pub mod nn;

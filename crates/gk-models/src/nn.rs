@@ -1,0 +1,167 @@
+//! Trainable building blocks composed from basic candle ops.
+//!
+//! candle 0.11's `LayerNorm`, `ops::layer_norm` and `ops::softmax_last_dim` pass no gradient
+//! (design.md §1), so the layer norm, softmax, sigmoid and attention here are written from
+//! ops that do. Every model in this crate uses these and never the fused ones.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+/// Layer normalisation over the last dimension, built from mean/var ops.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `weight`/`bias`, or the legacy `gamma`/`beta` names when those are present.
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let (w, b) = if !vb.contains_tensor("weight") && vb.contains_tensor("gamma") {
+            ("gamma", "beta")
+        } else {
+            ("weight", "bias")
+        };
+        let weight = vb.get_with_hints(dim, w, candle_nn::Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, b, candle_nn::Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Softmax over the last dimension (the differentiable candle op).
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// Logistic sigmoid as `0.5 * (1 + tanh(x / 2))`: finite gradient for any finite input.
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    ((x * 0.5)?.tanh()? + 1.0)? * 0.5
+}
+
+/// Activation functions by their Hugging Face config names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `x * sigmoid(1.702 x)` (OpenAI CLIP).
+    #[default]
+    QuickGelu,
+    /// Exact erf GELU (`gelu` in HF configs).
+    Gelu,
+    /// tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    #[serde(alias = "gelu_pytorch_tanh")]
+    GeluNew,
+    Relu,
+}
+
+impl Module for Activation {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::QuickGelu => x * sigmoid(&(x * 1.702)?)?,
+            Activation::Gelu => x.gelu_erf(),
+            Activation::GeluNew => x.gelu(),
+            Activation::Relu => x.relu(),
+        }
+    }
+}
+
+/// `Linear` with or without bias; bias-free linears load no `bias` key.
+pub fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+    if bias {
+        candle_nn::linear(in_dim, out_dim, vb)
+    } else {
+        candle_nn::linear_no_bias(in_dim, out_dim, vb)
+    }
+}
+
+/// Additive attention bias `[B, 1, 1, L]` from a key mask `[B, L]` (1 = attend, 0 = pad).
+pub fn key_padding_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (b, l) = mask.dims2()?;
+    let m = mask.to_dtype(dtype)?;
+    ((m - 1.0)? * 1e9)?.reshape((b, 1, 1, l))
+}
+
+/// Causal additive bias `[1, 1, L, L]`: position i attends to j <= i.
+pub fn causal_bias(l: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..l * l)
+        .map(|k| if k % l > k / l { -1e9 } else { 0.0 })
+        .collect();
+    Tensor::from_vec(v, (1, 1, l, l), device)?.to_dtype(dtype)
+}
+
+/// Scaled dot-product attention over heads.
+///
+/// `q: [B, Lq, C]`, `k, v: [B, Lk, C]`, `bias` broadcastable to `[B, H, Lq, Lk]`;
+/// returns `[B, Lq, C]` (before the output projection).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, lq, c) = q.dims3()?;
+    let lk = k.dim(1)?;
+    let hd = c / heads;
+    let split = |t: &Tensor, l: usize| -> Result<Tensor> {
+        t.reshape((b, l, heads, hd))?.transpose(1, 2)?.contiguous() // [B, H, L, hd]
+    };
+    let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?; // [B, H, Lq, Lk]
+    if let Some(bias) = bias {
+        scores = scores.broadcast_add(bias)?;
+    }
+    let probs = softmax(&scores)?;
+    probs
+        .matmul(&v)? // [B, H, Lq, hd]
+        .transpose(1, 2)?
+        .reshape((b, lq, c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn layer_norm_matches_fused_and_has_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5, 8), &dev)?)?;
+        let w = Tensor::randn(1f32, 0.1, 8, &dev)?;
+        let b = Tensor::randn(0f32, 0.1, 8, &dev)?;
+        let ln = LayerNorm { weight: w.clone(), bias: b.clone(), eps: 1e-5 };
+        let ours = ln.forward(x.as_tensor())?;
+        let fused = candle_nn::ops::layer_norm(x.as_tensor(), &w, &b, 1e-5)?;
+        let err = (&ours - &fused)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 1e-5, "max err {err}");
+        let grads = (ours.sqr()?.sum_all()?).backward()?;
+        let g = grads.get(&x).expect("layer norm input gets a gradient");
+        assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn sigmoid_is_stable_and_differentiable() -> Result<()> {
+        let x = Var::new(&[-200f32, -1.0, 0.0, 3.0, 200.0], &Device::Cpu)?;
+        let y = sigmoid(x.as_tensor())?;
+        let v = y.to_vec1::<f32>()?;
+        assert!((v[2] - 0.5).abs() < 1e-7 && v[0] >= 0.0 && v[4] <= 1.0);
+        assert!((v[1] - 0.268_941_4).abs() < 1e-6);
+        let g = y.sum_all()?.backward()?.get(&x).unwrap().to_vec1::<f32>()?;
+        assert!(g.iter().all(|v| v.is_finite()));
+        Ok(())
+    }
+
+    #[test]
+    fn causal_bias_masks_the_future() -> Result<()> {
+        let b = causal_bias(3, DType::F32, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(b, vec![0.0, -1e9, -1e9, 0.0, 0.0, -1e9, 0.0, 0.0, 0.0]);
+        Ok(())
+    }
+}

@@ -1,0 +1,494 @@
+#!/usr/bin/env python3
+"""Generate the small, committed reference fixtures under tests/fixtures/.
+
+Run with the reference venv (see tools/reference/README.md):
+
+    .venv-ref/bin/python tools/reference/gen_fixtures.py [--only clip,bert,box,tok]
+
+Deterministic: every section re-seeds torch/numpy/random with 0 before it starts,
+so sections can be regenerated independently and give the same bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (FIXTURES, load_bert_tokenizer, load_clip_tokenizer, rel,  # noqa: E402
+                    seed_everything, write_json)
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+def big_init(model: torch.nn.Module, std: float = 0.2, ln_std: float = 0.1) -> None:
+    """Larger-than-default random init so that outputs are not trivial.
+
+    every parameter ~ N(0, std); LayerNorm weight ~ 1 + N(0, ln_std),
+    LayerNorm bias ~ N(0, ln_std); CLIP's logit_scale keeps its init value
+    (log(1/0.07) = 2.6592).
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "logit_scale":
+                continue
+            p.normal_(0.0, std)
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(1.0 + ln_std * torch.randn_like(m.weight))
+                m.bias.normal_(0.0, ln_std)
+
+
+def save_weights(model: torch.nn.Module, folder: Path) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(str(folder / "config.json"))
+    sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    params = {k for k, _ in model.named_parameters()}
+    assert set(sd) == params, (set(sd) ^ params)
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return sd
+
+
+def save_io(tensors: dict, path: Path) -> None:
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach().contiguous().clone()
+        assert v.dtype in (torch.float32, torch.int64), (k, v.dtype)
+        out[k] = v
+    save_file(out, str(path), metadata={"format": "pt"})
+
+
+def close(a, b, tol=1e-5):
+    return torch.allclose(a, b, atol=tol, rtol=tol)
+
+
+# --------------------------------------------------------------------------
+# a) tiny CLIP
+# --------------------------------------------------------------------------
+def gen_clip_tiny() -> None:
+    from transformers import CLIPConfig, CLIPModel
+
+    seed_everything(0)
+    text = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=16, hidden_act="quick_gelu",
+                layer_norm_eps=1e-5, bos_token_id=998, eos_token_id=999, pad_token_id=1,
+                projection_dim=24)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  num_channels=3, image_size=32, patch_size=8, hidden_act="quick_gelu",
+                  layer_norm_eps=1e-5, projection_dim=24)
+    cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=24,
+                     logit_scale_init_value=2.6592)
+    cfg._attn_implementation = "eager"
+    model = CLIPModel(cfg).eval()
+    big_init(model)
+    out_dir = FIXTURES / "clip_tiny"
+    sd = save_weights(model, out_dir)
+    for k in sd:
+        assert k.split(".")[0] in ("vision_model", "text_model", "visual_projection",
+                                   "text_projection", "logit_scale"), k
+
+    g = torch.Generator().manual_seed(1)
+    pixel_values = torch.randn(2, 3, 32, 32, generator=g)
+    body0 = torch.randint(2, 998, (5,), generator=g)
+    body1 = torch.randint(2, 998, (3,), generator=g)
+    input_ids = torch.tensor([[998, *body0.tolist(), 999],
+                              [998, *body1.tolist(), 999, 1, 1]], dtype=torch.int64)
+    attention_mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2], dtype=torch.int64)
+
+    io = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
+    with torch.no_grad():
+        vo = model.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+        to = model.text_model(input_ids=input_ids, attention_mask=attention_mask,
+                              output_hidden_states=True)
+        full = model(pixel_values=pixel_values, input_ids=input_ids,
+                     attention_mask=attention_mask)
+        nl = cfg.vision_config.num_hidden_layers
+        assert len(vo.hidden_states) == nl + 1
+        assert len(to.hidden_states) == cfg.text_config.num_hidden_layers + 1
+        for i, h in enumerate(vo.hidden_states):
+            io[f"vision_hidden.{i}"] = h
+        for i, h in enumerate(to.hidden_states):
+            io[f"text_hidden.{i}"] = h
+        io["vision_last"] = vo.last_hidden_state
+        io["vision_pooled"] = vo.pooler_output
+        io["image_embeds"] = model.visual_projection(vo.pooler_output)
+        io["text_last"] = to.last_hidden_state
+        io["text_pooled"] = to.pooler_output
+        io["text_embeds"] = model.text_projection(to.pooler_output)
+        io["logits_per_image"] = full.logits_per_image
+
+        # Document what the hidden-state tuples hold (checked, not assumed).
+        emb = model.vision_model.embeddings(pixel_values)
+        assert close(vo.hidden_states[0], model.vision_model.pre_layrnorm(emb))
+        assert close(vo.hidden_states[-1], vo.last_hidden_state)  # no post-LN on the sequence
+        assert close(vo.pooler_output, model.vision_model.post_layernorm(vo.last_hidden_state[:, 0]))
+        assert close(to.hidden_states[0], model.text_model.embeddings(input_ids=input_ids))
+        assert close(model.text_model.final_layer_norm(to.hidden_states[-1]), to.last_hidden_state)
+        eos_pos = (input_ids == 999).int().argmax(-1)
+        assert close(to.pooler_output, to.last_hidden_state[torch.arange(2), eos_pos])
+        ie = F.normalize(io["image_embeds"], dim=-1)
+        te = F.normalize(io["text_embeds"], dim=-1)
+        assert close(full.logits_per_image, model.logit_scale.exp() * ie @ te.t(), 1e-4)
+        assert close(full.image_embeds, ie) and close(full.text_embeds, te)
+
+        # position-embedding interpolation at 48x48 (6x6 patches instead of 4x4)
+        pv48 = torch.randn(2, 3, 48, 48, generator=g)
+        v48 = model.vision_model(pixel_values=pv48, interpolate_pos_encoding=True)
+        io["pixel_values_48"] = pv48
+        io["vision_last_48"] = v48.last_hidden_state
+        io["vision_pooled_48"] = v48.pooler_output
+        # our own re-implementation of the interpolation (see NOTES.md) must agree
+        pos = model.vision_model.embeddings.position_embedding.weight  # [17, 32]
+        cls, patch = pos[:1], pos[1:]
+        d = patch.shape[-1]
+        patch = patch.reshape(1, 4, 4, d).permute(0, 3, 1, 2)
+        patch = F.interpolate(patch, size=(6, 6), mode="bicubic", align_corners=False)
+        patch = patch.permute(0, 2, 3, 1).reshape(36, d)
+        io["pos_embed_48"] = torch.cat([cls, patch], 0)  # [37, 32]
+        emb48 = model.vision_model.embeddings(pv48, interpolate_pos_encoding=True)
+        conv = model.vision_model.embeddings.patch_embedding(pv48).flatten(2).transpose(1, 2)
+        cls_tok = model.vision_model.embeddings.class_embedding.expand(2, 1, -1)
+        mine = torch.cat([cls_tok, conv], 1) + io["pos_embed_48"][None]
+        assert close(emb48, mine), (emb48 - mine).abs().max()
+
+    save_io(io, out_dir / "io.safetensors")
+    print("clip_tiny: ok", rel(out_dir))
+
+
+# --------------------------------------------------------------------------
+# b) tiny BERT
+# --------------------------------------------------------------------------
+def gen_bert_tiny() -> None:
+    from transformers import BertConfig, BertModel
+
+    seed_everything(0)
+    cfg = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=37, max_position_embeddings=64, type_vocab_size=2,
+                     hidden_act="gelu", layer_norm_eps=1e-12, pad_token_id=0)
+    cfg._attn_implementation = "eager"
+    model = BertModel(cfg, add_pooling_layer=True).eval()
+    big_init(model)
+    out_dir = FIXTURES / "bert_tiny"
+    sd = save_weights(model, out_dir)
+    assert not any(k.startswith("bert.") for k in sd)
+
+    g = torch.Generator().manual_seed(2)
+    r0 = torch.randint(104, 1000, (7,), generator=g).tolist()
+    r1 = torch.randint(104, 1000, (4,), generator=g).tolist()
+    input_ids = torch.tensor([[101, *r0, 102], [101, *r1, 102, 0, 0, 0]], dtype=torch.int64)
+    attention_mask = (input_ids != 0).to(torch.int64)
+    token_type_ids = torch.zeros_like(input_ids)
+    io = {"input_ids": input_ids, "attention_mask": attention_mask,
+          "token_type_ids": token_type_ids}
+    with torch.no_grad():
+        o = model(input_ids=input_ids, attention_mask=attention_mask,
+                  token_type_ids=token_type_ids, output_hidden_states=True)
+        assert len(o.hidden_states) == cfg.num_hidden_layers + 1
+        for i, h in enumerate(o.hidden_states):
+            io[f"hidden.{i}"] = h
+        io["last"] = o.last_hidden_state
+        io["pooled"] = o.pooler_output
+        assert close(o.hidden_states[-1], o.last_hidden_state)
+        assert close(o.hidden_states[0], model.embeddings(input_ids=input_ids,
+                                                          token_type_ids=token_type_ids))
+        assert close(o.pooler_output, torch.tanh(model.pooler.dense(o.last_hidden_state[:, 0])))
+    save_io(io, out_dir / "io.safetensors")
+    print("bert_tiny: ok", rel(out_dir))
+
+
+# --------------------------------------------------------------------------
+# c) box ops and the TransVG loss
+# --------------------------------------------------------------------------
+def cxcywh_to_xyxy(x):
+    # TransVG utils/box_utils.py xywh2xyxy (it is really cxcywh -> xyxy)
+    x_c, y_c, w, h = x.unbind(-1)
+    return torch.stack([x_c - 0.5 * w, y_c - 0.5 * h, x_c + 0.5 * w, y_c + 0.5 * h], dim=-1)
+
+
+def trans_vg_loss(batch_pred, batch_target):
+    """TransVG models/loss.py trans_vg_loss, verbatim semantics:
+
+        batch_size = batch_pred.shape[0]; num_boxes = batch_size
+        loss_bbox = F.l1_loss(batch_pred, batch_target, reduction='none')        # [B,4]
+        loss_giou = 1 - torch.diag(generalized_box_iou(xywh2xyxy(batch_pred),
+                                                       xywh2xyxy(batch_target)))  # [B]
+        losses['loss_bbox'] = loss_bbox.sum() / num_boxes
+        losses['loss_giou'] = loss_giou.sum() / num_boxes
+
+    boxes are normalised (cx, cy, w, h); generalized_box_iou is
+    torchvision.ops.generalized_box_iou (same formula as DETR's util/box_ops.py).
+    """
+    from torchvision.ops import generalized_box_iou
+
+    b = batch_pred.shape[0]
+    loss_bbox = F.l1_loss(batch_pred, batch_target, reduction="none")
+    loss_giou = 1 - torch.diag(generalized_box_iou(cxcywh_to_xyxy(batch_pred),
+                                                   cxcywh_to_xyxy(batch_target)))
+    return loss_bbox.sum() / b, loss_giou.sum() / b
+
+
+def gen_box() -> None:
+    from torchvision.ops import box_iou, generalized_box_iou
+
+    seed_everything(0)
+    g = torch.Generator().manual_seed(3)
+    n = 16
+
+    def rand_boxes():
+        wh = 0.05 + 0.85 * torch.rand(n, 2, generator=g)
+        # centres so that the box lies mostly inside [0,1] (at most 0.05 outside)
+        lo = wh / 2 - 0.05
+        hi = 1 - wh / 2 + 0.05
+        c = lo + (hi - lo) * torch.rand(n, 2, generator=g)
+        return torch.cat([c, wh], -1)
+
+    pred = rand_boxes()
+    tgt = rand_boxes()
+    tgt[0] = pred[0]                                   # identical pair
+    pred[1] = torch.tensor([0.20, 0.20, 0.20, 0.20])   # disjoint pair (gap 0.35 in x)
+    tgt[1] = torch.tensor([0.75, 0.70, 0.30, 0.20])
+    pred[2] = torch.tensor([0.50, 0.50, 0.20, 0.20])   # pred strictly inside tgt
+    tgt[2] = torch.tensor([0.48, 0.53, 0.60, 0.50])
+
+    pred_xyxy = cxcywh_to_xyxy(pred)
+    tgt_xyxy = cxcywh_to_xyxy(tgt)
+    iou_m = box_iou(pred_xyxy, tgt_xyxy)
+    giou_m = generalized_box_iou(pred_xyxy, tgt_xyxy)
+    assert iou_m[0, 0] == 1.0 and iou_m[1, 1] == 0.0 and giou_m[1, 1] < 0
+
+    def grad_of(fn):
+        p = pred.clone().requires_grad_(True)
+        fn(p).backward()
+        return p.grad.detach().clone()
+
+    loss_l1, loss_giou = trans_vg_loss(pred, tgt)
+    io = {
+        "pred_cxcywh": pred, "tgt_cxcywh": tgt,
+        "pred_xyxy": pred_xyxy, "tgt_xyxy": tgt_xyxy,
+        "iou": torch.diag(iou_m).contiguous(), "iou_matrix": iou_m,
+        "giou_matrix": giou_m,
+        "loss_l1": loss_l1.reshape(()), "loss_giou": loss_giou.reshape(()),
+        "grad_pred": grad_of(lambda p: sum(trans_vg_loss(p, tgt))),
+        "grad_pred_l1": grad_of(lambda p: trans_vg_loss(p, tgt)[0]),
+        "grad_pred_giou": grad_of(lambda p: trans_vg_loss(p, tgt)[1]),
+    }
+    # torch: d|x|/dx at x == 0 is 0 (sign(0) = 0), so the identical pair's L1 grad is 0
+    assert torch.all(io["grad_pred_l1"][0] == 0)
+    out = FIXTURES / "box"
+    out.mkdir(parents=True, exist_ok=True)
+    save_io(io, out / "golden.safetensors")
+    print(f"box: ok loss_l1={loss_l1.item():.6f} loss_giou={loss_giou.item():.6f}")
+
+
+# --------------------------------------------------------------------------
+# d) tokenizers
+# --------------------------------------------------------------------------
+LONG_WORDS = ("the tall man on the far left wearing a red shirt and blue jeans is standing next "
+              "to a small brown dog near the old wooden bench").split()
+LONG = " ".join(LONG_WORDS[i % len(LONG_WORDS)] for i in range(120))
+
+STRINGS = [
+    "a photo",
+    "The MAN in Red",
+    "man,left-most!!",
+    "café naïve Ångström",
+    "2nd from the left 1234567",
+    "the 🐶 dog 👍",
+    "the man's hat, don't",
+    "I'm here, you're there, we'll see, they've gone, he'd go, she'll've",
+    "左边的人",
+    "  man \t in\tthe\n\nmiddle   of  it  ",
+    LONG,
+    "   ",
+    "",
+    "left-hand side, top-right corner -- far-left",
+    "(the one) [in brackets] {curly} <angle>",
+    "#hashtag @mention $5 & 100%",
+    "https://example.com/a/b?c=d&e=f_g",
+    "Guy w/ blue shirt ... far LEFT :) ;-)",
+    "unaffable unbelievably antidisestablishmentarianism",
+    "über straße ﬁne Œuvre",
+    "3.14 and 1,000,000 and 10th",
+    "mañana Ελληνικά русский שלום",
+    "no\u00a0break\u200bzero\u3000ideo\u2019quote",
+    "family 👨\u200d👩\u200d👧 flag 🇫🇷 skin 👍🏽",
+    "l'homme à gauche, RIGHT-MOST zebra!!!???",
+    "x" * 120,
+]
+
+
+def hf_batch(tok, strings, max_len):
+    enc = tok(strings, max_length=max_len, truncation=True, padding="max_length")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def clip_pretokens(backend, s):
+    norm = backend.normalizer.normalize_str(s) if backend.normalizer else s
+    return [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(norm)]
+
+
+def bpe_pairs_seen(word: str, ranks: dict, suffix: str) -> set:
+    """Run BPE on one pre-token; return every adjacent pair (that is a merge)
+    seen at any step."""
+    syms = list(word)
+    if not syms:
+        return set()
+    syms[-1] = syms[-1] + suffix
+    seen = set()
+    while True:
+        pairs = [(syms[i], syms[i + 1]) for i in range(len(syms) - 1)]
+        cand = [p for p in pairs if p in ranks]
+        seen.update(cand)
+        if not cand:
+            return seen
+        best = min(cand, key=lambda p: ranks[p])
+        new, i = [], 0
+        while i < len(syms):
+            if i < len(syms) - 1 and (syms[i], syms[i + 1]) == best:
+                new.append(syms[i] + syms[i + 1])
+                i += 2
+            else:
+                new.append(syms[i])
+                i += 1
+        syms = new
+
+
+def merge_pair(m):
+    return tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+
+
+def small_clip_json(full: dict, backend, strings) -> dict:
+    model = full["model"]
+    assert model["type"] == "BPE" and not model.get("ignore_merges"), model.get("ignore_merges")
+    suffix = model.get("end_of_word_suffix") or ""
+    merges = [merge_pair(m) for m in model["merges"]]
+    ranks = {p: i for i, p in enumerate(merges)}
+    seen = set()
+    for s in strings:
+        for w in clip_pretokens(backend, s):
+            seen |= bpe_pairs_seen(w, ranks, suffix)
+    kept = [p for p in merges if p in seen]  # original relative order
+    vocab = model["vocab"]
+    keep_tokens = {t for t, i in vocab.items() if i < 512}  # 256 bytes + 256 bytes</w>
+    keep_tokens |= {a + b for a, b in kept}
+    keep_tokens |= {t["content"] for t in full["added_tokens"]}
+    small = copy.deepcopy(full)
+    small["model"]["vocab"] = {t: i for t, i in sorted(vocab.items(), key=lambda kv: kv[1])
+                               if t in keep_tokens}
+    if isinstance(model["merges"][0], list):
+        small["model"]["merges"] = [[a, b] for a, b in kept]
+    else:
+        small["model"]["merges"] = [f"{a} {b}" for a, b in kept]
+    small["truncation"] = None
+    small["padding"] = None
+    return small
+
+
+def small_wordpiece_json(full: dict, backend, strings) -> dict:
+    model = full["model"]
+    assert model["type"] == "WordPiece"
+    needed = set()
+    for s in strings:
+        needed |= set(backend.encode(s).tokens)
+    specials = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
+    needed |= specials
+    needed |= {t["content"] for t in full["added_tokens"]}
+    vocab = model["vocab"]
+    small = copy.deepcopy(full)
+    small["model"]["vocab"] = {t: i for t, i in sorted(vocab.items(), key=lambda kv: kv[1])
+                               if t in needed}
+    assert specials <= set(small["model"]["vocab"])
+    small["truncation"] = None
+    small["padding"] = None
+    return small
+
+
+def verify_small(small_path: Path, full_backend, strings, name: str) -> None:
+    from tokenizers import Tokenizer
+
+    small = Tokenizer.from_file(str(small_path))
+    full = Tokenizer.from_str(full_backend.to_str())
+    full.no_truncation()
+    full.no_padding()
+    for s in strings:
+        a, b = full.encode(s), small.encode(s)
+        assert a.ids == b.ids, (name, s, a.ids, b.ids)
+        assert a.tokens == b.tokens, (name, s)
+        assert a.offsets == b.offsets, (name, s)
+    print(f"tokenizers/{name}: small tokenizer.json matches the full one on "
+          f"{len(strings)} strings ({len(small.get_vocab())} vocab entries)")
+
+
+def gen_tokenizers() -> None:
+    out = FIXTURES / "tokenizers"
+    cases = {"strings": STRINGS}
+    with tempfile.TemporaryDirectory() as tmp:
+        clip_tok = load_clip_tokenizer(Path(tmp) / "clip")
+        bert_tok = load_bert_tokenizer()
+        for name, tok, kind in (("clip", clip_tok, "bpe"), ("bert", bert_tok, "wp")):
+            backend = tok.backend_tokenizer
+            raw = Tokenizer_from(backend)
+            full = json.loads(raw.to_str())
+            small = (small_clip_json if kind == "bpe" else small_wordpiece_json)(full, raw, STRINGS)
+            path = out / name / "tokenizer.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(small, f, ensure_ascii=False, indent=1)
+                f.write("\n")
+            verify_small(path, raw, STRINGS, name)
+            # transformers' unpadded, untruncated ids == the raw tokenizers ids
+            hf_ids = tok(STRINGS)["input_ids"]
+            assert hf_ids == [e.ids for e in raw.encode_batch(STRINGS)], name
+            cases[f"{name}_raw"] = {"ids": hf_ids}
+            lens = {"clip": (77, 8), "bert": (20, 6)}[name]
+            for suffix, max_len in zip(("", "_short"), lens):
+                ids, mask = hf_batch(tok, STRINGS, max_len)
+                assert all(len(r) == max_len for r in ids)
+                cases[name + suffix] = {"max_len": max_len, "pad_id": tok.pad_token_id,
+                                        "pad_token": tok.pad_token,
+                                        "ids": ids, "mask": mask}
+    write_json(out / "cases.json", cases)
+    print("tokenizers: ok", rel(out))
+
+
+def Tokenizer_from(backend):
+    """An independent copy of a transformers backend tokenizer, with truncation
+    and padding cleared (the MiniLM file ships truncation 128 / padding 128)."""
+    from tokenizers import Tokenizer
+
+    t = Tokenizer.from_str(backend.to_str())
+    t.no_truncation()
+    t.no_padding()
+    return t
+
+
+SECTIONS = {"clip": gen_clip_tiny, "bert": gen_bert_tiny, "box": gen_box,
+            "tok": gen_tokenizers}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=",".join(SECTIONS))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    for name in args.only.split(","):
+        SECTIONS[name]()
+    total = 0
+    for p in sorted(FIXTURES.rglob("*")):
+        if p.is_file():
+            total += p.stat().st_size
+            assert p.stat().st_size < 1_000_000, p
+    print(f"fixtures total: {total} bytes")
+
+
+if __name__ == "__main__":
+    main()
