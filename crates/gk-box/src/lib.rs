@@ -68,7 +68,12 @@ pub fn area(b: Box4) -> f32 {
 /// Intersection over union of two `xyxy` boxes. Two zero-area boxes give 0.
 pub fn iou(a: Box4, b: Box4) -> Result<f32> {
     let (a, b) = (check_xyxy(a)?, check_xyxy(b)?);
-    let inter = area([a[0].max(b[0]), a[1].max(b[1]), a[2].min(b[2]), a[3].min(b[3])]);
+    let inter = area([
+        a[0].max(b[0]),
+        a[1].max(b[1]),
+        a[2].min(b[2]),
+        a[3].min(b[3]),
+    ]);
     let union = area(a) + area(b) - inter;
     Ok(if union > 0.0 { inter / union } else { 0.0 })
 }
@@ -76,10 +81,24 @@ pub fn iou(a: Box4, b: Box4) -> Result<f32> {
 /// Generalised IoU (Rezatofighi et al. 2019) of two `xyxy` boxes, in `[-1, 1]`.
 pub fn giou(a: Box4, b: Box4) -> Result<f32> {
     let i = iou(a, b)?;
-    let inter = area([a[0].max(b[0]), a[1].max(b[1]), a[2].min(b[2]), a[3].min(b[3])]);
+    let inter = area([
+        a[0].max(b[0]),
+        a[1].max(b[1]),
+        a[2].min(b[2]),
+        a[3].min(b[3]),
+    ]);
     let union = area(a) + area(b) - inter;
-    let hull = area([a[0].min(b[0]), a[1].min(b[1]), a[2].max(b[2]), a[3].max(b[3])]);
-    Ok(if hull > 0.0 { i - (hull - union) / hull } else { i })
+    let hull = area([
+        a[0].min(b[0]),
+        a[1].min(b[1]),
+        a[2].max(b[2]),
+        a[3].max(b[3]),
+    ]);
+    Ok(if hull > 0.0 {
+        i - (hull - union) / hull
+    } else {
+        i
+    })
 }
 
 /// Clamp every coordinate of a box to `[lo, hi]`.
@@ -156,7 +175,10 @@ mod tests {
     fn conversions_round_trip() {
         let b = [0.3, 0.4, 0.2, 0.5];
         assert!(close(xyxy_to_cxcywh(cxcywh_to_xyxy(b)), b));
-        assert_eq!(xywh_to_xyxy([10.0, 20.0, 5.0, 6.0]), [10.0, 20.0, 15.0, 26.0]);
+        assert_eq!(
+            xywh_to_xyxy([10.0, 20.0, 5.0, 6.0]),
+            [10.0, 20.0, 15.0, 26.0]
+        );
     }
 
     #[test]
@@ -190,6 +212,9 @@ mod tests {
         let nan = [0.0, f32::NAN, 1.0, 1.0];
         assert!(giou(nan, [0.0, 0.0, 1.0, 1.0]).is_err());
         // zero-area boxes are valid and give 0, not NaN
-        assert_eq!(iou([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]).unwrap(), 0.0);
+        assert_eq!(
+            iou([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]).unwrap(),
+            0.0
+        );
     }
 }

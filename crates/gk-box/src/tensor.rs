@@ -12,14 +12,22 @@ fn check_shape(t: &Tensor) -> Result<()> {
 
 fn cols(t: &Tensor) -> Result<[Tensor; 4]> {
     check_shape(t)?;
-    Ok([t.narrow(1, 0, 1)?, t.narrow(1, 1, 1)?, t.narrow(1, 2, 1)?, t.narrow(1, 3, 1)?])
+    Ok([
+        t.narrow(1, 0, 1)?,
+        t.narrow(1, 1, 1)?,
+        t.narrow(1, 2, 1)?,
+        t.narrow(1, 3, 1)?,
+    ])
 }
 
 /// `[N, 4]` cxcywh -> `[N, 4]` xyxy.
 pub fn cxcywh_to_xyxy_t(b: &Tensor) -> Result<Tensor> {
     let [cx, cy, w, h] = cols(b)?;
     let (hw, hh) = ((w * 0.5)?, (h * 0.5)?);
-    Ok(Tensor::cat(&[(&cx - &hw)?, (&cy - &hh)?, (&cx + &hw)?, (&cy + &hh)?], 1)?)
+    Ok(Tensor::cat(
+        &[(&cx - &hw)?, (&cy - &hh)?, (&cx + &hw)?, (&cy + &hh)?],
+        1,
+    )?)
 }
 
 /// Rejects boxes with `x2 < x1`, `y2 < y1` or non-finite values (reads the values back).

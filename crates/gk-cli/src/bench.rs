@@ -17,7 +17,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5)]
     iters: usize,
     /// Which models: clip-b16-vision, grounder-clip-b16.
-    #[arg(long, value_delimiter = ',', default_value = "clip-b16-vision,grounder-clip-b16")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "clip-b16-vision,grounder-clip-b16"
+    )]
     models: Vec<String>,
 }
 
@@ -40,11 +44,16 @@ fn case(name: &str, vb: VarBuilder) -> Result<Case> {
     let dev = Device::Cpu;
     Ok(match name {
         "clip-b16-vision" => {
-            let vit = std::rc::Rc::new(ClipVisionTransformer::new(vb, &ClipVisionConfig::vit_base_patch16())?);
+            let vit = std::rc::Rc::new(ClipVisionTransformer::new(
+                vb,
+                &ClipVisionConfig::vit_base_patch16(),
+            )?);
             Box::new(move |b| {
                 let x = Tensor::randn(0f32, 1.0, (b, 3, 224, 224), &dev)?;
                 let vit = vit.clone();
-                Ok(Box::new(move || vit.forward(&x).map(|_| ()).map_err(Into::into)))
+                Ok(Box::new(move || {
+                    vit.forward(&x).map(|_| ()).map_err(Into::into)
+                }))
             })
         }
         "grounder-clip-b16" => {
@@ -56,10 +65,16 @@ fn case(name: &str, vb: VarBuilder) -> Result<Case> {
                 let ids = Tensor::ones((b, cfg.max_text_len), DType::U32, &dev)?;
                 let tm = Tensor::ones((b, cfg.max_text_len), DType::F32, &dev)?;
                 let g = g.clone();
-                Ok(Box::new(move || g.forward(&x, &pm, &ids, &tm, false).map(|_| ()).map_err(Into::into)))
+                Ok(Box::new(move || {
+                    g.forward(&x, &pm, &ids, &tm, false)
+                        .map(|_| ())
+                        .map_err(Into::into)
+                }))
             })
         }
-        other => anyhow::bail!("unknown bench model {other:?} (clip-b16-vision, grounder-clip-b16)"),
+        other => {
+            anyhow::bail!("unknown bench model {other:?} (clip-b16-vision, grounder-clip-b16)")
+        }
     })
 }
 
@@ -67,11 +82,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
     for name in &a.models {
         let map = VarMap::new();
-        let run_case = case(name, VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu))?;
+        let run_case = case(
+            name,
+            VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu),
+        )?;
         for &b in &a.batch {
             let forward = run_case(b)?;
             let ms = median_ms(a.iters, &*forward)?;
-            println!("{}", serde_json::json!({"impl": "groundkit", "model": name, "batch": b, "threads": threads, "median_ms": ms}));
+            println!(
+                "{}",
+                serde_json::json!({"impl": "groundkit", "model": name, "batch": b, "threads": threads, "median_ms": ms})
+            );
         }
     }
     Ok(())

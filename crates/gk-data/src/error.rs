@@ -5,11 +5,21 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a readable image: {source}")]
-    Image { path: PathBuf, source: image::ImageError },
+    Image {
+        path: PathBuf,
+        source: image::ImageError,
+    },
     #[error("{path}:{line}: {msg}")]
-    Annotation { path: PathBuf, line: usize, msg: String },
+    Annotation {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
     #[error("{path}: tokenizer: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
     #[error("empty expression: nothing to ground")]

@@ -20,9 +20,15 @@ pub struct Normalize {
 
 impl Normalize {
     /// OpenAI CLIP (`CLIPImageProcessor`).
-    pub const CLIP: Normalize = Normalize { mean: [0.481_454_66, 0.457_827_5, 0.408_210_73], std: [0.268_629_54, 0.261_302_6, 0.275_777_1] };
+    pub const CLIP: Normalize = Normalize {
+        mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+        std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
+    };
     /// ImageNet (TransVG, HiVG's data pipeline).
-    pub const IMAGENET: Normalize = Normalize { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
+    pub const IMAGENET: Normalize = Normalize {
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+    };
 }
 
 fn limits() -> Limits {
@@ -35,8 +41,14 @@ fn limits() -> Limits {
 
 /// Decodes an image file to RGB, with the format guessed from its bytes.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
-    decode_rgb(&bytes).map_err(|source| DataError::Image { path: path.to_path_buf(), source })
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    decode_rgb(&bytes).map_err(|source| DataError::Image {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Decodes image bytes (PNG or JPEG) to RGB under the size limits.
@@ -63,7 +75,10 @@ pub fn to_tensor(img: &RgbImage, norm: &Normalize, dev: &Device) -> Result<Tenso
 pub fn clip_resize_crop(img: &RgbImage, size: u32) -> RgbImage {
     let (w, h) = img.dimensions();
     let s = size as f32 / w.min(h) as f32;
-    let (nw, nh) = (((w as f32 * s).round() as u32).max(size), ((h as f32 * s).round() as u32).max(size));
+    let (nw, nh) = (
+        ((w as f32 * s).round() as u32).max(size),
+        ((h as f32 * s).round() as u32).max(size),
+    );
     let resized = image::imageops::resize(img, nw, nh, FilterType::CatmullRom);
     let (x0, y0) = ((nw - size) / 2, (nh - size) / 2);
     image::imageops::crop_imm(&resized, x0, y0, size, size).to_image()
@@ -80,7 +95,12 @@ pub struct Letterboxed {
 }
 
 /// Resize so the long side is `side`, pad to a square at `frame`'s offset.
-pub fn letterbox_with(img: &RgbImage, frame: Letterbox, norm: &Normalize, dev: &Device) -> Result<Letterboxed> {
+pub fn letterbox_with(
+    img: &RgbImage,
+    frame: Letterbox,
+    norm: &Normalize,
+    dev: &Device,
+) -> Result<Letterboxed> {
     let (w, h) = img.dimensions();
     let (nw, nh) = Letterbox::scaled_size(w, h, frame.scale);
     let resized = image::imageops::resize(img, nw, nh, FilterType::Triangle);

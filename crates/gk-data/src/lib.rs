@@ -1,8 +1,11 @@
 //! gk-data: records, datasets, transforms, tokenizers and batching.
+pub mod batch;
+pub mod dataset;
 pub mod error;
 pub mod image_io;
 pub mod record;
 pub mod synth;
 pub mod tokenize;
+pub mod transforms;
 
 pub use error::{DataError, Result};

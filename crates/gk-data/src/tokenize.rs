@@ -30,7 +30,11 @@ pub struct TextTokenizer {
 
 impl std::fmt::Debug for TextTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TextTokenizer").field("bos", &self.bos).field("eos", &self.eos).field("pad", &self.pad).finish()
+        f.debug_struct("TextTokenizer")
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("pad", &self.pad)
+            .finish()
     }
 }
 
@@ -39,7 +43,10 @@ impl TextTokenizer {
     /// for BERT, `<|startoftext|>`/`<|endoftext|>` for CLIP, which pads with
     /// `<|endoftext|>` as Hugging Face's CLIP tokenizer does).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let err = |msg: String| DataError::Tokenizer { path: path.to_path_buf(), msg };
+        let err = |msg: String| DataError::Tokenizer {
+            path: path.to_path_buf(),
+            msg,
+        };
         if !path.is_file() {
             return Err(err("file not found".into()));
         }
@@ -55,9 +62,16 @@ impl TextTokenizer {
         } else if let (Some(b), Some(e)) = (id("<|startoftext|>"), id("<|endoftext|>")) {
             (b, e, e)
         } else {
-            return Err(DataError::Encode("no [CLS]/[SEP] or <|startoftext|>/<|endoftext|> tokens in the vocabulary".into()));
+            return Err(DataError::Encode(
+                "no [CLS]/[SEP] or <|startoftext|>/<|endoftext|> tokens in the vocabulary".into(),
+            ));
         };
-        Ok(Self { inner, bos, eos, pad })
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            pad,
+        })
     }
 
     /// Pad with another id (HiVG's `clip.tokenize` pads with 0).
@@ -83,9 +97,14 @@ impl TextTokenizer {
     /// An expression with no tokens (empty, whitespace only) is [`DataError::EmptyText`].
     pub fn encode(&self, text: &str, max_len: usize) -> Result<Encoded> {
         if max_len < 3 {
-            return Err(DataError::Encode(format!("max_len must be at least 3, got {max_len}")));
+            return Err(DataError::Encode(format!(
+                "max_len must be at least 3, got {max_len}"
+            )));
         }
-        let enc = self.inner.encode(text, false).map_err(|e| DataError::Encode(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| DataError::Encode(e.to_string()))?;
         let content = enc.get_ids();
         if content.is_empty() {
             return Err(DataError::EmptyText);
@@ -98,6 +117,70 @@ impl TextTokenizer {
         let mut mask = vec![1u32; ids.len()];
         ids.resize(max_len, self.pad);
         mask.resize(max_len, 0);
-        Ok(Encoded { ids, mask, truncated: keep < content.len() })
+        Ok(Encoded {
+            ids,
+            mask,
+            truncated: keep < content.len(),
+        })
+    }
+}
+
+/// Builds a word-level tokenizer (BERT normaliser and pre-tokeniser, lowercase) whose
+/// vocabulary is every word of `texts`, with `[PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3`.
+/// Used for models trained from scratch on the embedded benchmark; save it with the run
+/// (`inner().save(...)`) so prediction reads the same ids.
+pub fn word_level<'a>(texts: impl IntoIterator<Item = &'a str>) -> Result<TextTokenizer> {
+    use tokenizers::normalizers::BertNormalizer;
+    use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+    let err = |e: tokenizers::Error| DataError::Encode(e.to_string());
+    let normalizer = BertNormalizer::new(true, true, Some(true), true);
+    let mut words = std::collections::BTreeSet::new();
+    for t in texts {
+        let mut s = tokenizers::NormalizedString::from(t);
+        tokenizers::Normalizer::normalize(&normalizer, &mut s).map_err(err)?;
+        let mut pre = PreTokenizedString::from(s.get());
+        BertPreTokenizer.pre_tokenize(&mut pre).map_err(err)?;
+        for (w, _, _) in pre.get_splits(OffsetReferential::Original, OffsetType::Char) {
+            words.insert(w.to_string());
+        }
+    }
+    let specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"];
+    let vocab: std::collections::HashMap<String, u32> = specials
+        .iter()
+        .map(|s| s.to_string())
+        .chain(words)
+        .enumerate()
+        .map(|(i, w)| (w, i as u32))
+        .collect();
+    let model = tokenizers::models::wordlevel::WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("[UNK]".into())
+        .build()
+        .map_err(err)?;
+    let mut tok = tokenizers::Tokenizer::new(model);
+    tok.with_normalizer(Some(normalizer))
+        .with_pre_tokenizer(Some(BertPreTokenizer));
+    TextTokenizer::from_tokenizer(tok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_level_tokenizer_round_trips_through_json() {
+        let tok =
+            word_level(["The small red circle", "the circle left of the blue star!"]).unwrap();
+        let enc = tok.encode("the blue circle, left", 8).unwrap();
+        assert_eq!(enc.ids[0], 2);
+        assert_eq!(enc.mask, vec![1, 1, 1, 1, 1, 1, 1, 0]); // [CLS] the blue circle , left [SEP]
+        let unk = tok.encode("the purple hexagon", 6).unwrap();
+        assert_eq!(&unk.ids[2..4], &[1, 1]);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokenizer.json");
+        tok.inner().save(&p, false).unwrap();
+        let back = TextTokenizer::from_file(&p).unwrap();
+        assert_eq!(back.encode("the blue circle, left", 8).unwrap(), enc);
     }
 }

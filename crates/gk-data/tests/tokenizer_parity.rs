@@ -11,13 +11,17 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tokenizers").join(p)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/tokenizers")
+        .join(p)
 }
 
 fn check(tok: &TextTokenizer, cases: &Value, key: &str) {
     let c = &cases[key];
     let max_len = c["max_len"].as_u64().unwrap() as usize;
-    let tok = tok.clone().with_pad_id(c["pad_id"].as_u64().unwrap() as u32);
+    let tok = tok
+        .clone()
+        .with_pad_id(c["pad_id"].as_u64().unwrap() as u32);
     let mut checked = 0;
     for (i, s) in cases["strings"].as_array().unwrap().iter().enumerate() {
         let s = s.as_str().unwrap();
@@ -30,7 +34,11 @@ fn check(tok: &TextTokenizer, cases: &Value, key: &str) {
                 checked += 1;
             }
             // Python happily encodes nothing as [CLS][SEP]; we refuse to ground nothing.
-            Err(DataError::EmptyText) => assert_eq!(want_mask.iter().sum::<u32>(), 2, "{key}: {s:?} is not empty"),
+            Err(DataError::EmptyText) => assert_eq!(
+                want_mask.iter().sum::<u32>(),
+                2,
+                "{key}: {s:?} is not empty"
+            ),
             Err(e) => panic!("{key} {s:?}: {e}"),
         }
     }
@@ -39,7 +47,8 @@ fn check(tok: &TextTokenizer, cases: &Value, key: &str) {
 
 #[test]
 fn clip_and_bert_ids_match_python() {
-    let cases: Value = serde_json::from_str(&std::fs::read_to_string(fixture("cases.json")).unwrap()).unwrap();
+    let cases: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("cases.json")).unwrap()).unwrap();
     let clip = TextTokenizer::from_file(&fixture("clip/tokenizer.json")).unwrap();
     check(&clip, &cases, "clip");
     check(&clip, &cases, "clip_short");
@@ -50,8 +59,13 @@ fn clip_and_bert_ids_match_python() {
 
 #[test]
 fn bad_tokenizer_files_are_named_errors() {
-    let e = TextTokenizer::from_file(&fixture("nope/tokenizer.json")).unwrap_err().to_string();
-    assert!(e.contains("nope/tokenizer.json") && e.contains("not found"), "{e}");
+    let e = TextTokenizer::from_file(&fixture("nope/tokenizer.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("nope/tokenizer.json") && e.contains("not found"),
+        "{e}"
+    );
     let dir = std::env::temp_dir().join(format!("gk-tok-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join("tokenizer.json");
@@ -64,7 +78,10 @@ fn bad_tokenizer_files_are_named_errors() {
 fn empty_and_overlong_expressions() {
     let bert = TextTokenizer::from_file(&fixture("bert/tokenizer.json")).unwrap();
     assert!(matches!(bert.encode("", 20), Err(DataError::EmptyText)));
-    assert!(matches!(bert.encode(" \t\n ", 20), Err(DataError::EmptyText)));
+    assert!(matches!(
+        bert.encode(" \t\n ", 20),
+        Err(DataError::EmptyText)
+    ));
     let long = "the man on the left ".repeat(50);
     let enc = bert.encode(&long, 20).unwrap();
     assert!(enc.truncated);

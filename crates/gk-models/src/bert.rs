@@ -52,7 +52,12 @@ impl BertConfig {
     }
     /// all-MiniLM-L6-v2 (the BERT shipped offline in a PyPI wheel).
     pub fn minilm_l6() -> Self {
-        Self { hidden_size: 384, num_hidden_layers: 6, intermediate_size: 1536, ..Self::base() }
+        Self {
+            hidden_size: 384,
+            num_hidden_layers: 6,
+            intermediate_size: 1536,
+            ..Self::base()
+        }
     }
     pub fn tiny() -> Self {
         Self {
@@ -100,7 +105,11 @@ impl BertLayer {
     }
 
     fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let (q, k, v) = (self.query.forward(x)?, self.key.forward(x)?, self.value.forward(x)?);
+        let (q, k, v) = (
+            self.query.forward(x)?,
+            self.key.forward(x)?,
+            self.value.forward(x)?,
+        );
         let a = nn::attention(&q, &k, &v, self.heads, Some(bias))?;
         let a = self.attn_norm.forward(&(self.attn_out.forward(&a)? + x)?)?;
         let h = self.act.forward(&self.intermediate.forward(&a)?)?;
@@ -135,7 +144,11 @@ impl Bert {
     /// Builds from `vb`; a `bert.` prefix in the weights is detected and stripped.
     /// The pooler is loaded when its weights exist (always created for fresh models).
     pub fn new(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
-        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") { vb.pp("bert") } else { vb };
+        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
+            vb.pp("bert")
+        } else {
+            vb
+        };
         let c = cfg.hidden_size;
         let emb = vb.pp("embeddings");
         let fresh = !vb.contains_tensor("embeddings.word_embeddings.weight");
@@ -146,8 +159,16 @@ impl Bert {
         };
         Ok(Self {
             word: candle_nn::embedding(cfg.vocab_size, c, emb.pp("word_embeddings"))?,
-            position: candle_nn::embedding(cfg.max_position_embeddings, c, emb.pp("position_embeddings"))?,
-            token_type: candle_nn::embedding(cfg.type_vocab_size, c, emb.pp("token_type_embeddings"))?,
+            position: candle_nn::embedding(
+                cfg.max_position_embeddings,
+                c,
+                emb.pp("position_embeddings"),
+            )?,
+            token_type: candle_nn::embedding(
+                cfg.type_vocab_size,
+                c,
+                emb.pp("token_type_embeddings"),
+            )?,
             emb_norm: LayerNorm::new(emb.pp("LayerNorm"), c, cfg.layer_norm_eps)?,
             layers: (0..cfg.num_hidden_layers)
                 .map(|i| BertLayer::new(vb.pp(format!("encoder.layer.{i}")), cfg))
@@ -162,10 +183,18 @@ impl Bert {
     }
 
     /// `ids, mask: [B, L]` (mask 1 = token, 0 = pad); token types are all 0 unless given.
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor, token_types: Option<&Tensor>) -> Result<BertOutput> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        token_types: Option<&Tensor>,
+    ) -> Result<BertOutput> {
         let l = ids.dim(1)?;
         if l > self.cfg.max_position_embeddings {
-            candle_core::bail!("text length {l} exceeds max_position_embeddings {}", self.cfg.max_position_embeddings);
+            candle_core::bail!(
+                "text length {l} exceeds max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            );
         }
         let pos = Tensor::arange(0u32, l as u32, ids.device())?;
         let tt = match token_types {
@@ -184,6 +213,10 @@ impl Bert {
             Some(p) => Some(p.forward(&x.i((.., 0))?)?.tanh()?),
             None => None,
         };
-        Ok(BertOutput { hidden_states, last_hidden_state: x, pooled })
+        Ok(BertOutput {
+            hidden_states,
+            last_hidden_state: x,
+            pooled,
+        })
     }
 }

@@ -11,7 +11,7 @@
 
 use crate::nn::{self, Activation, LayerNorm};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// `CLIPVisionConfig` (field names and defaults as in transformers).
@@ -50,7 +50,10 @@ impl ClipVisionConfig {
         }
     }
     pub fn vit_base_patch16() -> Self {
-        Self { patch_size: 16, ..Self::vit_base_patch32() }
+        Self {
+            patch_size: 16,
+            ..Self::vit_base_patch32()
+        }
     }
     pub fn vit_large_patch14() -> Self {
         Self {
@@ -122,7 +125,12 @@ impl ClipTextConfig {
     }
     /// The text tower of ViT-L/14.
     pub fn large() -> Self {
-        Self { hidden_size: 768, intermediate_size: 3072, num_attention_heads: 12, ..Self::base() }
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_attention_heads: 12,
+            ..Self::base()
+        }
     }
     pub fn tiny() -> Self {
         Self {
@@ -161,7 +169,10 @@ impl ClipConfig {
         }
     }
     pub fn vit_base_patch16() -> Self {
-        Self { vision_config: ClipVisionConfig::vit_base_patch16(), ..Self::vit_base_patch32() }
+        Self {
+            vision_config: ClipVisionConfig::vit_base_patch16(),
+            ..Self::vit_base_patch32()
+        }
     }
     pub fn vit_large_patch14() -> Self {
         Self {
@@ -171,7 +182,11 @@ impl ClipConfig {
         }
     }
     pub fn tiny() -> Self {
-        Self { text_config: ClipTextConfig::tiny(), vision_config: ClipVisionConfig::tiny(), projection_dim: 24 }
+        Self {
+            text_config: ClipTextConfig::tiny(),
+            vision_config: ClipVisionConfig::tiny(),
+            projection_dim: 24,
+        }
     }
 }
 
@@ -198,8 +213,13 @@ impl ClipAttention {
 
     /// `x: [B, L, C]`, `bias` additive `[B|1, 1, L|1, L]` -> `[B, L, C]`.
     pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let (q, k, v) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?);
-        self.out_proj.forward(&nn::attention(&q, &k, &v, self.heads, bias)?)
+        let (q, k, v) = (
+            self.q_proj.forward(x)?,
+            self.k_proj.forward(x)?,
+            self.v_proj.forward(x)?,
+        );
+        self.out_proj
+            .forward(&nn::attention(&q, &k, &v, self.heads, bias)?)
     }
 }
 
@@ -213,7 +233,11 @@ pub struct ClipMlp {
 
 impl ClipMlp {
     pub fn new(vb: VarBuilder, dim: usize, hidden: usize, act: Activation) -> Result<Self> {
-        Ok(Self { fc1: candle_nn::linear(dim, hidden, vb.pp("fc1"))?, fc2: candle_nn::linear(hidden, dim, vb.pp("fc2"))?, act })
+        Ok(Self {
+            fc1: candle_nn::linear(dim, hidden, vb.pp("fc1"))?,
+            fc2: candle_nn::linear(hidden, dim, vb.pp("fc2"))?,
+            act,
+        })
     }
 }
 
@@ -234,7 +258,14 @@ pub struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    pub fn new(vb: VarBuilder, dim: usize, heads: usize, hidden: usize, act: Activation, eps: f64) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        hidden: usize,
+        act: Activation,
+        eps: f64,
+    ) -> Result<Self> {
         Ok(Self {
             self_attn: ClipAttention::new(vb.pp("self_attn"), dim, heads)?,
             layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), dim, eps)?,
@@ -245,7 +276,9 @@ impl ClipEncoderLayer {
 
     /// `x + attn(ln1(x))`.
     pub fn attn_block(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        x + self.self_attn.forward(&self.layer_norm1.forward(x)?, bias)?
+        x + self
+            .self_attn
+            .forward(&self.layer_norm1.forward(x)?, bias)?
     }
 
     /// `x + mlp(ln2(x))`.
@@ -258,9 +291,26 @@ impl ClipEncoderLayer {
     }
 }
 
-fn encoder_layers(vb: VarBuilder, n: usize, dim: usize, heads: usize, hidden: usize, act: Activation, eps: f64) -> Result<Vec<ClipEncoderLayer>> {
+fn encoder_layers(
+    vb: VarBuilder,
+    n: usize,
+    dim: usize,
+    heads: usize,
+    hidden: usize,
+    act: Activation,
+    eps: f64,
+) -> Result<Vec<ClipEncoderLayer>> {
     (0..n)
-        .map(|i| ClipEncoderLayer::new(vb.pp(format!("encoder.layers.{i}")), dim, heads, hidden, act, eps))
+        .map(|i| {
+            ClipEncoderLayer::new(
+                vb.pp(format!("encoder.layers.{i}")),
+                dim,
+                heads,
+                hidden,
+                act,
+                eps,
+            )
+        })
         .collect()
 }
 
@@ -280,7 +330,9 @@ pub struct ClipTowerOutput {
 #[derive(Debug, Clone)]
 pub struct ClipVisionTransformer {
     class_embedding: Tensor,
-    patch_embedding: Conv2d,
+    /// `[C, 3, p, p]`, applied as a patchify + matmul (equal to the stride-p convolution,
+    /// whose candle backward is very slow on CPU).
+    patch_embedding: Tensor,
     position_embedding: Tensor,
     pre_layrnorm: LayerNorm,
     pub layers: Vec<ClipEncoderLayer>,
@@ -292,14 +344,44 @@ impl ClipVisionTransformer {
     pub fn new(vb: VarBuilder, cfg: &ClipVisionConfig) -> Result<Self> {
         let c = cfg.hidden_size;
         let emb = vb.pp("embeddings");
-        let conv_cfg = Conv2dConfig { stride: cfg.patch_size, ..Default::default() };
+        let p = cfg.patch_size;
+        let fan_in = (cfg.num_channels * p * p) as f64;
         let n_pos = cfg.grid() * cfg.grid() + 1;
         Ok(Self {
-            class_embedding: emb.get_with_hints(c, "class_embedding", candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 })?,
-            patch_embedding: candle_nn::conv2d_no_bias(cfg.num_channels, c, cfg.patch_size, conv_cfg, emb.pp("patch_embedding"))?,
-            position_embedding: emb.get_with_hints((n_pos, c), "position_embedding.weight", candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 })?,
+            class_embedding: emb.get_with_hints(
+                c,
+                "class_embedding",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            )?,
+            patch_embedding: emb.get_with_hints(
+                (c, cfg.num_channels, p, p),
+                "patch_embedding.weight",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0 / fan_in.sqrt(),
+                },
+            )?,
+            position_embedding: emb.get_with_hints(
+                (n_pos, c),
+                "position_embedding.weight",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            )?,
             pre_layrnorm: LayerNorm::new(vb.pp("pre_layrnorm"), c, cfg.layer_norm_eps)?,
-            layers: encoder_layers(vb.clone(), cfg.num_hidden_layers, c, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps)?,
+            layers: encoder_layers(
+                vb.clone(),
+                cfg.num_hidden_layers,
+                c,
+                cfg.num_attention_heads,
+                cfg.intermediate_size,
+                cfg.hidden_act,
+                cfg.layer_norm_eps,
+            )?,
             post_layernorm: LayerNorm::new(vb.pp("post_layernorm"), c, cfg.layer_norm_eps)?,
             cfg: cfg.clone(),
         })
@@ -323,9 +405,13 @@ impl ClipVisionTransformer {
         let dev = grid.device();
         let mh = bicubic_matrix(g, gh, dev)?; // [gh, g]
         let mw = bicubic_matrix(g, gw, dev)?; // [gw, g]
-        // rows: [gh, g] x [g, g*C] -> [gh, g, C]; columns: per row [gw, g] x [g, C]
+                                              // rows: [gh, g] x [g, g*C] -> [gh, g, C]; columns: per row [gw, g] x [g, C]
         let rows = mh.matmul(&grid.reshape((g, g * c))?)?.reshape((gh, g, c))?;
-        let cols = mw.unsqueeze(0)?.broadcast_as((gh, gw, g))?.contiguous()?.matmul(&rows)?; // [gh, gw, C]
+        let cols = mw
+            .unsqueeze(0)?
+            .broadcast_as((gh, gw, g))?
+            .contiguous()?
+            .matmul(&rows)?; // [gh, gw, C]
         Tensor::cat(&[cls, cols.reshape((gh * gw, c))?], 0)
     }
 
@@ -339,17 +425,35 @@ impl ClipVisionTransformer {
             hidden_states.push(x.clone());
         }
         let pooled = self.post_layernorm.forward(&x.i((.., 0))?)?;
-        Ok(ClipTowerOutput { hidden_states, last_hidden_state: x, pooled })
+        Ok(ClipTowerOutput {
+            hidden_states,
+            last_hidden_state: x,
+            pooled,
+        })
     }
 
     /// Patch + class + position embeddings, then `pre_layrnorm`: `[B, 1 + N, C]`.
     pub fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
-        let b = pixels.dim(0)?;
-        let patches = self.patch_embedding.forward(pixels)?; // [B, C, gh, gw]
-        let (_, c, gh, gw) = patches.dims4()?;
-        let patches = patches.flatten_from(2)?.transpose(1, 2)?; // [B, N, C]
-        let cls = self.class_embedding.reshape((1, 1, c))?.broadcast_as((b, 1, c))?;
-        let x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embeddings(gh, gw)?)?;
+        let (b, ch, h, w) = pixels.dims4()?;
+        let p = self.cfg.patch_size;
+        let c = self.cfg.hidden_size;
+        let (gh, gw) = (h / p, w / p);
+        if gh * p != h || gw * p != w {
+            candle_core::bail!("image size {h}x{w} is not a multiple of the patch size {p}");
+        }
+        let patches = pixels
+            .reshape((b, ch, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))? // [B, gh, gw, ch, p, p]
+            .contiguous()?
+            .reshape((b * gh * gw, ch * p * p))?
+            .matmul(&self.patch_embedding.reshape((c, ch * p * p))?.t()?)?
+            .reshape((b, gh * gw, c))?; // [B, N, C]
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, c))?
+            .broadcast_as((b, 1, c))?;
+        let x =
+            Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embeddings(gh, gw)?)?;
         self.pre_layrnorm.forward(&x)
     }
 
@@ -395,8 +499,23 @@ impl ClipTextTransformer {
         let emb = vb.pp("embeddings");
         Ok(Self {
             token_embedding: candle_nn::embedding(cfg.vocab_size, c, emb.pp("token_embedding"))?,
-            position_embedding: emb.get_with_hints((cfg.max_position_embeddings, c), "position_embedding.weight", candle_nn::Init::Randn { mean: 0.0, stdev: 0.01 })?,
-            layers: encoder_layers(vb.clone(), cfg.num_hidden_layers, c, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps)?,
+            position_embedding: emb.get_with_hints(
+                (cfg.max_position_embeddings, c),
+                "position_embedding.weight",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.01,
+                },
+            )?,
+            layers: encoder_layers(
+                vb.clone(),
+                cfg.num_hidden_layers,
+                c,
+                cfg.num_attention_heads,
+                cfg.intermediate_size,
+                cfg.hidden_act,
+                cfg.layer_norm_eps,
+            )?,
             final_layer_norm: LayerNorm::new(vb.pp("final_layer_norm"), c, cfg.layer_norm_eps)?,
             cfg: cfg.clone(),
         })
@@ -413,9 +532,15 @@ impl ClipTextTransformer {
     pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<ClipTowerOutput> {
         let l = ids.dim(1)?;
         if l > self.cfg.max_position_embeddings {
-            candle_core::bail!("text length {l} exceeds max_position_embeddings {}", self.cfg.max_position_embeddings);
+            candle_core::bail!(
+                "text length {l} exceeds max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            );
         }
-        let x = self.token_embedding.forward(ids)?.broadcast_add(&self.position_embedding.i(0..l)?)?;
+        let x = self
+            .token_embedding
+            .forward(ids)?
+            .broadcast_add(&self.position_embedding.i(0..l)?)?;
         let mut bias = nn::causal_bias(l, x.dtype(), x.device())?;
         if let Some(mask) = mask {
             bias = bias.broadcast_add(&nn::key_padding_bias(mask, x.dtype())?)?;
@@ -429,7 +554,11 @@ impl ClipTextTransformer {
         let last = self.final_layer_norm.forward(&x)?;
         let eos = self.eos_positions(ids)?;
         let pooled = gather_rows(&last, &eos)?;
-        Ok(ClipTowerOutput { hidden_states, last_hidden_state: last, pooled })
+        Ok(ClipTowerOutput {
+            hidden_states,
+            last_hidden_state: last,
+            pooled,
+        })
     }
 
     /// Index of the pooled (EOS) token in each row.
@@ -440,9 +569,13 @@ impl ClipTextTransformer {
             .map(|r| {
                 if self.cfg.eos_token_id == 2 {
                     // argmax, first maximum
-                    r.iter().enumerate().fold(0, |best, (i, v)| if *v > r[best] { i } else { best })
+                    r.iter()
+                        .enumerate()
+                        .fold(0, |best, (i, v)| if *v > r[best] { i } else { best })
                 } else {
-                    r.iter().position(|v| *v == self.cfg.eos_token_id as i64).unwrap_or(0)
+                    r.iter()
+                        .position(|v| *v == self.cfg.eos_token_id as i64)
+                        .unwrap_or(0)
                 }
             })
             .collect())
@@ -452,7 +585,11 @@ impl ClipTextTransformer {
 /// `x: [B, L, C]`, one position per row -> `[B, C]`.
 pub fn gather_rows(x: &Tensor, pos: &[usize]) -> Result<Tensor> {
     let (b, l, _) = x.dims3()?;
-    let flat: Vec<u32> = pos.iter().enumerate().map(|(i, p)| (i * l + p) as u32).collect();
+    let flat: Vec<u32> = pos
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i * l + p) as u32)
+        .collect();
     let idx = Tensor::from_vec(flat, b, x.device())?;
     x.flatten_to(1)?.index_select(&idx, 0)
 }
@@ -481,8 +618,18 @@ impl ClipModel {
         Ok(Self {
             vision: ClipVisionTransformer::new(vb.pp("vision_model"), &cfg.vision_config)?,
             text: ClipTextTransformer::new(vb.pp("text_model"), &cfg.text_config)?,
-            visual_projection: nn::linear(vb.pp("visual_projection"), cfg.vision_config.hidden_size, p, false)?,
-            text_projection: nn::linear(vb.pp("text_projection"), cfg.text_config.hidden_size, p, false)?,
+            visual_projection: nn::linear(
+                vb.pp("visual_projection"),
+                cfg.vision_config.hidden_size,
+                p,
+                false,
+            )?,
+            text_projection: nn::linear(
+                vb.pp("text_projection"),
+                cfg.text_config.hidden_size,
+                p,
+                false,
+            )?,
             logit_scale: vb.get_with_hints((), "logit_scale", candle_nn::Init::Const(2.6592))?,
         })
     }

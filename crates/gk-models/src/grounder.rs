@@ -63,7 +63,14 @@ impl GrounderConfig {
         Self {
             visual: VisualConfig::ClipVit(ClipVisionConfig::vit_base_patch16()),
             text: TextConfig::ClipText(ClipTextConfig::base()),
-            fusion: FusionConfig { hidden: 512, layers: 6, heads: 8, ffn: 2048, dropout: 0.1, pre_norm: true },
+            fusion: FusionConfig {
+                hidden: 512,
+                layers: 6,
+                heads: 8,
+                ffn: 2048,
+                dropout: 0.1,
+                pre_norm: true,
+            },
             image_size: 224,
             max_text_len: 77,
         }
@@ -73,10 +80,56 @@ impl GrounderConfig {
     pub fn tiny() -> Self {
         Self {
             visual: VisualConfig::ClipVit(ClipVisionConfig::tiny()),
-            text: TextConfig::Bert(BertConfig { max_position_embeddings: 16, ..BertConfig::tiny() }),
-            fusion: FusionConfig { hidden: 32, layers: 2, heads: 4, ffn: 64, dropout: 0.0, pre_norm: false },
+            text: TextConfig::Bert(BertConfig {
+                max_position_embeddings: 16,
+                ..BertConfig::tiny()
+            }),
+            fusion: FusionConfig {
+                hidden: 32,
+                layers: 2,
+                heads: 4,
+                ffn: 64,
+                dropout: 0.0,
+                pre_norm: false,
+            },
             image_size: 32,
             max_text_len: 12,
+        }
+    }
+
+    /// The demo grounder for the embedded benchmark, trained from scratch on 2 CPU cores:
+    /// a 4-layer ViT (128 px, patch 16, width 128), a 2-layer BERT over a word-level
+    /// vocabulary (sized when the run is prepared), a 3-layer pre-norm fusion.
+    pub fn synth_small() -> Self {
+        Self {
+            visual: VisualConfig::ClipVit(ClipVisionConfig {
+                hidden_size: 128,
+                intermediate_size: 256,
+                num_hidden_layers: 4,
+                num_attention_heads: 4,
+                image_size: 128,
+                patch_size: 16,
+                ..ClipVisionConfig::tiny()
+            }),
+            text: TextConfig::Bert(BertConfig {
+                vocab_size: 128,
+                hidden_size: 128,
+                num_hidden_layers: 2,
+                num_attention_heads: 4,
+                intermediate_size: 256,
+                max_position_embeddings: 32,
+                ..BertConfig::tiny()
+            }),
+            fusion: FusionConfig {
+                hidden: 128,
+                layers: 3,
+                heads: 4,
+                ffn: 256,
+                dropout: 0.0,
+                pre_norm: true,
+            },
+            image_size: 128,
+            max_text_len: 20,
         }
     }
 
@@ -147,8 +200,20 @@ impl VisualEncoder {
                     .i((.., .., 0, .., 0))?
                     .reshape((b, gh * gw))?
                     .to_dtype(tokens.dtype())?;
-                let mask = Tensor::cat(&[Tensor::ones((b, 1), tokens.dtype(), tokens.device())?, patch_mask], 1)?;
-                Ok(VisualFeatures { tokens, mask, pooled: out.pooled, grid: (gh, gw), hidden_states: out.hidden_states })
+                let mask = Tensor::cat(
+                    &[
+                        Tensor::ones((b, 1), tokens.dtype(), tokens.device())?,
+                        patch_mask,
+                    ],
+                    1,
+                )?;
+                Ok(VisualFeatures {
+                    tokens,
+                    mask,
+                    pooled: out.pooled,
+                    grid: (gh, gw),
+                    hidden_states: out.hidden_states,
+                })
             }
         }
     }
@@ -185,11 +250,19 @@ impl TextEncoder {
             Self::Bert(bert) => {
                 let out = bert.forward(ids, mask, None)?;
                 let pooled = out.last_hidden_state.i((.., 0))?;
-                Ok(TextFeatures { tokens: out.last_hidden_state, pooled, hidden_states: out.hidden_states })
+                Ok(TextFeatures {
+                    tokens: out.last_hidden_state,
+                    pooled,
+                    hidden_states: out.hidden_states,
+                })
             }
             Self::ClipText(t) => {
                 let out = t.forward(ids, Some(mask))?;
-                Ok(TextFeatures { tokens: out.last_hidden_state, pooled: out.pooled, hidden_states: out.hidden_states })
+                Ok(TextFeatures {
+                    tokens: out.last_hidden_state,
+                    pooled: out.pooled,
+                    hidden_states: out.hidden_states,
+                })
             }
         }
     }
@@ -217,7 +290,14 @@ impl FusionLayer {
         let bound = (6.0 / (d + 3 * d) as f64).sqrt(); // xavier_uniform on [3d, d]
         let att = vb.pp("self_attn");
         Ok(Self {
-            in_proj_weight: att.get_with_hints((3 * d, d), "in_proj_weight", candle_nn::Init::Uniform { lo: -bound, up: bound })?,
+            in_proj_weight: att.get_with_hints(
+                (3 * d, d),
+                "in_proj_weight",
+                candle_nn::Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            )?,
             in_proj_bias: att.get_with_hints(3 * d, "in_proj_bias", candle_nn::Init::Const(0.0))?,
             out_proj: candle_nn::linear(d, d, att.pp("out_proj"))?,
             linear1: candle_nn::linear(d, cfg.ffn, vb.pp("linear1"))?,
@@ -230,11 +310,15 @@ impl FusionLayer {
         })
     }
 
+    /// `x: [B, T, d]` through rows `i*d..(i+1)*d` of the packed projection, as one 2-D matmul.
     fn proj(&self, x: &Tensor, i: usize) -> Result<Tensor> {
-        let d = self.in_proj_weight.dim(1)?;
+        let (b, t, d) = x.dims3()?;
         let w = self.in_proj_weight.narrow(0, i * d, d)?;
-        let b = self.in_proj_bias.narrow(0, i * d, d)?;
-        x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)
+        let bias = self.in_proj_bias.narrow(0, i * d, d)?;
+        x.reshape((b * t, d))?
+            .matmul(&w.t()?)?
+            .broadcast_add(&bias)?
+            .reshape((b, t, d))
     }
 
     fn drop(&self, x: Tensor, train: bool) -> Result<Tensor> {
@@ -248,8 +332,13 @@ impl FusionLayer {
     /// Self-attention with `pos` added to queries and keys (not values).
     fn attend(&self, x: &Tensor, pos: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let qk_in = x.broadcast_add(pos)?;
-        let (q, k, v) = (self.proj(&qk_in, 0)?, self.proj(&qk_in, 1)?, self.proj(x, 2)?);
-        self.out_proj.forward(&nn::attention(&q, &k, &v, self.heads, Some(bias))?)
+        let (q, k, v) = (
+            self.proj(&qk_in, 0)?,
+            self.proj(&qk_in, 1)?,
+            self.proj(x, 2)?,
+        );
+        self.out_proj
+            .forward(&nn::attention(&q, &k, &v, self.heads, Some(bias))?)
     }
 
     fn ffn(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -263,8 +352,11 @@ impl FusionLayer {
             let x = (x + self.drop(self.attend(&self.norm1.forward(x)?, pos, bias)?, train)?)?;
             &x + self.drop(self.ffn(&self.norm2.forward(&x)?, train)?, train)?
         } else {
-            let x = self.norm1.forward(&(x + self.drop(self.attend(x, pos, bias)?, train)?)?)?;
-            self.norm2.forward(&(&x + self.drop(self.ffn(&x, train)?, train)?)?)
+            let x = self
+                .norm1
+                .forward(&(x + self.drop(self.attend(x, pos, bias)?, train)?)?)?;
+            self.norm2
+                .forward(&(&x + self.drop(self.ffn(&x, train)?, train)?)?)
         }
     }
 }
@@ -339,7 +431,12 @@ impl Grounder {
     }
 
     /// Builds the fusion and head around already built backbones.
-    pub fn from_parts(vb: VarBuilder, cfg: &GrounderConfig, visual: VisualEncoder, text: TextEncoder) -> Result<Self> {
+    pub fn from_parts(
+        vb: VarBuilder,
+        cfg: &GrounderConfig,
+        visual: VisualEncoder,
+        text: TextEncoder,
+    ) -> Result<Self> {
         let f = &cfg.fusion;
         let d = f.hidden;
         let n_tokens = 1 + cfg.max_text_len + cfg.visual_tokens();
@@ -349,10 +446,30 @@ impl Grounder {
             text,
             visu_proj: candle_nn::linear(cfg.visual_dim(), d, vb.pp("visu_proj"))?,
             text_proj: candle_nn::linear(cfg.text_dim(), d, vb.pp("text_proj"))?,
-            reg_token: vb.get_with_hints((1, d), "reg_token.weight", candle_nn::Init::Randn { mean: 0.0, stdev: 1.0 })?,
-            vl_pos_embed: vb.get_with_hints((n_tokens, d), "vl_pos_embed.weight", candle_nn::Init::Randn { mean: 0.0, stdev: 1.0 })?,
-            layers: (0..f.layers).map(|i| FusionLayer::new(vl.pp(format!("layers.{i}")), f)).collect::<Result<_>>()?,
-            final_norm: if f.pre_norm { Some(LayerNorm::new(vl.pp("norm"), d, 1e-5)?) } else { None },
+            reg_token: vb.get_with_hints(
+                (1, d),
+                "reg_token.weight",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            )?,
+            vl_pos_embed: vb.get_with_hints(
+                (n_tokens, d),
+                "vl_pos_embed.weight",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            )?,
+            layers: (0..f.layers)
+                .map(|i| FusionLayer::new(vl.pp(format!("layers.{i}")), f))
+                .collect::<Result<_>>()?,
+            final_norm: if f.pre_norm {
+                Some(LayerNorm::new(vl.pp("norm"), d, 1e-5)?)
+            } else {
+                None
+            },
             bbox_embed: Mlp::new(vb.pp("bbox_embed"), &[d, d, d, 4])?,
             cfg: cfg.clone(),
         })
@@ -364,7 +481,14 @@ impl Grounder {
 
     /// `pixels: [B, 3, S, S]`, `pixel_mask: [B, S, S]` (1 = image), `ids, text_mask: [B, L]`
     /// (L = `max_text_len`). `train` enables dropout.
-    pub fn forward(&self, pixels: &Tensor, pixel_mask: &Tensor, ids: &Tensor, text_mask: &Tensor, train: bool) -> Result<GrounderOutput> {
+    pub fn forward(
+        &self,
+        pixels: &Tensor,
+        pixel_mask: &Tensor,
+        ids: &Tensor,
+        text_mask: &Tensor,
+        train: bool,
+    ) -> Result<GrounderOutput> {
         let visual = self.visual.forward(pixels, pixel_mask)?;
         let text = self.text.forward(ids, text_mask)?;
         let v = self.visu_proj.forward(&visual.tokens)?; // [B, N, d]
@@ -382,7 +506,14 @@ impl Grounder {
         let reg = self.reg_token.unsqueeze(0)?.broadcast_as((b, 1, d))?;
         let mut x = Tensor::cat(&[&reg, &t, &v], 1)?; // [B, 1+L+N, d]
         let ones = Tensor::ones((b, 1), DType::F32, x.device())?;
-        let mask = Tensor::cat(&[&ones, &text_mask.to_dtype(DType::F32)?, &visual.mask.to_dtype(DType::F32)?], 1)?;
+        let mask = Tensor::cat(
+            &[
+                &ones,
+                &text_mask.to_dtype(DType::F32)?,
+                &visual.mask.to_dtype(DType::F32)?,
+            ],
+            1,
+        )?;
         let bias = nn::key_padding_bias(&mask, x.dtype())?;
         let pos = self.vl_pos_embed.unsqueeze(0)?;
         for layer in &self.layers {
@@ -423,7 +554,13 @@ mod tests {
         let mut pm = vec![1f32; b * s * s];
         pm[s * s..s * s + s * 8].iter_mut().for_each(|v| *v = 0.0); // padded top rows of sample 1
         let pixel_mask = Tensor::from_vec(pm, (b, s, s), &dev)?;
-        let ids = Tensor::from_vec((0..b * cfg.max_text_len).map(|i| (i % 50) as u32 + 1).collect::<Vec<_>>(), (b, cfg.max_text_len), &dev)?;
+        let ids = Tensor::from_vec(
+            (0..b * cfg.max_text_len)
+                .map(|i| (i % 50) as u32 + 1)
+                .collect::<Vec<_>>(),
+            (b, cfg.max_text_len),
+            &dev,
+        )?;
         let mut tm = vec![1f32; b * cfg.max_text_len];
         tm[cfg.max_text_len + 5..].iter_mut().for_each(|v| *v = 0.0);
         let text_mask = Tensor::from_vec(tm, (b, cfg.max_text_len), &dev)?;
@@ -448,7 +585,10 @@ mod tests {
         }
         // The BERT pooler and CLIP's last-layer-only paths are not in the box loss.
         missing.retain(|n| !n.starts_with("text.pooler"));
-        assert!(missing.is_empty(), "parameters without gradient: {missing:#?}");
+        assert!(
+            missing.is_empty(),
+            "parameters without gradient: {missing:#?}"
+        );
         Ok(())
     }
 }

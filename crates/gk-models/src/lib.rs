@@ -4,5 +4,6 @@
 //! softmax and attention of [`nn`] and never candle's fused ops that drop gradients.
 pub mod bert;
 pub mod clip;
+pub mod fused;
 pub mod grounder;
 pub mod nn;

@@ -32,6 +32,27 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            let (x, w, b) = (
+                x.contiguous()?,
+                self.weight.contiguous()?,
+                self.bias.contiguous()?,
+            );
+            return x.apply_op3(
+                &w,
+                &b,
+                crate::fused::LayerNormOp {
+                    eps: self.eps as f32,
+                },
+            );
+        }
+        self.forward_composed(x)
+    }
+}
+
+impl LayerNorm {
+    /// The same computation from basic ops (any device; slow backward on CPU).
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -40,8 +61,12 @@ impl Module for LayerNorm {
     }
 }
 
-/// Softmax over the last dimension (the differentiable candle op).
+/// Softmax over the last dimension: the fused CPU kernel for f32, else the
+/// differentiable composed candle op.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1(crate::fused::SoftmaxLastOp);
+    }
     candle_nn::ops::softmax(x, D::Minus1)
 }
 
@@ -104,7 +129,13 @@ pub fn causal_bias(l: usize, dtype: DType, device: &candle_core::Device) -> Resu
 ///
 /// `q: [B, Lq, C]`, `k, v: [B, Lk, C]`, `bias` broadcastable to `[B, H, Lq, Lk]`;
 /// returns `[B, Lq, C]` (before the output projection).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, bias: Option<&Tensor>) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let (b, lq, c) = q.dims3()?;
     let lk = k.dim(1)?;
     let hd = c / heads;
@@ -135,7 +166,11 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5, 8), &dev)?)?;
         let w = Tensor::randn(1f32, 0.1, 8, &dev)?;
         let b = Tensor::randn(0f32, 0.1, 8, &dev)?;
-        let ln = LayerNorm { weight: w.clone(), bias: b.clone(), eps: 1e-5 };
+        let ln = LayerNorm {
+            weight: w.clone(),
+            bias: b.clone(),
+            eps: 1e-5,
+        };
         let ours = ln.forward(x.as_tensor())?;
         let fused = candle_nn::ops::layer_norm(x.as_tensor(), &w, &b, 1e-5)?;
         let err = (&ours - &fused)?.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -143,6 +178,39 @@ mod tests {
         let grads = (ours.sqr()?.sum_all()?).backward()?;
         let g = grads.get(&x).expect("layer norm input gets a gradient");
         assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn fused_kernels_equal_composed_ops_in_value_and_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (4, 7, 16), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 16, &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 16, &dev)?)?;
+        let ln = LayerNorm {
+            weight: w.as_tensor().clone(),
+            bias: b.as_tensor().clone(),
+            eps: 1e-5,
+        };
+        let up = Tensor::randn(0f32, 1.0, (4, 7, 16), &dev)?; // a non-trivial upstream gradient
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        let fused = ln.forward(x.as_tensor())?;
+        let composed = ln.forward_composed(x.as_tensor())?;
+        assert!(max_diff(&fused, &composed)? < 1e-5);
+        let gf = (&fused * &up)?.sum_all()?.backward()?;
+        let gc = (&composed * &up)?.sum_all()?.backward()?;
+        for v in [&x, &w, &b] {
+            let e = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap())?;
+            assert!(e < 1e-4, "layer norm gradient differs by {e}");
+        }
+        let sf = softmax(x.as_tensor())?;
+        let sc = candle_nn::ops::softmax(x.as_tensor(), D::Minus1)?;
+        assert!(max_diff(&sf, &sc)? < 1e-6);
+        let gf = (&sf * &up)?.sum_all()?.backward()?;
+        let gc = (&sc * &up)?.sum_all()?.backward()?;
+        assert!(max_diff(gf.get(&x).unwrap(), gc.get(&x).unwrap())? < 1e-5);
         Ok(())
     }
 
@@ -160,7 +228,9 @@ mod tests {
 
     #[test]
     fn causal_bias_masks_the_future() -> Result<()> {
-        let b = causal_bias(3, DType::F32, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let b = causal_bias(3, DType::F32, &Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert_eq!(b, vec![0.0, -1e9, -1e9, 0.0, 0.0, -1e9, 0.0, 0.0, 0.0]);
         Ok(())
     }

@@ -14,7 +14,9 @@ use std::path::PathBuf;
 const TOL: f32 = 1e-4;
 
 fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(p)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(p)
 }
 
 fn load(p: &str) -> HashMap<String, Tensor> {
@@ -27,7 +29,16 @@ fn vb(p: &str) -> VarBuilder<'static> {
 
 fn max_err(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn check(what: &str, ours: &Tensor, theirs: &Tensor) -> f32 {
@@ -39,27 +50,47 @@ fn check(what: &str, ours: &Tensor, theirs: &Tensor) -> f32 {
 
 #[test]
 fn clip_tiny_matches_transformers() {
-    let cfg: ClipConfig = serde_json::from_str(&std::fs::read_to_string(fixture("clip_tiny/config.json")).unwrap()).unwrap();
+    let cfg: ClipConfig =
+        serde_json::from_str(&std::fs::read_to_string(fixture("clip_tiny/config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg.vision_config, gk_models::clip::ClipVisionConfig::tiny());
     let model = ClipModel::new(vb("clip_tiny/model.safetensors"), &cfg).unwrap();
     let io = load("clip_tiny/io.safetensors");
     let img = model.encode_image(&io["pixel_values"]).unwrap();
     for (i, h) in img.tower.hidden_states.iter().enumerate() {
-        check(&format!("vision_hidden.{i}"), h, &io[&format!("vision_hidden.{i}")]);
+        check(
+            &format!("vision_hidden.{i}"),
+            h,
+            &io[&format!("vision_hidden.{i}")],
+        );
     }
-    check("vision_last", &img.tower.last_hidden_state, &io["vision_last"]);
+    check(
+        "vision_last",
+        &img.tower.last_hidden_state,
+        &io["vision_last"],
+    );
     check("vision_pooled", &img.tower.pooled, &io["vision_pooled"]);
     check("image_embeds", &img.embeds, &io["image_embeds"]);
 
     let ids = io["input_ids"].to_dtype(DType::U32).unwrap();
-    let txt = model.encode_text(&ids, Some(&io["attention_mask"])).unwrap();
+    let txt = model
+        .encode_text(&ids, Some(&io["attention_mask"]))
+        .unwrap();
     for (i, h) in txt.tower.hidden_states.iter().enumerate() {
-        check(&format!("text_hidden.{i}"), h, &io[&format!("text_hidden.{i}")]);
+        check(
+            &format!("text_hidden.{i}"),
+            h,
+            &io[&format!("text_hidden.{i}")],
+        );
     }
     check("text_last", &txt.tower.last_hidden_state, &io["text_last"]);
     check("text_pooled", &txt.tower.pooled, &io["text_pooled"]);
     check("text_embeds", &txt.embeds, &io["text_embeds"]);
-    check("logits_per_image", &model.logits_per_image(&img.embeds, &txt.embeds).unwrap(), &io["logits_per_image"]);
+    check(
+        "logits_per_image",
+        &model.logits_per_image(&img.embeds, &txt.embeds).unwrap(),
+        &io["logits_per_image"],
+    );
 }
 
 #[test]
@@ -67,9 +98,17 @@ fn clip_position_embeddings_interpolate_like_transformers() {
     let cfg = ClipConfig::tiny();
     let model = ClipModel::new(vb("clip_tiny/model.safetensors"), &cfg).unwrap();
     let io = load("clip_tiny/io.safetensors");
-    check("pos_embed_48", &model.vision.position_embeddings(6, 6).unwrap(), &io["pos_embed_48"]);
+    check(
+        "pos_embed_48",
+        &model.vision.position_embeddings(6, 6).unwrap(),
+        &io["pos_embed_48"],
+    );
     let out = model.vision.forward(&io["pixel_values_48"]).unwrap();
-    check("vision_last_48", &out.last_hidden_state, &io["vision_last_48"]);
+    check(
+        "vision_last_48",
+        &out.last_hidden_state,
+        &io["vision_last_48"],
+    );
     check("vision_pooled_48", &out.pooled, &io["vision_pooled_48"]);
 }
 
@@ -77,7 +116,9 @@ fn bert_io_check(model: &Bert) {
     let io = load("bert_tiny/io.safetensors");
     let ids = io["input_ids"].to_dtype(DType::U32).unwrap();
     let tt = io["token_type_ids"].to_dtype(DType::U32).unwrap();
-    let out = model.forward(&ids, &io["attention_mask"], Some(&tt)).unwrap();
+    let out = model
+        .forward(&ids, &io["attention_mask"], Some(&tt))
+        .unwrap();
     for (i, h) in out.hidden_states.iter().enumerate() {
         check(&format!("bert hidden.{i}"), h, &io[&format!("hidden.{i}")]);
     }
@@ -87,19 +128,25 @@ fn bert_io_check(model: &Bert) {
 
 #[test]
 fn bert_tiny_matches_transformers() {
-    let cfg: BertConfig = serde_json::from_str(&std::fs::read_to_string(fixture("bert_tiny/config.json")).unwrap()).unwrap();
+    let cfg: BertConfig =
+        serde_json::from_str(&std::fs::read_to_string(fixture("bert_tiny/config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg.hidden_act, gk_models::nn::Activation::Gelu);
     bert_io_check(&Bert::new(vb("bert_tiny/model.safetensors"), &cfg).unwrap());
 }
 
 #[test]
 fn bert_loads_with_prefix_and_gamma_beta_names() {
-    let cfg: BertConfig = serde_json::from_str(&std::fs::read_to_string(fixture("bert_tiny/config.json")).unwrap()).unwrap();
+    let cfg: BertConfig =
+        serde_json::from_str(&std::fs::read_to_string(fixture("bert_tiny/config.json")).unwrap())
+            .unwrap();
     // the pytorch_pretrained_bert / TF-converted layout: `bert.` prefix, LayerNorm gamma/beta
     let renamed: HashMap<String, Tensor> = load("bert_tiny/model.safetensors")
         .into_iter()
         .map(|(k, v)| {
-            let k = k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta");
+            let k = k
+                .replace("LayerNorm.weight", "LayerNorm.gamma")
+                .replace("LayerNorm.bias", "LayerNorm.beta");
             (format!("bert.{k}"), v)
         })
         .collect();

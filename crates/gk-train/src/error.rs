@@ -5,7 +5,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
     #[error("{path}: weights do not match the model:\n{report}")]
@@ -25,5 +28,8 @@ pub enum TrainError {
 pub type Result<T> = std::result::Result<T, TrainError>;
 
 pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io { path: path.to_path_buf(), source }
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }

@@ -1,7 +1,14 @@
 //! gk-train: losses, weights and run directories, the trainer, evaluation and prediction.
+pub mod draw;
 pub mod error;
+pub mod eval;
+mod font6x11;
+pub mod init;
 pub mod losses;
+pub mod optim;
+pub mod predict;
 pub mod run;
+pub mod train;
 pub mod weights;
 
 pub use error::{Result, TrainError};

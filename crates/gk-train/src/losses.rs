@@ -54,7 +54,15 @@ impl LossParts {
 
     /// Scalar values by name, for logs.
     pub fn values(&self) -> Result<Vec<(String, f32)>> {
-        self.parts.iter().map(|(n, _, v)| Ok((n.clone(), v.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?))).collect()
+        self.parts
+            .iter()
+            .map(|(n, _, v)| {
+                Ok((
+                    n.clone(),
+                    v.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?,
+                ))
+            })
+            .collect()
     }
 }
 
@@ -65,12 +73,20 @@ impl Default for LossParts {
 }
 
 /// L1 and GIoU between predicted and target normalised cxcywh boxes `[B, 4]`.
-pub fn box_losses(pred: &Tensor, target: &Tensor, cfg: &BoxLossConfig, parts: &mut LossParts) -> Result<()> {
+pub fn box_losses(
+    pred: &Tensor,
+    target: &Tensor,
+    cfg: &BoxLossConfig,
+    parts: &mut LossParts,
+) -> Result<()> {
     let b = pred.dim(0)? as f64;
     // |d| as d * sign(d) with the sign held constant: gradient sign(d), 0 at d = 0 as in torch.
     let d = (pred - target)?;
     let l1 = ((&d * d.sign()?.detach())?.sum_all()? / b)?;
-    let (_, giou) = gk_box::iou_giou_t(&gk_box::cxcywh_to_xyxy_t(pred)?, &gk_box::cxcywh_to_xyxy_t(target)?)?;
+    let (_, giou) = gk_box::iou_giou_t(
+        &gk_box::cxcywh_to_xyxy_t(pred)?,
+        &gk_box::cxcywh_to_xyxy_t(target)?,
+    )?;
     let giou = (giou.affine(-1.0, 1.0)?.sum_all()? / b)?;
     parts.push("l1", cfg.l1, l1);
     parts.push("giou", cfg.giou, giou);

@@ -26,14 +26,21 @@ impl RunDir {
     /// Creates the folder (and parents) if needed.
     pub fn create(path: &Path) -> Result<Self> {
         std::fs::create_dir_all(path).map_err(io_err(path))?;
-        Ok(Self { path: path.to_path_buf() })
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
     }
 
     /// Opens an existing run; it must hold a `config.toml`.
     pub fn open(path: &Path) -> Result<Self> {
-        let run = Self { path: path.to_path_buf() };
+        let run = Self {
+            path: path.to_path_buf(),
+        };
         if !run.file("config.toml").is_file() {
-            return Err(TrainError::Format { path: path.to_path_buf(), msg: "not a run directory (no config.toml)".into() });
+            return Err(TrainError::Format {
+                path: path.to_path_buf(),
+                msg: "not a run directory (no config.toml)".into(),
+            });
         }
         Ok(run)
     }
@@ -54,18 +61,25 @@ impl RunDir {
     pub fn load_config<T: DeserializeOwned>(&self) -> Result<T> {
         let p = self.file("config.toml");
         let text = std::fs::read_to_string(&p).map_err(io_err(&p))?;
-        toml::from_str(&text).map_err(|e| TrainError::Format { path: p, msg: e.to_string() })
+        toml::from_str(&text).map_err(|e| TrainError::Format {
+            path: p,
+            msg: e.to_string(),
+        })
     }
 
     pub fn save_json<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {
-        let text = serde_json::to_string_pretty(value).map_err(|e| TrainError::Config(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(value).map_err(|e| TrainError::Config(e.to_string()))?;
         weights::write_atomic(&self.file(name), text.as_bytes())
     }
 
     pub fn load_json<T: DeserializeOwned>(&self, name: &str) -> Result<T> {
         let p = self.file(name);
         let text = std::fs::read_to_string(&p).map_err(io_err(&p))?;
-        serde_json::from_str(&text).map_err(|e| TrainError::Format { path: p, msg: e.to_string() })
+        serde_json::from_str(&text).map_err(|e| TrainError::Format {
+            path: p,
+            msg: e.to_string(),
+        })
     }
 
     /// Saves all parameters as `name` (e.g. `model.safetensors`).
@@ -81,7 +95,11 @@ impl RunDir {
     /// Appends one JSON object to `metrics.jsonl`.
     pub fn log_metrics(&self, value: &serde_json::Value) -> Result<()> {
         let p = self.file("metrics.jsonl");
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(io_err(&p))?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(io_err(&p))?;
         writeln!(f, "{value}").map_err(io_err(&p))
     }
 }
@@ -101,12 +119,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let run = RunDir::create(&dir.path().join("r")).unwrap();
         assert!(RunDir::open(run.path()).is_err());
-        let c = Cfg { name: "x".into(), lr: 1e-4 };
+        let c = Cfg {
+            name: "x".into(),
+            lr: 1e-4,
+        };
         run.save_config(&c).unwrap();
         let back: Cfg = RunDir::open(run.path()).unwrap().load_config().unwrap();
         assert_eq!(back, c);
         run.log_metrics(&serde_json::json!({"step": 1})).unwrap();
         run.log_metrics(&serde_json::json!({"step": 2})).unwrap();
-        assert_eq!(std::fs::read_to_string(run.file("metrics.jsonl")).unwrap().lines().count(), 2);
+        assert_eq!(
+            std::fs::read_to_string(run.file("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .count(),
+            2
+        );
     }
 }

@@ -12,8 +12,10 @@ use std::path::Path;
 /// naming it.
 pub fn read_safetensors(path: &Path, dev: &Device) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
-    candle_core::safetensors::load_buffer(&bytes, dev)
-        .map_err(|e| TrainError::Format { path: path.to_path_buf(), msg: format!("not a valid safetensors file: {e}") })
+    candle_core::safetensors::load_buffer(&bytes, dev).map_err(|e| TrainError::Format {
+        path: path.to_path_buf(),
+        msg: format!("not a valid safetensors file: {e}"),
+    })
 }
 
 /// What a load did, name by name (model-side names).
@@ -37,12 +39,13 @@ impl LoadReport {
 impl std::fmt::Display for LoadReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "loaded {} tensors", self.loaded.len())?;
-        let list = |f: &mut std::fmt::Formatter<'_>, what: &str, v: &[String]| -> std::fmt::Result {
-            if !v.is_empty() {
-                writeln!(f, "{} {what}: {}", v.len(), v.join(", "))?;
-            }
-            Ok(())
-        };
+        let list =
+            |f: &mut std::fmt::Formatter<'_>, what: &str, v: &[String]| -> std::fmt::Result {
+                if !v.is_empty() {
+                    writeln!(f, "{} {what}: {}", v.len(), v.join(", "))?;
+                }
+                Ok(())
+            };
         list(f, "missing from the file", &self.missing)?;
         list(f, "in the file but not in the model", &self.unexpected)?;
         for (n, m, w) in &self.mismatched {
@@ -62,16 +65,30 @@ fn is_buffer(name: &str) -> bool {
 ///
 /// With `strict`, anything missing, unexpected or of the wrong shape is an error that lists
 /// every such name and nothing is changed; otherwise those are skipped and reported.
-pub fn load_prefixed(map: &VarMap, path: &Path, prefixes: &[(&str, &str)], strict: bool) -> Result<LoadReport> {
-    let vars = map.data().lock().map_err(|_| TrainError::Config("poisoned var map".into()))?;
-    let dev = vars.values().next().map(|v| v.device().clone()).unwrap_or(Device::Cpu);
+pub fn load_prefixed(
+    map: &VarMap,
+    path: &Path,
+    prefixes: &[(&str, &str)],
+    strict: bool,
+) -> Result<LoadReport> {
+    let vars = map
+        .data()
+        .lock()
+        .map_err(|_| TrainError::Config("poisoned var map".into()))?;
+    let dev = vars
+        .values()
+        .next()
+        .map(|v| v.device().clone())
+        .unwrap_or(Device::Cpu);
     let file = read_safetensors(path, &dev)?;
     let mut report = LoadReport::default();
     let mut assign: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut names: Vec<&String> = file.keys().collect();
     names.sort();
     for name in names {
-        let Some((src, dst)) = prefixes.iter().find(|(s, _)| name.starts_with(s)) else { continue };
+        let Some((src, dst)) = prefixes.iter().find(|(s, _)| name.starts_with(s)) else {
+            continue;
+        };
         if is_buffer(name) {
             continue;
         }
@@ -79,7 +96,11 @@ pub fn load_prefixed(map: &VarMap, path: &Path, prefixes: &[(&str, &str)], stric
         let t = &file[name];
         match vars.get(&target) {
             None => report.unexpected.push(name.clone()),
-            Some(v) if v.dims() != t.dims() => report.mismatched.push((target, v.dims().to_vec(), t.dims().to_vec())),
+            Some(v) if v.dims() != t.dims() => {
+                report
+                    .mismatched
+                    .push((target, v.dims().to_vec(), t.dims().to_vec()))
+            }
             Some(_) => {
                 assign.insert(target, t.clone());
             }
@@ -94,7 +115,10 @@ pub fn load_prefixed(map: &VarMap, path: &Path, prefixes: &[(&str, &str)], stric
         }
     }
     if strict && !report.is_clean() {
-        return Err(TrainError::Weights { path: path.to_path_buf(), report: report.to_string() });
+        return Err(TrainError::Weights {
+            path: path.to_path_buf(),
+            report: report.to_string(),
+        });
     }
     for (name, t) in assign {
         let var = &vars[&name];
@@ -107,13 +131,19 @@ pub fn load_prefixed(map: &VarMap, path: &Path, prefixes: &[(&str, &str)], stric
 /// Writes all parameters to `path` atomically (temp file in the same folder + rename).
 pub fn save_atomic(map: &VarMap, path: &Path) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");
-    map.save(&tmp).map_err(|e| TrainError::Format { path: tmp.clone(), msg: e.to_string() })?;
+    map.save(&tmp).map_err(|e| TrainError::Format {
+        path: tmp.clone(),
+        msg: e.to_string(),
+    })?;
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
 /// Writes bytes atomically (temp file + rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
     std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
@@ -133,7 +163,10 @@ mod tests {
     }
 
     fn write(path: &Path, tensors: &[(&str, Tensor)]) {
-        let m: HashMap<String, Tensor> = tensors.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
+        let m: HashMap<String, Tensor> = tensors
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect();
         candle_core::safetensors::save(&m, path).unwrap();
     }
 
@@ -145,26 +178,50 @@ mod tests {
         write(
             &p,
             &[
-                ("vision_model.a", Tensor::ones((2, 3), DType::F32, &dev).unwrap()),
+                (
+                    "vision_model.a",
+                    Tensor::ones((2, 3), DType::F32, &dev).unwrap(),
+                ),
                 ("vision_model.b", Tensor::ones(5, DType::F32, &dev).unwrap()),
-                ("vision_model.extra", Tensor::ones(1, DType::F32, &dev).unwrap()),
-                ("vision_model.position_ids", Tensor::ones(1, DType::F32, &dev).unwrap()),
+                (
+                    "vision_model.extra",
+                    Tensor::ones(1, DType::F32, &dev).unwrap(),
+                ),
+                (
+                    "vision_model.position_ids",
+                    Tensor::ones(1, DType::F32, &dev).unwrap(),
+                ),
                 ("text_model.x", Tensor::ones(1, DType::F32, &dev).unwrap()),
             ],
         );
         let map = VarMap::new();
         model(&map).unwrap();
-        let err = load_prefixed(&map, &p, &[("vision_model.", "backbone.")], true).unwrap_err().to_string();
-        assert!(err.contains("vision_model.extra") && err.contains("backbone.b") && err.contains("[4]"), "{err}");
+        let err = load_prefixed(&map, &p, &[("vision_model.", "backbone.")], true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("vision_model.extra") && err.contains("backbone.b") && err.contains("[4]"),
+            "{err}"
+        );
         // strict failure changed nothing
-        let a = map.data().lock().unwrap()["backbone.a"].as_tensor().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let a = map.data().lock().unwrap()["backbone.a"]
+            .as_tensor()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(a, 0.0);
         let r = load_prefixed(&map, &p, &[("vision_model.", "backbone.")], false).unwrap();
         assert_eq!(r.loaded, vec!["backbone.a"]);
         assert_eq!(r.unexpected, vec!["vision_model.extra"]);
         assert_eq!(r.mismatched.len(), 1);
         assert!(r.missing.is_empty(), "{r}");
-        let a = map.data().lock().unwrap()["backbone.a"].as_tensor().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let a = map.data().lock().unwrap()["backbone.a"]
+            .as_tensor()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(a, 6.0);
     }
 
@@ -175,8 +232,13 @@ mod tests {
         std::fs::write(&p, b"\x05\x00\x00\x00\x00\x00\x00\x00hello").unwrap();
         let map = VarMap::new();
         model(&map).unwrap();
-        let e = load_prefixed(&map, &p, &[("", "")], true).unwrap_err().to_string();
-        assert!(e.contains("junk.safetensors") && e.contains("not a valid safetensors"), "{e}");
+        let e = load_prefixed(&map, &p, &[("", "")], true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("junk.safetensors") && e.contains("not a valid safetensors"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -189,10 +251,17 @@ mod tests {
         assert!(!dir.path().join("model.safetensors.tmp").exists());
         let map2 = VarMap::new();
         model(&map2).unwrap();
-        map2.data().lock().unwrap()["head.w"].set(&Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap()).unwrap();
+        map2.data().lock().unwrap()["head.w"]
+            .set(&Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
         let r = load_prefixed(&map2, &p, &[("", "")], true).unwrap();
         assert_eq!(r.loaded.len(), 3);
-        let w = map2.data().lock().unwrap()["head.w"].as_tensor().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let w = map2.data().lock().unwrap()["head.w"]
+            .as_tensor()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(w, 28.0);
     }
 }

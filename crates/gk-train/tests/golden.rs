@@ -13,15 +13,25 @@ use gk_train::losses::{box_losses, BoxLossConfig, LossParts};
 
 #[test]
 fn box_losses_and_gradients_match_torch() {
-    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/box/golden.safetensors");
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/box/golden.safetensors");
     let g = candle_core::safetensors::load(p, &Device::Cpu).unwrap();
     let pred = Var::from_tensor(&g["pred_cxcywh"]).unwrap();
     let mut parts = LossParts::new();
-    box_losses(pred.as_tensor(), &g["tgt_cxcywh"], &BoxLossConfig::default(), &mut parts).unwrap();
+    box_losses(
+        pred.as_tensor(),
+        &g["tgt_cxcywh"],
+        &BoxLossConfig::default(),
+        &mut parts,
+    )
+    .unwrap();
     let v: std::collections::HashMap<_, _> = parts.values().unwrap().into_iter().collect();
     let want_l1 = g["loss_l1"].to_scalar::<f32>().unwrap();
     let want_giou = g["loss_giou"].to_scalar::<f32>().unwrap();
-    println!("l1 {} vs {want_l1}, giou {} vs {want_giou}", v["l1"], v["giou"]);
+    println!(
+        "l1 {} vs {want_l1}, giou {} vs {want_giou}",
+        v["l1"], v["giou"]
+    );
     assert!((v["l1"] - want_l1).abs() < 1e-5);
     assert!((v["giou"] - want_giou).abs() < 1e-5);
 
@@ -47,11 +57,23 @@ fn weights_of_zero_drop_a_part_and_all_zero_is_an_error() {
     let pred = Tensor::new(&[[0.5f32, 0.5, 0.2, 0.2]], &dev).unwrap();
     let tgt = Tensor::new(&[[0.4f32, 0.5, 0.2, 0.3]], &dev).unwrap();
     let mut parts = LossParts::new();
-    box_losses(&pred, &tgt, &BoxLossConfig { l1: 0.0, giou: 2.0 }, &mut parts).unwrap();
+    box_losses(
+        &pred,
+        &tgt,
+        &BoxLossConfig { l1: 0.0, giou: 2.0 },
+        &mut parts,
+    )
+    .unwrap();
     let total = parts.total().unwrap().to_scalar::<f32>().unwrap();
     let giou = parts.values().unwrap()[1].1;
     assert!((total - 2.0 * giou).abs() < 1e-6);
     let mut none = LossParts::new();
-    box_losses(&pred, &tgt, &BoxLossConfig { l1: 0.0, giou: 0.0 }, &mut none).unwrap();
+    box_losses(
+        &pred,
+        &tgt,
+        &BoxLossConfig { l1: 0.0, giou: 0.0 },
+        &mut none,
+    )
+    .unwrap();
     assert!(none.total().is_err());
 }

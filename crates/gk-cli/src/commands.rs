@@ -1,0 +1,233 @@
+//! `synth`, `train`, `eval` and `predict`.
+
+use crate::report;
+use anyhow::{Context, Result};
+use gk_data::synth::{self, SynthConfig};
+use gk_train::run::RunDir;
+use gk_train::train::{self, RunConfig, TrainOptions};
+use std::path::PathBuf;
+
+#[derive(Debug, clap::Args)]
+pub struct SynthArgs {
+    /// Output folder (PNG images + JSONL splits + captions + objects + meta.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Start from this size preset: small (the demo's) or tiny (tests).
+    #[arg(long, default_value = "small")]
+    pub preset: String,
+    #[arg(long)]
+    pub train: Option<usize>,
+    #[arg(long)]
+    pub val: Option<usize>,
+    #[arg(long)]
+    pub test_a: Option<usize>,
+    #[arg(long)]
+    pub test_b: Option<usize>,
+    #[arg(long)]
+    pub heldout: Option<usize>,
+    /// Square image side in pixels.
+    #[arg(long)]
+    pub image_size: Option<u32>,
+}
+
+impl SynthArgs {
+    pub fn config(&self) -> Result<SynthConfig> {
+        let mut c = match self.preset.as_str() {
+            "small" => SynthConfig::small(),
+            "tiny" => SynthConfig::tiny(),
+            p => anyhow::bail!("unknown --preset {p:?} (small, tiny)"),
+        };
+        c.seed = self.seed;
+        c.train = self.train.unwrap_or(c.train);
+        c.val = self.val.unwrap_or(c.val);
+        c.test_a = self.test_a.unwrap_or(c.test_a);
+        c.test_b = self.test_b.unwrap_or(c.test_b);
+        c.heldout = self.heldout.unwrap_or(c.heldout);
+        c.image_size = self.image_size.unwrap_or(c.image_size);
+        Ok(c)
+    }
+}
+
+/// Generates the benchmark with a progress bar; prints the split counts.
+pub fn synth(a: SynthArgs) -> Result<()> {
+    let cfg = a.config()?;
+    generate(&cfg, &a.out)?;
+    Ok(())
+}
+
+pub fn generate(cfg: &SynthConfig, out: &std::path::Path) -> Result<synth::SynthSummary> {
+    let pb = indicatif::ProgressBar::new(0).with_message("generating scenes");
+    pb.set_style(indicatif::ProgressStyle::with_template(
+        "{msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
+    )?);
+    let summary = synth::generate(cfg, out, &mut |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })
+    .with_context(|| format!("generating the benchmark into {}", out.display()))?;
+    pb.finish_and_clear();
+    let splits: Vec<String> = summary
+        .splits
+        .iter()
+        .map(|(s, n)| format!("{s} {n}"))
+        .collect();
+    let types: Vec<String> = summary
+        .by_type
+        .iter()
+        .map(|(s, n)| format!("{s} {n}"))
+        .collect();
+    eprintln!(
+        "wrote {} ({} images): {}; by type: {}",
+        out.display(),
+        summary.images,
+        splits.join(", "),
+        types.join(", ")
+    );
+    Ok(summary)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// Run config (TOML, as written to RUN_DIR/config.toml). Required unless --resume.
+    #[arg(long, conflicts_with = "resume")]
+    pub config: Option<PathBuf>,
+    /// New run directory (with --config).
+    #[arg(long, requires = "config")]
+    pub out: Option<PathBuf>,
+    /// Continue an interrupted run from its last checkpoint.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Stop after this many optimiser steps in total (checkpointed; resume later).
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    let run = match (&a.resume, &a.config, &a.out) {
+        (Some(dir), _, _) => RunDir::open(dir)?,
+        (None, Some(cfg), Some(out)) => {
+            if out.join("trainer_state.json").exists() {
+                anyhow::bail!(
+                    "{} already holds a run: use --resume {} to continue it",
+                    out.display(),
+                    out.display()
+                );
+            }
+            let text = std::fs::read_to_string(cfg)
+                .with_context(|| format!("reading {}", cfg.display()))?;
+            let cfg: RunConfig = toml::from_str(&text)
+                .with_context(|| format!("{}: not a valid run config", cfg.display()))?;
+            train::prepare(out, cfg)?
+        }
+        _ => anyhow::bail!("give --config FILE --out RUN_DIR, or --resume RUN_DIR"),
+    };
+    let (state, report) = train::train(
+        &run,
+        &TrainOptions {
+            stop_after: a.stop_after,
+            progress: true,
+        },
+    )?;
+    eprintln!(
+        "step {}/{}; last val Acc@0.5 {:.2}%, best {:.2}% at step {} ({})",
+        state.step,
+        state.total_steps,
+        report.all.acc50(),
+        state.best_acc,
+        state.best_step,
+        run.path().display()
+    );
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// Run directory.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// JSONL sets to evaluate (default: the run's val and test sets).
+    #[arg(long)]
+    pub data: Vec<PathBuf>,
+    /// Image root for --data (default: each file's folder).
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let run = RunDir::open(&a.run)?;
+    let weights = if run.file("best.safetensors").is_file() {
+        "best.safetensors"
+    } else {
+        "model.safetensors"
+    };
+    let mut loaded = train::load_run(&run, Some(weights), &candle_core::Device::Cpu)?;
+    if a.images.is_some() {
+        loaded.cfg.data.image_root = a.images.clone();
+    }
+    let sets = if a.data.is_empty() {
+        std::iter::once(loaded.cfg.data.val.clone())
+            .chain(loaded.cfg.data.test.clone())
+            .collect()
+    } else {
+        a.data.clone()
+    };
+    let reports = report::evaluate_sets(&loaded, &sets)?;
+    if a.json {
+        let v: serde_json::Map<String, serde_json::Value> = reports
+            .iter()
+            .map(|(n, r)| (n.clone(), r.summary()))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", report::table(&reports));
+    }
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PredictArgs {
+    /// Run directory.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Image file.
+    #[arg(long)]
+    pub image: PathBuf,
+    /// The referring expression.
+    #[arg(long)]
+    pub expr: String,
+    /// Where to write the picture (default: IMAGE stem + `.grounded.png` in the current folder).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn predict(a: PredictArgs) -> Result<()> {
+    let run = RunDir::open(&a.run)?;
+    let predictor = gk_train::predict::Predictor::open(&run)?;
+    let img = gk_data::image_io::load_rgb(&a.image)?;
+    let g = predictor
+        .predict(&img, &a.expr)
+        .with_context(|| format!("grounding {:?}", a.expr))?;
+    let out = a.out.unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "{}.grounded.png",
+            a.image
+                .file_stem()
+                .map(|s| s.to_string_lossy())
+                .unwrap_or_default()
+        ))
+    });
+    let caption = vec![format!("\"{}\"", a.expr)];
+    gk_train::draw::annotate(&img, g.bbox_xyxy, None, &caption, 256)
+        .save(&out)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "{}",
+        serde_json::json!({"bbox_xyxy": g.bbox_xyxy, "image": a.image, "expr": a.expr, "truncated": g.truncated, "picture": out})
+    );
+    Ok(())
+}

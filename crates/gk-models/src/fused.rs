@@ -1,0 +1,160 @@
+//! Layer norm and last-dimension softmax as CPU custom ops **with** hand-written backward.
+//!
+//! Composed from basic candle ops these are correct but their backward is slow on CPU
+//! (a layer norm over `[32, 86, 128]`: 1 ms forward, 20 ms backward, most of a training
+//! step). These kernels do one pass per row, in parallel over rows, for `f32` contiguous
+//! CPU tensors; [`crate::nn`] falls back to the composed versions on other devices.
+//! Both are checked against the composed versions, values and gradients, in the tests.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("fused op needs a contiguous tensor"),
+    }
+}
+
+fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// `(x - mean) / sqrt(var + eps) * w + b` over the last dimension.
+pub struct LayerNormOp {
+    pub eps: f32,
+}
+
+fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "gk-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let c = w.len();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(c)
+            .zip(x.par_chunks(c))
+            .for_each(|(o, row)| {
+                let (mean, rstd) = row_stats(row, self.eps);
+                for k in 0..c {
+                    o[k] = (row[k] - mean) * rstd * w[k] + b[k];
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (xs, ws, dys) = (to_vec(x)?, to_vec(w)?, to_vec(dy)?);
+        let c = ws.len();
+        let mut dx = vec![0f32; xs.len()];
+        // Rows go in fixed blocks; each block returns its dw/db partial sums, added in block
+        // order: the result does not depend on how rayon schedules the blocks (bit-exact resume).
+        const ROWS: usize = 64;
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(c * ROWS)
+            .zip(xs.par_chunks(c * ROWS).zip(dys.par_chunks(c * ROWS)))
+            .map(|(dxb, (xb, dyb))| {
+                let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
+                for (dxr, (row, dyr)) in dxb.chunks_mut(c).zip(xb.chunks(c).zip(dyb.chunks(c))) {
+                    let (mean, rstd) = row_stats(row, self.eps);
+                    let (mut m1, mut m2) = (0f32, 0f32);
+                    for k in 0..c {
+                        let xhat = (row[k] - mean) * rstd;
+                        let g = dyr[k] * ws[k];
+                        m1 += g;
+                        m2 += g * xhat;
+                        dw[k] += dyr[k] * xhat;
+                        db[k] += dyr[k];
+                    }
+                    let (m1, m2) = (m1 / c as f32, m2 / c as f32);
+                    for k in 0..c {
+                        let xhat = (row[k] - mean) * rstd;
+                        dxr[k] = rstd * (dyr[k] * ws[k] - m1 - xhat * m2);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
+        for (pw, pb) in partial {
+            for k in 0..c {
+                dw[k] += pw[k];
+                db[k] += pb[k];
+            }
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, c, dev)?),
+            Some(Tensor::from_vec(db, c, dev)?),
+        ))
+    }
+}
+
+/// Softmax over the last dimension.
+pub struct SoftmaxLastOp;
+
+impl CustomOp1 for SoftmaxLastOp {
+    fn name(&self) -> &'static str {
+        "gk-softmax-last"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let c = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(c)
+            .zip(x.par_chunks(c))
+            .for_each(|(o, row)| {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for k in 0..c {
+                    o[k] = (row[k] - m).exp();
+                    sum += o[k];
+                }
+                let inv = 1.0 / sum;
+                o.iter_mut().for_each(|v| *v *= inv);
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let (ys, dys) = (to_vec(y)?, to_vec(dy)?);
+        let c = x.dims().last().copied().unwrap_or(1).max(1);
+        let mut dx = vec![0f32; ys.len()];
+        dx.par_chunks_mut(c)
+            .zip(ys.par_chunks(c).zip(dys.par_chunks(c)))
+            .for_each(|(d, (yr, gr))| {
+                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                for k in 0..c {
+                    d[k] = yr[k] * (gr[k] - dot);
+                }
+            });
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}

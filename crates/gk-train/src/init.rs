@@ -1,0 +1,161 @@
+//! Seeded parameter initialisation.
+//!
+//! candle's CPU random generator cannot be seeded, so a `VarMap` gives different initial
+//! weights on every run. [`seeded_var_builder`] puts a backend in front of the `VarMap`
+//! that draws each new parameter from a ChaCha stream seeded by `(seed, name)`: the same
+//! seed gives the same model, whatever the construction order.
+
+use candle_core::{DType, Device, Result, Shape, Tensor, Var};
+use candle_nn::init::{Init, NormalOrUniform};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+struct Seeded {
+    map: VarMap,
+    seed: u64,
+}
+
+fn name_seed(seed: u64, name: &str) -> u64 {
+    // FNV-1a over the name, mixed with the seed
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    gk_data::batch::mix_seed(&[seed, h])
+}
+
+fn draw(init: Init, shape: &Shape, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    let n = shape.elem_count();
+    let uniform = |rng: &mut ChaCha8Rng, lo: f64, up: f64| {
+        (0..n)
+            .map(|_| rng.random_range(lo..up) as f32)
+            .collect::<Vec<_>>()
+    };
+    let normal = |rng: &mut ChaCha8Rng, mean: f64, std: f64| {
+        (0..n)
+            .map(|_| {
+                // Box-Muller
+                let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random());
+                (mean + std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos())
+                    as f32
+            })
+            .collect::<Vec<_>>()
+    };
+    match init {
+        Init::Const(c) => vec![c as f32; n],
+        Init::Uniform { lo, up } => uniform(rng, lo, up),
+        Init::Randn { mean, stdev } => normal(rng, mean, stdev),
+        Init::Kaiming {
+            dist,
+            fan,
+            non_linearity,
+        } => {
+            let std = non_linearity.gain() / (fan.for_shape(shape).max(1) as f64).sqrt();
+            match dist {
+                NormalOrUniform::Uniform => {
+                    let b = 3f64.sqrt() * std;
+                    uniform(rng, -b, b)
+                }
+                NormalOrUniform::Normal => normal(rng, 0.0, std),
+            }
+        }
+    }
+}
+
+impl SimpleBackend for Seeded {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let mut data = self
+            .map
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned var map".into()))?;
+        if let Some(v) = data.get(name) {
+            if v.shape() != &s {
+                candle_core::bail!("shape mismatch for {name}: {:?} vs {:?}", v.shape(), s);
+            }
+            return Ok(v.as_tensor().clone());
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(name_seed(self.seed, name));
+        let t = Tensor::from_vec(draw(h, &s, &mut rng), s, dev)?.to_dtype(dtype)?;
+        let var = Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        data.insert(name.to_string(), var);
+        Ok(out)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
+        let data = self
+            .map
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned var map".into()))?;
+        data.get(name)
+            .map(|v| v.as_tensor().clone())
+            .ok_or_else(|| candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            })
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.map
+            .data()
+            .lock()
+            .map(|d| d.contains_key(name))
+            .unwrap_or(false)
+    }
+}
+
+/// A `VarBuilder` that creates missing parameters in `map`, seeded by `(seed, name)`.
+pub fn seeded_var_builder(map: &VarMap, seed: u64, dev: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(
+        Box::new(Seeded {
+            map: map.clone(),
+            seed,
+        }),
+        DType::F32,
+        dev.clone(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gk_models::grounder::{Grounder, GrounderConfig};
+
+    fn build(seed: u64) -> VarMap {
+        let map = VarMap::new();
+        Grounder::new(
+            seeded_var_builder(&map, seed, &Device::Cpu),
+            &GrounderConfig::tiny(),
+        )
+        .unwrap();
+        map
+    }
+
+    #[test]
+    fn same_seed_same_weights_other_seed_other_weights() {
+        let (a, b, c) = (build(3), build(3), build(4));
+        let (a, b, c) = (
+            a.data().lock().unwrap(),
+            b.data().lock().unwrap(),
+            c.data().lock().unwrap(),
+        );
+        let name = "bbox_embed.layers.0.weight";
+        let v = |m: &std::collections::HashMap<String, Var>| {
+            m[name]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(v(&a), v(&b));
+        assert_ne!(v(&a), v(&c));
+        assert_eq!(a.len(), b.len());
+        // candle's linear asks for Kaiming-normal: std sqrt(2 / fan_in) = 0.25 for 32 -> 32
+        let w = v(&a);
+        let std = (w.iter().map(|x| x * x).sum::<f32>() / w.len() as f32).sqrt();
+        assert!((std - 0.25).abs() < 0.03, "std {std}");
+    }
+}

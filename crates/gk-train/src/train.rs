@@ -1,0 +1,478 @@
+//! The run config and the training loop (reads top to bottom, nanoGPT style).
+//!
+//! `prepare` makes a run directory from a config (tokenizer resolved and saved, text
+//! vocabulary size fixed to it); `train` runs or resumes it: every `eval_every` steps it
+//! evaluates on the validation set, keeps `best.safetensors`, and writes the last weights,
+//! optimiser moments and `trainer_state.json` atomically, so `train` on an interrupted
+//! run continues exactly where the last checkpoint left off.
+
+use crate::error::{Result, TrainError};
+use crate::eval::{evaluate, EvalReport};
+use crate::init::seeded_var_builder;
+use crate::losses::{box_losses, BoxLossConfig, LossParts};
+use crate::optim::{lr_factor, AdamW, ParamGroup, Schedule};
+use crate::run::RunDir;
+use candle_core::Device;
+use candle_nn::VarMap;
+use gk_data::batch::{Loader, LoaderConfig};
+use gk_data::dataset::{Dataset, LoadOptions};
+use gk_data::tokenize::{self, TextTokenizer};
+use gk_data::transforms::TransformConfig;
+use gk_models::grounder::{Grounder, GrounderConfig, TextConfig};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Where the data is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataConfig {
+    pub train: PathBuf,
+    pub val: PathBuf,
+    /// More sets evaluated after training (e.g. testA, testB).
+    #[serde(default)]
+    pub test: Vec<PathBuf>,
+    /// Folder the records' image paths are relative to (default: each JSONL's folder).
+    #[serde(default)]
+    pub image_root: Option<PathBuf>,
+    /// `"word-level"` (built from the training expressions) or a `tokenizer.json` path.
+    pub tokenizer: String,
+    /// Skip bad records (counted) instead of stopping.
+    #[serde(default)]
+    pub skip_bad: bool,
+    /// Train on this fraction of the training set (low-data experiments).
+    #[serde(default = "one")]
+    pub train_fraction: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// Optimisation settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OptimConfig {
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    /// Per-prefix LR scales (first match wins; unmatched parameters use 1).
+    #[serde(default)]
+    pub groups: Vec<ParamGroup>,
+    pub weight_decay: f64,
+    pub warmup_steps: usize,
+    pub schedule: Schedule,
+    /// Max global gradient norm (0 = off).
+    pub clip_grad: f64,
+    /// Evaluate and checkpoint every N steps (0 = at each epoch end).
+    #[serde(default)]
+    pub eval_every: usize,
+    pub workers: usize,
+    pub augment: TransformConfig,
+}
+
+/// Pretrained weights loaded into a fresh model before training: every tensor of `file`
+/// named `from + rest` goes to parameter `to + rest` (e.g. `vision_model.` -> `visual.`
+/// for a Hugging Face CLIP file). Strict loads fail on any missing, unexpected or wrongly
+/// shaped tensor and name them all; non-strict loads skip those and print them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PretrainedConfig {
+    pub file: PathBuf,
+    pub from: String,
+    pub to: String,
+    #[serde(default = "yes")]
+    pub strict: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Everything a run needs; saved as `config.toml` in the run directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub seed: u64,
+    pub model: GrounderConfig,
+    pub data: DataConfig,
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub loss: BoxLossConfig,
+    #[serde(default)]
+    pub pretrained: Vec<PretrainedConfig>,
+}
+
+impl RunConfig {
+    /// The demo recipe on a benchmark written by `groundkit synth` into `data`.
+    pub fn synth(data: &std::path::Path, epochs: usize) -> Self {
+        let model = GrounderConfig::synth_small();
+        Self {
+            seed: 0,
+            data: DataConfig {
+                train: data.join("train.jsonl"),
+                val: data.join("val.jsonl"),
+                test: ["testA", "testB", "heldout"]
+                    .iter()
+                    .map(|s| data.join(format!("{s}.jsonl")))
+                    .collect(),
+                image_root: None,
+                tokenizer: "word-level".into(),
+                skip_bad: false,
+                train_fraction: 1.0,
+            },
+            optim: OptimConfig {
+                batch_size: 32,
+                epochs,
+                lr: 5e-4,
+                groups: Vec::new(),
+                weight_decay: 1e-4,
+                warmup_steps: 100,
+                schedule: Schedule::Cosine { min_ratio: 0.02 },
+                clip_grad: 1.0,
+                eval_every: 0,
+                workers: 1,
+                augment: TransformConfig {
+                    side: model.image_size as u32,
+                    flip: 0.5,
+                    crop: 0.0,
+                    jitter: 0.1,
+                    min_scale: 0.8,
+                    translate: true,
+                    ..TransformConfig::default()
+                },
+            },
+            model,
+            loss: BoxLossConfig::default(),
+            pretrained: Vec::new(),
+        }
+    }
+}
+
+/// Progress of a run; `trainer_state.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimiser steps done.
+    pub step: usize,
+    pub total_steps: usize,
+    /// Best validation Acc@0.5 so far and its step.
+    pub best_acc: f64,
+    pub best_step: usize,
+    pub finished: bool,
+}
+
+/// Knobs that are not part of the experiment.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Stop (with a checkpoint) after this many steps in total: simulates an interruption.
+    pub stop_after: Option<usize>,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// Writes `config.toml` and `tokenizer.json` into a new run directory. A word-level
+/// tokenizer is built from the training expressions and the text encoder's vocabulary
+/// is sized to it.
+pub fn prepare(dir: &std::path::Path, mut cfg: RunConfig) -> Result<RunDir> {
+    let run = RunDir::create(dir)?;
+    let tok = if cfg.data.tokenizer == "word-level" {
+        let ds = Dataset::load(
+            &cfg.data.train,
+            cfg.data.image_root.as_deref(),
+            &LoadOptions {
+                skip_bad: cfg.data.skip_bad,
+                check_images: false,
+            },
+        )?;
+        tokenize::word_level(ds.records.iter().map(|r| r.expr.as_str()))?
+    } else {
+        TextTokenizer::from_file(std::path::Path::new(&cfg.data.tokenizer))?
+    };
+    let vocab = tok.vocab_size();
+    match &mut cfg.model.text {
+        TextConfig::Bert(b) if cfg.data.tokenizer == "word-level" => b.vocab_size = vocab,
+        TextConfig::Bert(b) if b.vocab_size < vocab => {
+            return Err(TrainError::Config(format!(
+                "tokenizer has {vocab} ids but the text encoder only {}",
+                b.vocab_size
+            )))
+        }
+        TextConfig::ClipText(c) if c.vocab_size < vocab => {
+            return Err(TrainError::Config(format!(
+                "tokenizer has {vocab} ids but the text encoder only {}",
+                c.vocab_size
+            )))
+        }
+        _ => {}
+    }
+    tok.inner()
+        .save(run.file("tokenizer.json"), false)
+        .map_err(|e| TrainError::Format {
+            path: run.file("tokenizer.json"),
+            msg: e.to_string(),
+        })?;
+    run.save_config(&cfg)?;
+    Ok(run)
+}
+
+/// A model and its tokenizer, loaded from a run directory.
+pub struct Loaded {
+    pub cfg: RunConfig,
+    pub model: Grounder,
+    pub map: VarMap,
+    pub tok: TextTokenizer,
+}
+
+/// Builds the run's model; loads `weights` (e.g. `best.safetensors`) if given.
+pub fn load_run(run: &RunDir, weights: Option<&str>, dev: &Device) -> Result<Loaded> {
+    let cfg: RunConfig = run.load_config()?;
+    let tok = TextTokenizer::from_file(&run.file("tokenizer.json"))?;
+    let map = VarMap::new();
+    let model = Grounder::new(seeded_var_builder(&map, cfg.seed, dev), &cfg.model)?;
+    if let Some(w) = weights {
+        run.load_weights(&map, w)?;
+    }
+    Ok(Loaded {
+        cfg,
+        model,
+        map,
+        tok,
+    })
+}
+
+/// An eval loader (no augmentation, fixed order).
+pub fn eval_loader(cfg: &RunConfig, ds: Dataset, tok: &TextTokenizer) -> Loader {
+    Loader::new(
+        Arc::new(ds),
+        Arc::new(tok.clone()),
+        LoaderConfig {
+            batch_size: cfg.optim.batch_size.max(16),
+            shuffle: false,
+            drop_last: false,
+            workers: cfg.optim.workers,
+            seed: cfg.seed,
+            train: false,
+            transform: TransformConfig {
+                side: cfg.model.image_size as u32,
+                ..cfg.optim.augment.clone()
+            },
+            max_text_len: cfg.model.max_text_len,
+        },
+    )
+}
+
+/// Loads a JSONL set with the run's data options.
+pub fn load_set(cfg: &RunConfig, path: &std::path::Path) -> Result<Dataset> {
+    Ok(Dataset::load(
+        path,
+        cfg.data.image_root.as_deref(),
+        &LoadOptions {
+            skip_bad: cfg.data.skip_bad,
+            check_images: cfg.data.skip_bad,
+        },
+    )?)
+}
+
+/// The criterion: named loss parts of one batch.
+pub fn criterion(
+    cfg: &RunConfig,
+    out: &gk_models::grounder::GrounderOutput,
+    target: &candle_core::Tensor,
+) -> Result<LossParts> {
+    let mut parts = LossParts::new();
+    box_losses(&out.pred_box, target, &cfg.loss, &mut parts)?;
+    Ok(parts)
+}
+
+fn progress_bar(total: usize, done: usize, show: bool) -> indicatif::ProgressBar {
+    let pb = if show {
+        indicatif::ProgressBar::new(total as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}<{eta_precise}] {bar:30} {pos}/{len} steps  {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb.set_position(done as u64);
+    pb
+}
+
+/// Trains (or resumes) the run in `run`. Returns the final state and the last validation report.
+pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalReport)> {
+    let dev = Device::Cpu;
+    let Loaded {
+        cfg,
+        model,
+        map,
+        tok,
+    } = load_run(run, None, &dev)?;
+
+    // data
+    let mut train_ds = load_set(&cfg, &cfg.data.train)?;
+    if cfg.data.train_fraction < 1.0 {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
+        train_ds.records.shuffle(&mut rng);
+        let keep = ((train_ds.len() as f64 * cfg.data.train_fraction).ceil() as usize)
+            .max(cfg.optim.batch_size);
+        train_ds.records.truncate(keep);
+    }
+    let train_loader = Loader::new(
+        Arc::new(train_ds),
+        Arc::new(tok.clone()),
+        LoaderConfig {
+            batch_size: cfg.optim.batch_size,
+            shuffle: true,
+            drop_last: true,
+            workers: cfg.optim.workers,
+            seed: cfg.seed,
+            train: true,
+            transform: TransformConfig {
+                side: cfg.model.image_size as u32,
+                ..cfg.optim.augment.clone()
+            },
+            max_text_len: cfg.model.max_text_len,
+        },
+    );
+    let val_loader = eval_loader(&cfg, load_set(&cfg, &cfg.data.val)?, &tok);
+    let per_epoch = train_loader.batches_per_epoch();
+    if per_epoch == 0 {
+        return Err(TrainError::Config(format!(
+            "training set smaller than one batch of {}",
+            cfg.optim.batch_size
+        )));
+    }
+    let total = per_epoch * cfg.optim.epochs;
+    let eval_every = if cfg.optim.eval_every == 0 {
+        per_epoch
+    } else {
+        cfg.optim.eval_every
+    };
+
+    // optimiser and state (resume if a checkpoint exists)
+    let mut opt = AdamW::new(&map, &cfg.optim.groups, cfg.optim.weight_decay)?;
+    let mut state = TrainerState {
+        total_steps: total,
+        ..TrainerState::default()
+    };
+    if run.file("trainer_state.json").is_file() {
+        state = run.load_json("trainer_state.json")?;
+        run.load_weights(&map, "model.safetensors")?;
+        opt.load(&run.file("optim.safetensors"), state.step)?;
+    } else {
+        for p in &cfg.pretrained {
+            let report = crate::weights::load_prefixed(
+                &map,
+                &p.file,
+                &[(p.from.as_str(), p.to.as_str())],
+                p.strict,
+            )?;
+            if opts.progress || !report.is_clean() {
+                eprintln!("{}: {report}", p.file.display());
+            }
+        }
+    }
+    let mut last_report = EvalReport::default();
+    if state.finished {
+        return Ok((state, last_report));
+    }
+
+    let pb = progress_bar(total, state.step, opts.progress);
+    let mut window = (0usize, Instant::now());
+    while state.step < total {
+        let epoch = state.step / per_epoch;
+        for batch in train_loader.epoch_from(epoch as u64, state.step % per_epoch) {
+            let batch = batch?;
+            // forward, loss, backward, clip, step
+            let out = model.forward(
+                &batch.pixels,
+                &batch.pixel_mask,
+                &batch.ids,
+                &batch.text_mask,
+                true,
+            )?;
+            if !out.pred_box.sum_all()?.to_scalar::<f32>()?.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step: state.step,
+                    parts: "the predicted boxes hold NaN or inf".into(),
+                });
+            }
+            let parts = criterion(&cfg, &out, &batch.target)?;
+            let loss = parts.total()?;
+            let loss_v = loss.to_scalar::<f32>()?;
+            let values = parts.values()?;
+            if !loss_v.is_finite() {
+                let parts = values
+                    .iter()
+                    .map(|(n, v)| format!("{n}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(TrainError::NonFinite {
+                    step: state.step,
+                    parts,
+                });
+            }
+            let mut grads = loss.backward()?;
+            let grad_norm = opt.clip_grad_norm(&mut grads, cfg.optim.clip_grad)?;
+            let lr = cfg.optim.lr
+                * lr_factor(
+                    cfg.optim.schedule,
+                    state.step,
+                    total,
+                    cfg.optim.warmup_steps,
+                );
+            opt.step(&grads, lr)?;
+            state.step += 1;
+
+            // logging
+            window.0 += batch.len();
+            let secs = window.1.elapsed().as_secs_f64();
+            let mut log = serde_json::json!({"event": "train", "step": state.step, "epoch": epoch, "loss": loss_v, "lr": lr, "grad_norm": grad_norm});
+            for (n, v) in &values {
+                log[n.as_str()] = serde_json::json!(v);
+            }
+            if state.step % 10 == 0 || state.step == total {
+                log["samples_per_s"] = serde_json::json!(window.0 as f64 / secs.max(1e-9));
+                run.log_metrics(&log)?;
+                window = (0, Instant::now());
+            }
+            let msg = values
+                .iter()
+                .map(|(n, v)| format!("{n} {v:.3}"))
+                .collect::<Vec<_>>()
+                .join("  ");
+            pb.set_message(format!(
+                "loss {loss_v:.3} ({msg})  {:.0} samples/s  best {:.1}%",
+                window.0 as f64 / secs.max(1e-9),
+                state.best_acc
+            ));
+            pb.set_position(state.step as u64);
+
+            // evaluation and checkpoints
+            let stop = opts.stop_after.is_some_and(|s| state.step >= s);
+            if state.step % eval_every == 0 || state.step == total {
+                last_report = evaluate(&model, &val_loader, |_| {})?;
+                let acc = last_report.all.acc50();
+                run.log_metrics(&serde_json::json!({"event": "eval", "step": state.step, "epoch": epoch, "val": last_report.summary()}))?;
+                if acc > state.best_acc || state.best_step == 0 {
+                    state.best_acc = acc;
+                    state.best_step = state.step;
+                    run.save_weights(&map, "best.safetensors")?;
+                }
+            }
+            if stop || state.step % eval_every == 0 || state.step == total {
+                state.finished = state.step == total;
+                run.save_weights(&map, "model.safetensors")?;
+                opt.save(&run.file("optim.safetensors"))?;
+                run.save_json("trainer_state.json", &state)?;
+            }
+            if stop {
+                pb.finish_and_clear();
+                return Ok((state, last_report));
+            }
+        }
+    }
+    pb.finish_and_clear();
+    Ok((state, last_report))
+}

@@ -1,0 +1,143 @@
+//! The training pipeline end to end on the tiny benchmark: the loss falls, an interrupted
+//! and resumed run ends with exactly the weights of an uninterrupted one, and evaluation
+//! and prediction read what training wrote.
+
+use candle_core::Device;
+use gk_data::synth::{generate, SynthConfig};
+use gk_models::grounder::GrounderConfig;
+use gk_train::run::RunDir;
+use gk_train::train::{self, RunConfig, TrainOptions};
+use std::path::Path;
+
+fn tiny_config(data: &Path) -> RunConfig {
+    let mut cfg = RunConfig::synth(data, 2);
+    let mut model = GrounderConfig::tiny();
+    model.image_size = 64;
+    let gk_models::grounder::VisualConfig::ClipVit(v) = &mut model.visual;
+    {
+        v.patch_size = 16;
+        v.image_size = 64;
+    }
+    if let gk_models::grounder::TextConfig::Bert(b) = &mut model.text {
+        b.max_position_embeddings = 20;
+    }
+    model.max_text_len = 20;
+    cfg.model = model;
+    cfg.optim.batch_size = 8;
+    cfg.optim.warmup_steps = 2;
+    cfg.optim.eval_every = 3;
+    cfg.optim.augment.side = 64;
+    cfg.optim.lr = 1e-3;
+    cfg
+}
+
+fn weights(run: &RunDir) -> Vec<(String, Vec<f32>)> {
+    let t =
+        gk_train::weights::read_safetensors(&run.file("model.safetensors"), &Device::Cpu).unwrap();
+    let mut v: Vec<_> = t
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn train_resume_eval_predict() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    generate(&SynthConfig::tiny(), &data, &mut |_, _| {}).unwrap();
+    let cfg = tiny_config(&data);
+
+    // uninterrupted
+    let a = train::prepare(&dir.path().join("a"), cfg.clone()).unwrap();
+    let (state_a, report) = train::train(&a, &TrainOptions::default()).unwrap();
+    assert!(
+        state_a.finished && state_a.step == state_a.total_steps && state_a.step >= 6,
+        "{state_a:?}"
+    );
+    assert!(report.all.n > 0);
+
+    // interrupted after 4 steps (not an eval step), then resumed
+    let b = train::prepare(&dir.path().join("b"), cfg.clone()).unwrap();
+    let (state_b, _) = train::train(
+        &b,
+        &TrainOptions {
+            stop_after: Some(4),
+            progress: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(state_b.step, 4);
+    assert!(!state_b.finished);
+    let (state_b, _) =
+        train::train(&RunDir::open(b.path()).unwrap(), &TrainOptions::default()).unwrap();
+    assert_eq!(state_b.step, state_a.step);
+    assert_eq!(
+        weights(&a),
+        weights(&b),
+        "resumed run differs from the uninterrupted one"
+    );
+
+    // the loss went down over training (metrics.jsonl has a train line every 10 steps or at the end)
+    let losses: Vec<f64> = std::fs::read_to_string(a.file("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "train")
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect();
+    assert!(!losses.is_empty());
+
+    // prediction reads the run
+    let p = gk_train::predict::Predictor::open(&a).unwrap();
+    let img = image::RgbImage::new(100, 60);
+    let g = p.predict(&img, "the red circle").unwrap();
+    assert!(g.bbox_xyxy[2] <= 100.0 && g.bbox_xyxy[3] <= 60.0 && g.bbox_xyxy[0] >= 0.0);
+    assert!(p.predict(&img, "   ").is_err());
+}
+
+#[test]
+fn loss_falls_on_a_fixed_batch() {
+    // llm.c-style: a few steps on fixed data must reduce the loss clearly.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    generate(&SynthConfig::tiny(), &data, &mut |_, _| {}).unwrap();
+    let mut cfg = tiny_config(&data);
+    cfg.optim.epochs = 6;
+    cfg.optim.augment = gk_data::transforms::TransformConfig::eval(64);
+    cfg.optim.eval_every = 1000;
+    let run = train::prepare(&dir.path().join("r"), cfg).unwrap();
+    train::train(&run, &TrainOptions::default()).unwrap();
+    let v: Vec<serde_json::Value> = std::fs::read_to_string(run.file("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let train: Vec<f64> = v
+        .iter()
+        .filter(|v| v["event"] == "train")
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect();
+    assert!(train.len() >= 2, "{train:?}");
+    assert!(
+        train.last().unwrap() < &(train[0] * 0.8),
+        "loss did not fall: {train:?}"
+    );
+}
+
+#[test]
+fn non_finite_loss_stops_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    generate(&SynthConfig::tiny(), &data, &mut |_, _| {}).unwrap();
+    let mut cfg = tiny_config(&data);
+    cfg.optim.lr = 1e30; // blows up after the first step
+    cfg.optim.warmup_steps = 0;
+    cfg.optim.clip_grad = 0.0;
+    let run = train::prepare(&dir.path().join("r"), cfg).unwrap();
+    let e = train::train(&run, &TrainOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("non-finite loss"), "{e}");
+}
