@@ -13,7 +13,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "demo-run")]
     pub out: PathBuf,
     /// Training epochs over the demo's training split.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 4)]
     pub epochs: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

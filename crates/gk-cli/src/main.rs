@@ -8,6 +8,7 @@ mod embed;
 mod report;
 
 use clap::{Parser, Subcommand};
+
 use std::process::ExitCode;
 
 /// Visual grounding toolkit: an image and an expression in, the box of the object out.

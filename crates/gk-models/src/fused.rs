@@ -158,3 +158,44 @@ impl CustomOp1 for SoftmaxLastOp {
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
+
+/// `x * sigmoid(1.702 x)` (OpenAI CLIP's QuickGELU) in one pass, with its derivative
+/// `s + 1.702 x s (1 - s)` in the backward.
+pub struct QuickGeluOp;
+
+fn quick_sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-1.702 * x).exp())
+}
+
+impl CustomOp1 for QuickGeluOp {
+    fn name(&self) -> &'static str {
+        "gk-quick-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096))
+            .for_each(|(o, xs)| {
+                for (o, &v) in o.iter_mut().zip(xs) {
+                    *o = v * quick_sigmoid(v);
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let (xs, dys) = (to_vec(x)?, to_vec(dy)?);
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut(4096)
+            .zip(xs.par_chunks(4096).zip(dys.par_chunks(4096)))
+            .for_each(|(d, (xr, gr))| {
+                for k in 0..d.len() {
+                    let s = quick_sigmoid(xr[k]);
+                    d[k] = gr[k] * (s + 1.702 * xr[k] * s * (1.0 - s));
+                }
+            });
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}

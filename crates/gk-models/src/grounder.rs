@@ -44,6 +44,20 @@ pub struct FusionConfig {
     pub pre_norm: bool,
 }
 
+/// How the box is read out of the fused tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BoxHead {
+    /// TransVG: an MLP on the [REG] token, sigmoid -> cxcywh.
+    #[default]
+    RegMlp,
+    /// Ours, for models trained from scratch: the [REG] token attends over the fused patch
+    /// tokens; the centre is the attention-weighted mean of the patch centres plus an offset
+    /// of at most one patch, width and height come from the MLP. Gives the box a spatial
+    /// prior, and a heat map (`GrounderOutput::token_probs`) to look at.
+    TokenAttention,
+}
+
 /// A whole grounder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GrounderConfig {
@@ -54,6 +68,8 @@ pub struct GrounderConfig {
     pub image_size: usize,
     /// Text length including the special tokens.
     pub max_text_len: usize,
+    #[serde(default)]
+    pub head: BoxHead,
 }
 
 impl GrounderConfig {
@@ -73,6 +89,7 @@ impl GrounderConfig {
             },
             image_size: 224,
             max_text_len: 77,
+            head: BoxHead::RegMlp,
         }
     }
 
@@ -94,6 +111,7 @@ impl GrounderConfig {
             },
             image_size: 32,
             max_text_len: 12,
+            head: BoxHead::RegMlp,
         }
     }
 
@@ -130,6 +148,7 @@ impl GrounderConfig {
             },
             image_size: 128,
             max_text_len: 20,
+            head: BoxHead::RegMlp,
         }
     }
 
@@ -402,6 +421,8 @@ pub struct GrounderOutput {
     pub visual_tokens: Tensor,
     /// `[B, L, d]` fused text tokens.
     pub text_tokens: Tensor,
+    /// `[B, gh * gw]` attention of the box head over the patches (`BoxHead::TokenAttention`).
+    pub token_probs: Option<Tensor>,
     /// Backbone outputs before fusion (distillation and region losses read these).
     pub visual: VisualFeatures,
     pub text: TextFeatures,
@@ -420,6 +441,8 @@ pub struct Grounder {
     layers: Vec<FusionLayer>,
     final_norm: Option<LayerNorm>,
     bbox_embed: Mlp,
+    /// `BoxHead::TokenAttention`: query and key projections.
+    token_attn: Option<(Linear, Linear)>,
     cfg: GrounderConfig,
 }
 
@@ -471,6 +494,13 @@ impl Grounder {
                 None
             },
             bbox_embed: Mlp::new(vb.pp("bbox_embed"), &[d, d, d, 4])?,
+            token_attn: match cfg.head {
+                BoxHead::RegMlp => None,
+                BoxHead::TokenAttention => Some((
+                    candle_nn::linear(d, d, vb.pp("token_attn.q"))?,
+                    candle_nn::linear(d, d, vb.pp("token_attn.k"))?,
+                )),
+            },
             cfg: cfg.clone(),
         })
     }
@@ -523,12 +553,46 @@ impl Grounder {
             x = norm.forward(&x)?;
         }
         let reg = x.i((.., 0))?; // [B, d]
-        let pred_box = nn::sigmoid(&self.bbox_embed.forward(&reg)?)?;
+        let visual_tokens = x.narrow(D::Minus2, 1 + l, n)?;
+        let (pred_box, token_probs) = match &self.token_attn {
+            None => (nn::sigmoid(&self.bbox_embed.forward(&reg)?)?, None),
+            Some((q, k)) => {
+                let (gh, gw) = visual.grid;
+                let patches = visual_tokens.narrow(1, n - gh * gw, gh * gw)?; // [B, N', d] (no CLS)
+                let scores = k
+                    .forward(&patches)?
+                    .matmul(&q.forward(&reg)?.unsqueeze(2)?)?
+                    .squeeze(2)?; // [B, N']
+                let pad = nn::key_padding_bias(
+                    &visual.mask.narrow(1, n - gh * gw, gh * gw)?,
+                    scores.dtype(),
+                )?
+                .flatten_from(1)?;
+                let scores = ((scores / (d as f64).sqrt())? + pad)?;
+                let probs = nn::softmax(&scores)?;
+                let centres: Vec<f32> = (0..gh * gw)
+                    .flat_map(|i| {
+                        [
+                            ((i % gw) as f32 + 0.5) / gw as f32,
+                            ((i / gw) as f32 + 0.5) / gh as f32,
+                        ]
+                    })
+                    .collect();
+                let centres = Tensor::from_vec(centres, (gh * gw, 2), x.device())?;
+                let centre = probs.matmul(&centres)?; // [B, 2]
+                let raw = self.bbox_embed.forward(&reg)?; // [B, 4]
+                let step = Tensor::new(&[1.0 / gw as f32, 1.0 / gh as f32], x.device())?;
+                let offset = raw.narrow(1, 0, 2)?.tanh()?.broadcast_mul(&step)?;
+                let wh = nn::sigmoid(&raw.narrow(1, 2, 2)?)?;
+                (Tensor::cat(&[(centre + offset)?, wh], 1)?, Some(probs))
+            }
+        };
         Ok(GrounderOutput {
             pred_box,
+            token_probs,
             reg,
             text_tokens: x.narrow(D::Minus2, 1, l)?,
-            visual_tokens: x.narrow(D::Minus2, 1 + l, n)?,
+            visual_tokens,
             visual,
             text,
         })
@@ -544,10 +608,24 @@ mod tests {
     #[test]
     fn tiny_grounder_shapes_and_all_parameters_get_gradients() -> Result<()> {
         let dev = Device::Cpu;
-        let map = VarMap::new();
-        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
-        let cfg = GrounderConfig::tiny();
-        let g = Grounder::new(vb, &cfg)?;
+        for head in [BoxHead::RegMlp, BoxHead::TokenAttention] {
+            let map = VarMap::new();
+            let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+            check_gradients(
+                &map,
+                vb,
+                &GrounderConfig {
+                    head,
+                    ..GrounderConfig::tiny()
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn check_gradients(map: &VarMap, vb: VarBuilder, cfg: &GrounderConfig) -> Result<()> {
+        let dev = Device::Cpu;
+        let g = Grounder::new(vb, cfg)?;
         let b = 2;
         let s = cfg.image_size;
         let pixels = Tensor::randn(0f32, 1.0, (b, 3, s, s), &dev)?;

@@ -93,6 +93,9 @@ pub enum Activation {
 impl Module for Activation {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Activation::QuickGelu if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                x.contiguous()?.apply_op1(crate::fused::QuickGeluOp)
+            }
             Activation::QuickGelu => x * sigmoid(&(x * 1.702)?)?,
             Activation::Gelu => x.gelu_erf(),
             Activation::GeluNew => x.gelu(),
@@ -144,7 +147,7 @@ pub fn attention(
     };
     let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
     let scale = 1.0 / (hd as f64).sqrt();
-    let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?; // [B, H, Lq, Lk]
+    let mut scores = (q.matmul(&k.t()?)? * scale)?; // [B, H, Lq, Lk]
     if let Some(bias) = bias {
         scores = scores.broadcast_add(bias)?;
     }
@@ -205,6 +208,12 @@ mod tests {
             let e = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap())?;
             assert!(e < 1e-4, "layer norm gradient differs by {e}");
         }
+        let qf = Activation::QuickGelu.forward(x.as_tensor())?;
+        let qc = (x.as_tensor() * sigmoid(&(x.as_tensor() * 1.702)?)?)?;
+        assert!(max_diff(&qf, &qc)? < 1e-5);
+        let gf = (&qf * &up)?.sum_all()?.backward()?;
+        let gc = (&qc * &up)?.sum_all()?.backward()?;
+        assert!(max_diff(gf.get(&x).unwrap(), gc.get(&x).unwrap())? < 1e-5);
         let sf = softmax(x.as_tensor())?;
         let sc = candle_nn::ops::softmax(x.as_tensor(), D::Minus1)?;
         assert!(max_diff(&sf, &sc)? < 1e-6);

@@ -100,6 +100,9 @@ pub struct RunConfig {
     pub loss: BoxLossConfig,
     #[serde(default)]
     pub pretrained: Vec<PretrainedConfig>,
+    /// Start the position tables from sine-cosine codes (see `init::sincos_positions`).
+    #[serde(default)]
+    pub sincos_positions: bool,
 }
 
 impl RunConfig {
@@ -121,12 +124,12 @@ impl RunConfig {
                 train_fraction: 1.0,
             },
             optim: OptimConfig {
-                batch_size: 32,
+                batch_size: 16,
                 epochs,
-                lr: 5e-4,
+                lr: 1e-3,
                 groups: Vec::new(),
                 weight_decay: 1e-4,
-                warmup_steps: 100,
+                warmup_steps: 200,
                 schedule: Schedule::Cosine { min_ratio: 0.02 },
                 clip_grad: 1.0,
                 eval_every: 0,
@@ -136,14 +139,15 @@ impl RunConfig {
                     flip: 0.5,
                     crop: 0.0,
                     jitter: 0.1,
-                    min_scale: 0.8,
-                    translate: true,
+                    min_scale: 1.0,
+                    translate: false,
                     ..TransformConfig::default()
                 },
             },
             model,
             loss: BoxLossConfig::default(),
             pretrained: Vec::new(),
+            sincos_positions: true,
         }
     }
 }
@@ -361,6 +365,9 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
         run.load_weights(&map, "model.safetensors")?;
         opt.load(&run.file("optim.safetensors"), state.step)?;
     } else {
+        if cfg.sincos_positions {
+            crate::init::sincos_positions(&map, &cfg.model)?;
+        }
         for p in &cfg.pretrained {
             let report = crate::weights::load_prefixed(
                 &map,

@@ -1,0 +1,266 @@
+//! The real `groundkit` binary in temp folders: success paths print what they promise,
+//! bad input exits non-zero with a message naming the culprit, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn groundkit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_groundkit"))
+        .args(args)
+        .output()
+        .expect("run groundkit")
+}
+
+fn fixture(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(p)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_clean_failure(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "expected exit 1, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert!(
+        err.contains(needle),
+        "stderr does not mention {needle:?}: {err}"
+    );
+}
+
+/// A Hugging Face-style CLIP folder: the tiny random CLIP fixture plus a word-level
+/// tokenizer whose ids fit its 1000-token vocabulary (998/999 = start/end of text).
+fn clip_dir(dir: &Path) -> PathBuf {
+    let d = dir.join("clip");
+    std::fs::create_dir_all(&d).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture(&format!("clip_tiny/{f}")), d.join(f)).unwrap();
+    }
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": {"type": "Lowercase"}, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "unk_token": "<unk>", "vocab": {
+            "<unk>": 3, "a": 10, "red": 11, "circle": 12, "on": 13, "the": 14, "left": 15,
+            "<|startoftext|>": 998, "<|endoftext|>": 999}}
+    });
+    std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
+    d
+}
+
+fn png(dir: &Path) -> PathBuf {
+    let p = dir.join("img.png");
+    image::RgbImage::from_fn(50, 40, |x, y| {
+        image::Rgb([(x * 5) as u8, (y * 6) as u8, 90])
+    })
+    .save(&p)
+    .unwrap();
+    p
+}
+
+#[test]
+fn help_is_useful() {
+    let o = groundkit(&["--help"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    for cmd in [
+        "demo", "synth", "train", "eval", "predict", "embed", "bench",
+    ] {
+        assert!(out.contains(cmd), "--help lacks {cmd}: {out}");
+    }
+    let o = groundkit(&["embed", "--help"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("--model"));
+}
+
+#[test]
+fn embed_prints_normalised_embeddings_and_cosine() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, img) = (clip_dir(dir.path()), png(dir.path()));
+    let o = groundkit(&[
+        "embed",
+        "--model",
+        m.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--text",
+        "a red circle on the left",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let norm = |k: &str| {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap().powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    assert_eq!(v["image_embedding"].as_array().unwrap().len(), 24);
+    assert!(
+        (norm("image_embedding") - 1.0).abs() < 1e-4 && (norm("text_embedding") - 1.0).abs() < 1e-4
+    );
+    assert!(v["cosine"].as_f64().unwrap().abs() <= 1.0 + 1e-5);
+}
+
+#[test]
+fn embed_bad_inputs_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, img) = (clip_dir(dir.path()), png(dir.path()));
+    let (m, img) = (m.to_str().unwrap(), img.to_str().unwrap());
+    // not an image
+    let fake = dir.path().join("fake.jpg");
+    std::fs::write(&fake, b"hello").unwrap();
+    assert_clean_failure(
+        &groundkit(&[
+            "embed",
+            "--model",
+            m,
+            "--image",
+            fake.to_str().unwrap(),
+            "--text",
+            "x",
+        ]),
+        "fake.jpg",
+    );
+    // empty text
+    assert_clean_failure(
+        &groundkit(&["embed", "--model", m, "--image", img, "--text", "  "]),
+        "empty",
+    );
+    // missing folder
+    assert_clean_failure(
+        &groundkit(&[
+            "embed",
+            "--model",
+            "/nonexistent/clip",
+            "--image",
+            img,
+            "--text",
+            "x",
+        ]),
+        "/nonexistent/clip",
+    );
+    // weights that do not fit the config: name the tensor
+    let cfg = std::path::Path::new(m).join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["projection_dim"] = 16.into();
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    assert_clean_failure(
+        &groundkit(&["embed", "--model", m, "--image", img, "--text", "x"]),
+        "visual_projection",
+    );
+    // a truncated weight file
+    let w = std::path::Path::new(m).join("model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    assert_clean_failure(
+        &groundkit(&["embed", "--model", m, "--image", img, "--text", "x"]),
+        "model.safetensors",
+    );
+}
+
+#[test]
+fn synth_train_eval_predict_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let o = groundkit(&["synth", "--out", data.to_str().unwrap(), "--preset", "tiny"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(data.join("train.jsonl").is_file() && data.join("meta.json").is_file());
+    // a config file written by hand from the tiny model
+    let cfg = dir.path().join("cfg.toml");
+    let run = dir.path().join("run");
+    let mut rc = gk_train::train::RunConfig::synth(&data, 1);
+    rc.model = gk_models::grounder::GrounderConfig::tiny();
+    rc.model.image_size = 64;
+    rc.model.max_text_len = 16;
+    let gk_models::grounder::VisualConfig::ClipVit(v) = &mut rc.model.visual;
+    v.patch_size = 16;
+    v.image_size = 64;
+    rc.optim.batch_size = 8;
+    std::fs::write(&cfg, toml::to_string(&rc).unwrap()).unwrap();
+    let o = groundkit(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(run.join("best.safetensors").is_file());
+    // a second train into the same folder is refused, resume of a finished run is a no-op
+    assert_clean_failure(
+        &groundkit(&[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+        ]),
+        "--resume",
+    );
+    assert!(groundkit(&["train", "--resume", run.to_str().unwrap()])
+        .status
+        .success());
+    let o = groundkit(&["eval", "--run", run.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["val"]["all"]["n"].as_u64().unwrap() > 0 && v.get("testB").is_some());
+    let img = data
+        .join("images/val")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let pic = dir.path().join("p.png");
+    let o = groundkit(&[
+        "predict",
+        "--run",
+        run.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--expr",
+        "the red circle",
+        "--out",
+        pic.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["bbox_xyxy"].as_array().unwrap().len(), 4);
+    assert!(pic.is_file());
+    // bad input to predict and eval
+    assert_clean_failure(
+        &groundkit(&[
+            "predict",
+            "--run",
+            run.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+            "--expr",
+            "",
+        ]),
+        "empty",
+    );
+    assert_clean_failure(
+        &groundkit(&["eval", "--run", dir.path().to_str().unwrap()]),
+        "config.toml",
+    );
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"id\":1}\n").unwrap();
+    assert_clean_failure(
+        &groundkit(&[
+            "eval",
+            "--run",
+            run.to_str().unwrap(),
+            "--data",
+            bad.to_str().unwrap(),
+        ]),
+        "bad.jsonl:1",
+    );
+}
