@@ -194,7 +194,11 @@ fn nice_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
 
 fn fmt_tick(v: f64) -> String {
     if v.abs() >= 1000.0 {
-        format!("{:.2}", v / 1000.0).trim_end_matches('0').trim_end_matches('.').to_string() + "k"
+        format!("{:.2}", v / 1000.0)
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
+            + "k"
     } else if v.fract().abs() < 1e-9 {
         format!("{v:.0}")
     } else {

@@ -243,18 +243,23 @@ pub fn load_run(run: &RunDir, weights: Option<&str>, dev: &Device) -> Result<Loa
     })
 }
 
-/// An eval loader (no augmentation, fixed order).
-pub fn eval_loader(cfg: &RunConfig, ds: Dataset, tok: &TextTokenizer) -> Loader {
+/// A loader over `ds` with the run's settings: training (shuffled, augmented, whole
+/// batches only) or evaluation (fixed order, eval transform, every sample).
+pub fn make_loader(cfg: &RunConfig, ds: Dataset, tok: &TextTokenizer, train: bool) -> Loader {
     Loader::new(
         Arc::new(ds),
         Arc::new(tok.clone()),
         LoaderConfig {
-            batch_size: cfg.optim.batch_size.max(16),
-            shuffle: false,
-            drop_last: false,
+            batch_size: if train {
+                cfg.optim.batch_size
+            } else {
+                cfg.optim.batch_size.max(16)
+            },
+            shuffle: train,
+            drop_last: train,
             workers: cfg.optim.workers,
             seed: cfg.seed,
-            train: false,
+            train,
             transform: TransformConfig {
                 side: cfg.model.image_size as u32,
                 ..cfg.optim.augment.clone()
@@ -262,6 +267,11 @@ pub fn eval_loader(cfg: &RunConfig, ds: Dataset, tok: &TextTokenizer) -> Loader 
             max_text_len: cfg.model.max_text_len,
         },
     )
+}
+
+/// An eval loader (no augmentation, fixed order).
+pub fn eval_loader(cfg: &RunConfig, ds: Dataset, tok: &TextTokenizer) -> Loader {
+    make_loader(cfg, ds, tok, false)
 }
 
 /// Loads a JSONL set with the run's data options.
@@ -322,23 +332,7 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
             .max(cfg.optim.batch_size);
         train_ds.records.truncate(keep);
     }
-    let train_loader = Loader::new(
-        Arc::new(train_ds),
-        Arc::new(tok.clone()),
-        LoaderConfig {
-            batch_size: cfg.optim.batch_size,
-            shuffle: true,
-            drop_last: true,
-            workers: cfg.optim.workers,
-            seed: cfg.seed,
-            train: true,
-            transform: TransformConfig {
-                side: cfg.model.image_size as u32,
-                ..cfg.optim.augment.clone()
-            },
-            max_text_len: cfg.model.max_text_len,
-        },
-    );
+    let train_loader = make_loader(&cfg, train_ds, &tok, true);
     let val_loader = eval_loader(&cfg, load_set(&cfg, &cfg.data.val)?, &tok);
     let per_epoch = train_loader.batches_per_epoch();
     if per_epoch == 0 {
