@@ -141,3 +141,14 @@ fn non_finite_loss_stops_with_a_clear_error() {
         .to_string();
     assert!(e.contains("non-finite loss"), "{e}");
 }
+
+#[test]
+fn committed_configs_parse() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let p = entry.unwrap().path();
+        let cfg: RunConfig = toml::from_str(&std::fs::read_to_string(&p).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(cfg.optim.epochs > 0, "{}", p.display());
+    }
+}
