@@ -340,11 +340,11 @@ fn place_objects(
             let (colour, shape) = match forced.filter(|_| i == 0) {
                 Some(c) => c,
                 None => (
-                    *Colour::ALL.choose(rng).unwrap(),
-                    *Shape::ALL.choose(rng).unwrap(),
+                    *Colour::ALL.choose(rng).expect("non-empty constant list"),
+                    *Shape::ALL.choose(rng).expect("non-empty constant list"),
                 ),
             };
-            let size = *Size::ALL.choose(rng).unwrap();
+            let size = *Size::ALL.choose(rng).expect("non-empty constant list");
             let texture = Texture::ALL[usize::from(rng.random_bool(0.25))]; // 25% striped
             let base = if size == Size::Large { 0.115 } else { 0.06 };
             let r = base * s * rng.random_range(0.92..1.08f32);
