@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Side-by-side CPU forward timings: groundkit (Rust, candle) vs the PyTorch twins in
-# bench_torch.py, on random weights.
+# Side-by-side CPU timings: groundkit (Rust, candle) vs the PyTorch twins, on random
+# weights: forwards of CLIP-B/16 and its grounder (bench_torch.py), and the demo grounder's
+# forward and training step (synth_twin.py).
 #
-#     bash tools/reference/bench_compare.sh [THREADS=2]
+#     bash tools/reference/bench_compare.sh [THREADS=2] [MODELS=all]
+#
+# MODELS: comma-separated subset of clip-b16-vision,grounder-clip-b16,synth-small,synth-small-train.
 #
 # Builds only `cargo build --release -p gk-cli`, then for each model x batch runs
 #     RAYON_NUM_THREADS=$THREADS target/release/groundkit bench --models M --batch B --iters 5
@@ -22,7 +25,7 @@ cd "$ROOT"
 
 PY="$ROOT/.venv-ref/bin/python"
 BIN="$ROOT/target/release/groundkit"
-MODELS=(clip-b16-vision grounder-clip-b16)
+IFS=, read -r -a MODELS <<<"${2:-clip-b16-vision,grounder-clip-b16,synth-small,synth-small-train}"
 BATCHES=(1 8)
 ITERS=5
 
@@ -75,12 +78,18 @@ print(lines[0] if lines else "at::get_num_threads() : %d (parallel_info has no s
 
 ROWS=()
 for m in "${MODELS[@]}"; do
-    for b in "${BATCHES[@]}"; do
+    batches=("${BATCHES[@]}")
+    twin=(tools/reference/bench_torch.py)
+    if [[ "$m" == synth-small* ]]; then
+        batches=(1 32)   # latency of one query; the demo's training batch
+        twin=(tools/reference/synth_twin.py bench)
+    fi
+    for b in "${batches[@]}"; do
         echo "[$m batch $b] groundkit..." >&2
         ours_out="$(RAYON_NUM_THREADS="$THREADS" "$BIN" bench --models "$m" --batch "$b" --iters "$ITERS")"
         ours="$(median_of "$m" "$b" <<<"$ours_out")"
         echo "[$m batch $b] torch..." >&2
-        torch_out="$(torch_env "$PY" tools/reference/bench_torch.py --model "$m" --threads "$THREADS" --batch "$b" --iters "$ITERS")"
+        torch_out="$(torch_env "$PY" "${twin[@]}" --model "$m" --threads "$THREADS" --batch "$b" --iters "$ITERS")"
         theirs="$(median_of "$m" "$b" <<<"$torch_out")"
         echo "  groundkit $ours ms, torch $theirs ms" >&2
         ROWS+=("$m $b $THREADS $ours $theirs")

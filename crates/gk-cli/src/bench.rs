@@ -1,5 +1,6 @@
-//! `groundkit bench`: forward-pass timings on random weights, one JSON line per case.
-//! `tools/reference/bench_compare.sh` runs this and the PyTorch twin side by side.
+//! `groundkit bench`: forward-pass and training-step timings on random weights, one JSON
+//! line per case. `tools/reference/bench_compare.sh` runs this and the PyTorch twins
+//! (`bench_torch.py`, `synth_twin.py`) side by side.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -16,7 +17,9 @@ pub struct BenchArgs {
     /// Timed iterations per case (after one warm-up).
     #[arg(long, default_value_t = 5)]
     iters: usize,
-    /// Which models: clip-b16-vision, grounder-clip-b16.
+    /// Which models: clip-b16-vision, grounder-clip-b16 (forward); synth-small (the demo
+    /// grounder's forward) and synth-small-train (one training step of it: forward, loss,
+    /// backward, clipping, AdamW).
     #[arg(
         long,
         value_delimiter = ',',
@@ -72,8 +75,46 @@ fn case(name: &str, vb: VarBuilder) -> Result<Case> {
                 }))
             })
         }
+        "synth-small" | "synth-small-train" => {
+            let train = name.ends_with("-train");
+            let cfg = GrounderConfig::synth_small();
+            let map = VarMap::new();
+            let g = std::rc::Rc::new(Grounder::new(
+                gk_train::init::seeded_var_builder(&map, 0, &dev),
+                &cfg,
+            )?);
+            let run_cfg = std::rc::Rc::new(gk_train::train::RunConfig::synth(
+                std::path::Path::new("."),
+                1,
+            ));
+            let opt = std::rc::Rc::new(std::cell::RefCell::new(gk_train::optim::AdamW::new(
+                &map,
+                &[],
+                1e-4,
+            )?));
+            Box::new(move |b| {
+                let s = cfg.image_size;
+                let x = Tensor::randn(0f32, 1.0, (b, 3, s, s), &dev)?;
+                let pm = Tensor::ones((b, s, s), DType::F32, &dev)?;
+                let ids = Tensor::ones((b, cfg.max_text_len), DType::U32, &dev)?;
+                let tm = Tensor::ones((b, cfg.max_text_len), DType::F32, &dev)?;
+                let target = (Tensor::rand(0f32, 0.3, (b, 4), &dev)? + 0.3)?;
+                let (g, run_cfg, opt) = (g.clone(), run_cfg.clone(), opt.clone());
+                Ok(Box::new(move || {
+                    let out = g.forward(&x, &pm, &ids, &tm, train)?;
+                    if train {
+                        let loss = gk_train::train::criterion(&run_cfg, &out, &target)?.total()?;
+                        let mut grads = loss.backward()?;
+                        let mut opt = opt.borrow_mut();
+                        opt.clip_grad_norm(&mut grads, 1.0)?;
+                        opt.step(&grads, 1e-4)?;
+                    }
+                    Ok(())
+                }))
+            })
+        }
         other => {
-            anyhow::bail!("unknown bench model {other:?} (clip-b16-vision, grounder-clip-b16)")
+            anyhow::bail!("unknown bench model {other:?} (clip-b16-vision, grounder-clip-b16, synth-small, synth-small-train)")
         }
     })
 }

@@ -12,7 +12,7 @@ pub struct DemoArgs {
     /// Folder for the benchmark and the run (replaced if it holds an earlier demo).
     #[arg(long, default_value = "demo-run")]
     pub out: PathBuf,
-    /// Training epochs over the demo's training split.
+    /// Training epochs over the demo's training split (4 fit the 10-minute budget on 2 cores).
     #[arg(long, default_value_t = 4)]
     pub epochs: usize,
     #[arg(long, default_value_t = 0)]

@@ -178,9 +178,10 @@ fn synth_train_eval_predict_end_to_end() {
     rc.model = gk_models::grounder::GrounderConfig::tiny();
     rc.model.image_size = 64;
     rc.model.max_text_len = 16;
-    let gk_models::grounder::VisualConfig::ClipVit(v) = &mut rc.model.visual;
-    v.patch_size = 16;
-    v.image_size = 64;
+    if let gk_models::grounder::VisualConfig::ClipVit(v) = &mut rc.model.visual {
+        v.patch_size = 16;
+        v.image_size = 64;
+    }
     rc.optim.batch_size = 8;
     std::fs::write(&cfg, toml::to_string(&rc).unwrap()).unwrap();
     let o = groundkit(&[

@@ -199,3 +199,85 @@ impl CustomOp1 for QuickGeluOp {
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
+
+/// Unfold for a `k x k`, stride-1, zero-padded ("same") convolution on channels-last
+/// tokens: `[B, H, W, C]` -> `[B, H, W, k*k*C]`, column `(ky*k + kx)*C + c` holding
+/// `x[b, y+ky-k/2, x+kx-k/2, c]` (0 outside). One pass instead of k*k strided copies and a
+/// concatenation; the backward gathers (col2im) per output element, so it is deterministic.
+pub struct Unfold {
+    pub k: usize,
+}
+
+impl Unfold {
+    fn dims(l: &Layout) -> Result<(usize, usize, usize, usize)> {
+        l.shape().dims4()
+    }
+}
+
+impl CustomOp1 for Unfold {
+    fn name(&self) -> &'static str {
+        "gk-unfold"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let (b, h, w, c) = Self::dims(l)?;
+        let (k, r) = (self.k, self.k / 2);
+        let kc = k * k * c;
+        let mut out = vec![0f32; b * h * w * kc];
+        // one output row (b, y) per task
+        out.par_chunks_mut(w * kc).enumerate().for_each(|(by, o)| {
+            let (n, y) = (by / h, by % h);
+            for ky in 0..k {
+                let iy = y + ky;
+                if iy < r || iy - r >= h {
+                    continue;
+                }
+                let src_row = &x[(n * h + iy - r) * w * c..][..w * c];
+                for ox in 0..w {
+                    for kx in 0..k {
+                        let ix = ox + kx;
+                        if ix < r || ix - r >= w {
+                            continue;
+                        }
+                        let dst = ox * kc + (ky * k + kx) * c;
+                        o[dst..dst + c].copy_from_slice(&src_row[(ix - r) * c..][..c]);
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, h, w, kc))))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let (b, h, w, c) = x.dims4()?;
+        let g = to_vec(dy)?;
+        let (k, r) = (self.k, self.k / 2);
+        let kc = k * k * c;
+        let mut dx = vec![0f32; b * h * w * c];
+        // dx[b, iy, ix] = sum over (ky, kx) of dy[b, iy + r - ky, ix + r - kx, (ky, kx)]
+        dx.par_chunks_mut(w * c).enumerate().for_each(|(by, d)| {
+            let (n, iy) = (by / h, by % h);
+            for ky in 0..k {
+                let y = iy + r;
+                if y < ky || y - ky >= h {
+                    continue;
+                }
+                let g_row = &g[(n * h + y - ky) * w * kc..][..w * kc];
+                for ix in 0..w {
+                    for kx in 0..k {
+                        let xx = ix + r;
+                        if xx < kx || xx - kx >= w {
+                            continue;
+                        }
+                        let src = &g_row[(xx - kx) * kc + (ky * k + kx) * c..][..c];
+                        for (dv, gv) in d[ix * c..(ix + 1) * c].iter_mut().zip(src) {
+                            *dv += gv;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}

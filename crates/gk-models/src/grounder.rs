@@ -9,6 +9,7 @@
 
 use crate::bert::{Bert, BertConfig};
 use crate::clip::{ClipTextConfig, ClipTextTransformer, ClipVisionConfig, ClipVisionTransformer};
+use crate::convnet::{ConvNet, ConvNetConfig};
 use crate::nn::{self, LayerNorm};
 use candle_core::{DType, IndexOp, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
@@ -21,6 +22,8 @@ pub enum VisualConfig {
     /// A CLIP ViT tower (`vision_model.*` keys); all tokens (CLS + patches) after
     /// `post_layernorm` go to the fusion.
     ClipVit(ClipVisionConfig),
+    /// Ours: a small conv net (`convnet`), the grid tokens (no CLS) go to the fusion.
+    ConvNet(ConvNetConfig),
 }
 
 /// Which text backbone, with its own config.
@@ -56,6 +59,15 @@ pub enum BoxHead {
     /// of at most one patch, width and height come from the MLP. Gives the box a spatial
     /// prior, and a heat map (`GrounderOutput::token_probs`) to look at.
     TokenAttention,
+    /// Ours, one-stage-detector style: every fused patch token predicts a box relative to
+    /// its cell (centre within one cell of the cell centre, sigmoid width/height) and a
+    /// score `<q(u), k(token)> / sqrt(d) + <coord(u), cell centre in [-1, 1]^2>` with
+    /// `u` = [REG] + the mean fused text token. Training: cross-entropy of the scores
+    /// against the cell holding the target centre, box losses on that cell's box.
+    /// Inference: the box of the best-scoring cell. The per-cell classification gives
+    /// every step a strong signal; a single regressed box from scratch sits at the mean
+    /// box for thousands of steps (issue 3).
+    Dense,
 }
 
 /// A whole grounder.
@@ -116,19 +128,12 @@ impl GrounderConfig {
     }
 
     /// The demo grounder for the embedded benchmark, trained from scratch on 2 CPU cores:
-    /// a 4-layer ViT (128 px, patch 16, width 128), a 2-layer BERT over a word-level
-    /// vocabulary (sized when the run is prepared), a 3-layer pre-norm fusion.
+    /// a conv backbone (128 px to an 8x8 grid of width 128, `ConvNetConfig::synth`), a
+    /// 2-layer BERT over a word-level vocabulary (sized when the run is prepared), a
+    /// 3-layer pre-norm fusion and the dense head.
     pub fn synth_small() -> Self {
         Self {
-            visual: VisualConfig::ClipVit(ClipVisionConfig {
-                hidden_size: 128,
-                intermediate_size: 256,
-                num_hidden_layers: 4,
-                num_attention_heads: 4,
-                image_size: 128,
-                patch_size: 16,
-                ..ClipVisionConfig::tiny()
-            }),
+            visual: VisualConfig::ConvNet(ConvNetConfig::synth()),
             text: TextConfig::Bert(BertConfig {
                 vocab_size: 128,
                 hidden_size: 128,
@@ -148,7 +153,7 @@ impl GrounderConfig {
             },
             image_size: 128,
             max_text_len: 20,
-            head: BoxHead::RegMlp,
+            head: BoxHead::Dense,
         }
     }
 
@@ -159,12 +164,14 @@ impl GrounderConfig {
                 let g = self.image_size / c.patch_size;
                 g * g + 1
             }
+            VisualConfig::ConvNet(c) => c.grid() * c.grid(),
         }
     }
 
     fn visual_dim(&self) -> usize {
         match &self.visual {
             VisualConfig::ClipVit(c) => c.hidden_size,
+            VisualConfig::ConvNet(c) => c.out_dim(),
         }
     }
 
@@ -180,6 +187,7 @@ impl GrounderConfig {
 #[derive(Debug, Clone)]
 pub enum VisualEncoder {
     ClipVit(ClipVisionTransformer),
+    ConvNet(ConvNet),
 }
 
 /// Visual backbone output in fusion-ready form.
@@ -201,6 +209,7 @@ impl VisualEncoder {
     pub fn new(vb: VarBuilder, cfg: &VisualConfig) -> Result<Self> {
         match cfg {
             VisualConfig::ClipVit(c) => Ok(Self::ClipVit(ClipVisionTransformer::new(vb, c)?)),
+            VisualConfig::ConvNet(c) => Ok(Self::ConvNet(ConvNet::new(vb, c)?)),
         }
     }
 
@@ -213,12 +222,7 @@ impl VisualEncoder {
                 let p = vit.config().patch_size;
                 let (b, h, w) = pixel_mask.dims3()?;
                 let (gh, gw) = (h / p, w / p);
-                // nearest-neighbour downsampling (top-left pixel of each patch), as F.interpolate
-                let patch_mask = pixel_mask
-                    .reshape((b, gh, p, gw, p))?
-                    .i((.., .., 0, .., 0))?
-                    .reshape((b, gh * gw))?
-                    .to_dtype(tokens.dtype())?;
+                let patch_mask = patch_mask(pixel_mask, gh, gw)?.to_dtype(tokens.dtype())?;
                 let mask = Tensor::cat(
                     &[
                         Tensor::ones((b, 1), tokens.dtype(), tokens.device())?,
@@ -234,8 +238,31 @@ impl VisualEncoder {
                     hidden_states: out.hidden_states,
                 })
             }
+            Self::ConvNet(net) => {
+                let out = net.forward(pixels)?;
+                let g = net.config().grid();
+                let mask = patch_mask(pixel_mask, g, g)?.to_dtype(out.tokens.dtype())?;
+                Ok(VisualFeatures {
+                    pooled: out.tokens.mean(1)?,
+                    tokens: out.tokens,
+                    mask,
+                    grid: (g, g),
+                    hidden_states: out.stages,
+                })
+            }
         }
     }
+}
+
+/// `[B, S, S]` pixel mask -> `[B, gh * gw]` cell mask: the top-left pixel of each cell
+/// (nearest-neighbour downsampling, as TransVG's `F.interpolate`).
+fn patch_mask(pixel_mask: &Tensor, gh: usize, gw: usize) -> Result<Tensor> {
+    let (b, h, w) = pixel_mask.dims3()?;
+    let (ph, pw) = (h / gh, w / gw);
+    pixel_mask
+        .reshape((b, gh, ph, gw, pw))?
+        .i((.., .., 0, .., 0))?
+        .reshape((b, gh * gw))
 }
 
 /// A text backbone.
@@ -421,8 +448,12 @@ pub struct GrounderOutput {
     pub visual_tokens: Tensor,
     /// `[B, L, d]` fused text tokens.
     pub text_tokens: Tensor,
-    /// `[B, gh * gw]` attention of the box head over the patches (`BoxHead::TokenAttention`).
+    /// `[B, gh * gw]` attention of the box head over the patches (`BoxHead::TokenAttention`),
+    /// or the softmax of the cell scores (`BoxHead::Dense`).
     pub token_probs: Option<Tensor>,
+    /// `BoxHead::Dense`: `[B, gh * gw]` cell scores (padding cells at -1e9) and
+    /// `[B, gh * gw, 4]` every cell's normalised cxcywh box; `pred_box` is the best cell's.
+    pub cells: Option<(Tensor, Tensor)>,
     /// Backbone outputs before fusion (distillation and region losses read these).
     pub visual: VisualFeatures,
     pub text: TextFeatures,
@@ -441,8 +472,10 @@ pub struct Grounder {
     layers: Vec<FusionLayer>,
     final_norm: Option<LayerNorm>,
     bbox_embed: Mlp,
-    /// `BoxHead::TokenAttention`: query and key projections.
+    /// `BoxHead::TokenAttention` and `Dense`: query and key projections.
     token_attn: Option<(Linear, Linear)>,
+    /// `BoxHead::Dense`: query -> a direction over the grid added to the cell scores.
+    dense_coord: Option<Linear>,
     cfg: GrounderConfig,
 }
 
@@ -496,10 +529,14 @@ impl Grounder {
             bbox_embed: Mlp::new(vb.pp("bbox_embed"), &[d, d, d, 4])?,
             token_attn: match cfg.head {
                 BoxHead::RegMlp => None,
-                BoxHead::TokenAttention => Some((
+                BoxHead::TokenAttention | BoxHead::Dense => Some((
                     candle_nn::linear(d, d, vb.pp("token_attn.q"))?,
                     candle_nn::linear(d, d, vb.pp("token_attn.k"))?,
                 )),
+            },
+            dense_coord: match cfg.head {
+                BoxHead::Dense => Some(candle_nn::linear(d, 2, vb.pp("dense_coord"))?),
+                _ => None,
             },
             cfg: cfg.clone(),
         })
@@ -554,42 +591,68 @@ impl Grounder {
         }
         let reg = x.i((.., 0))?; // [B, d]
         let visual_tokens = x.narrow(D::Minus2, 1 + l, n)?;
-        let (pred_box, token_probs) = match &self.token_attn {
-            None => (nn::sigmoid(&self.bbox_embed.forward(&reg)?)?, None),
-            Some((q, k)) => {
-                let (gh, gw) = visual.grid;
+        let (gh, gw) = visual.grid;
+        let (pred_box, token_probs, cells) = match (&self.token_attn, self.cfg.head) {
+            (Some((q, k)), head) => {
                 let patches = visual_tokens.narrow(1, n - gh * gw, gh * gw)?; // [B, N', d] (no CLS)
-                let scores = k
+                let query = if head == BoxHead::Dense {
+                    // [REG] + the mean fused text token: a direct text path into the scores
+                    let tm = text_mask.to_dtype(x.dtype())?.unsqueeze(2)?; // [B, L, 1]
+                    let text_sum = x.narrow(1, 1, l)?.broadcast_mul(&tm)?.sum(1)?; // [B, d]
+                    (&reg + text_sum.broadcast_div(&tm.sum(1)?.clamp(1.0, f64::MAX)?)?)?
+                } else {
+                    reg.clone()
+                };
+                let mut scores = (k
                     .forward(&patches)?
-                    .matmul(&q.forward(&reg)?.unsqueeze(2)?)?
-                    .squeeze(2)?; // [B, N']
+                    .matmul(&q.forward(&query)?.unsqueeze(2)?)?
+                    .squeeze(2)? // [B, N']
+                    / (d as f64).sqrt())?;
+                if let Some(coord) = &self.dense_coord {
+                    // + <coord(query), cell centre in [-1, 1]^2>: "leftmost", "at the top"
+                    // become one linear preference over the grid (CoordConv-like prior)
+                    let pm = cell_centres(gh, gw, x.device())?.affine(2.0, -1.0)?; // [N', 2]
+                    scores = (scores + coord.forward(&query)?.matmul(&pm.t()?)?)?;
+                }
                 let pad = nn::key_padding_bias(
                     &visual.mask.narrow(1, n - gh * gw, gh * gw)?,
                     scores.dtype(),
                 )?
                 .flatten_from(1)?;
-                let scores = ((scores / (d as f64).sqrt())? + pad)?;
+                let scores = (scores + pad)?;
                 let probs = nn::softmax(&scores)?;
-                let centres: Vec<f32> = (0..gh * gw)
-                    .flat_map(|i| {
-                        [
-                            ((i % gw) as f32 + 0.5) / gw as f32,
-                            ((i / gw) as f32 + 0.5) / gh as f32,
-                        ]
-                    })
-                    .collect();
-                let centres = Tensor::from_vec(centres, (gh * gw, 2), x.device())?;
-                let centre = probs.matmul(&centres)?; // [B, 2]
-                let raw = self.bbox_embed.forward(&reg)?; // [B, 4]
+                let centres = cell_centres(gh, gw, x.device())?; // [N', 2]
                 let step = Tensor::new(&[1.0 / gw as f32, 1.0 / gh as f32], x.device())?;
-                let offset = raw.narrow(1, 0, 2)?.tanh()?.broadcast_mul(&step)?;
-                let wh = nn::sigmoid(&raw.narrow(1, 2, 2)?)?;
-                (Tensor::cat(&[(centre + offset)?, wh], 1)?, Some(probs))
+                if head == BoxHead::Dense {
+                    let raw = self.bbox_embed.forward(&patches)?; // [B, N', 4]
+                    let offset = raw.narrow(2, 0, 2)?.tanh()?.broadcast_mul(&step)?;
+                    let centre = offset.broadcast_add(&centres)?;
+                    let boxes = Tensor::cat(&[centre, nn::sigmoid(&raw.narrow(2, 2, 2)?)?], 2)?;
+                    let best = scores
+                        .argmax_keepdim(1)? // [B, 1]
+                        .unsqueeze(2)?
+                        .broadcast_as((b, 1, 4))?
+                        .contiguous()?;
+                    let pred = boxes.gather(&best, 1)?.squeeze(1)?; // [B, 4]
+                    (pred, Some(probs), Some((scores, boxes)))
+                } else {
+                    let centre = probs.matmul(&centres)?; // [B, 2]
+                    let raw = self.bbox_embed.forward(&reg)?; // [B, 4]
+                    let offset = raw.narrow(1, 0, 2)?.tanh()?.broadcast_mul(&step)?;
+                    let wh = nn::sigmoid(&raw.narrow(1, 2, 2)?)?;
+                    (
+                        Tensor::cat(&[(centre + offset)?, wh], 1)?,
+                        Some(probs),
+                        None,
+                    )
+                }
             }
+            (None, _) => (nn::sigmoid(&self.bbox_embed.forward(&reg)?)?, None, None),
         };
         Ok(GrounderOutput {
             pred_box,
             token_probs,
+            cells,
             reg,
             text_tokens: x.narrow(D::Minus2, 1, l)?,
             visual_tokens,
@@ -597,6 +660,19 @@ impl Grounder {
             text,
         })
     }
+}
+
+/// `[gh * gw, 2]` normalised (x, y) centres of the grid cells, row-major.
+fn cell_centres(gh: usize, gw: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    let c: Vec<f32> = (0..gh * gw)
+        .flat_map(|i| {
+            [
+                ((i % gw) as f32 + 0.5) / gw as f32,
+                ((i / gw) as f32 + 0.5) / gh as f32,
+            ]
+        })
+        .collect();
+    Tensor::from_vec(c, (gh * gw, 2), dev)
 }
 
 #[cfg(test)]
@@ -608,17 +684,56 @@ mod tests {
     #[test]
     fn tiny_grounder_shapes_and_all_parameters_get_gradients() -> Result<()> {
         let dev = Device::Cpu;
-        for head in [BoxHead::RegMlp, BoxHead::TokenAttention] {
-            let map = VarMap::new();
-            let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
-            check_gradients(
-                &map,
-                vb,
-                &GrounderConfig {
+        for head in [BoxHead::RegMlp, BoxHead::TokenAttention, BoxHead::Dense] {
+            for conv in [false, true] {
+                let map = VarMap::new();
+                let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+                let mut cfg = GrounderConfig {
                     head,
                     ..GrounderConfig::tiny()
-                },
-            )?;
+                };
+                if conv {
+                    cfg.visual = VisualConfig::ConvNet(ConvNetConfig::tiny());
+                }
+                check_gradients(&map, vb, &cfg)?;
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn dense_head_predicts_the_best_cells_box() -> Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let cfg = GrounderConfig {
+            head: BoxHead::Dense,
+            visual: VisualConfig::ConvNet(ConvNetConfig::tiny()),
+            ..GrounderConfig::tiny()
+        };
+        let g = Grounder::new(VarBuilder::from_varmap(&map, DType::F32, &dev), &cfg)?;
+        let s = cfg.image_size;
+        let out = g.forward(
+            &Tensor::randn(0f32, 1.0, (3, 3, s, s), &dev)?,
+            &Tensor::ones((3, s, s), DType::F32, &dev)?,
+            &Tensor::ones((3, cfg.max_text_len), DType::U32, &dev)?,
+            &Tensor::ones((3, cfg.max_text_len), DType::F32, &dev)?,
+            false,
+        )?;
+        let (scores, boxes) = out.cells.expect("dense head gives cells");
+        let (scores, boxes) = (scores.to_vec2::<f32>()?, boxes.to_vec3::<f32>()?);
+        let pred = out.pred_box.to_vec2::<f32>()?;
+        let g = 4; // tiny convnet grid
+        for i in 0..3 {
+            let best = (0..g * g)
+                .max_by(|&a, &b| scores[i][a].total_cmp(&scores[i][b]))
+                .unwrap();
+            assert_eq!(pred[i], boxes[i][best]);
+            // centre within one cell of its cell's centre
+            let (cx, cy) = (
+                ((best % g) as f32 + 0.5) / 4.0,
+                ((best / g) as f32 + 0.5) / 4.0,
+            );
+            assert!((pred[i][0] - cx).abs() <= 0.25 && (pred[i][1] - cy).abs() <= 0.25);
         }
         Ok(())
     }
@@ -646,7 +761,11 @@ mod tests {
         assert_eq!(out.pred_box.dims(), &[b, 4]);
         assert_eq!(out.visual_tokens.dims(), &[b, cfg.visual_tokens(), 32]);
         // a loss touching every output path
-        let loss = (out.pred_box.sum_all()? + out.visual.pooled.sqr()?.sum_all()?)?;
+        let mut loss = (out.pred_box.sum_all()? + out.visual.pooled.sqr()?.sum_all()?)?;
+        if let Some((scores, boxes)) = &out.cells {
+            let first = nn::softmax(scores)?.narrow(1, 0, 1)?.sum_all()?;
+            loss = (loss + first + boxes.sum_all()?)?;
+        }
         let grads = loss.backward()?;
         let data = map.data().lock().unwrap();
         let mut missing = Vec::new();

@@ -4,6 +4,7 @@
 //! softmax and attention of [`nn`] and never candle's fused ops that drop gradients.
 pub mod bert;
 pub mod clip;
+pub mod convnet;
 pub mod fused;
 pub mod grounder;
 pub mod nn;

@@ -151,20 +151,24 @@ pub fn sincos_positions(map: &VarMap, cfg: &gk_models::grounder::GrounderConfig)
         ];
         var.set(&Tensor::cat(&parts, 0)?)
     };
-    let VisualConfig::ClipVit(v) = &cfg.visual;
-    let g = cfg.image_size / v.patch_size;
-    let vg = v.grid();
-    set_rows(
-        "visual.embeddings.position_embedding.weight",
-        1,
-        sincos_2d(vg, vg, v.hidden_size),
-        v.hidden_size,
-    )?;
+    // (table name, first patch row, grid side, width) of the backbone's own positions;
+    // CLIP's row 0 is its CLS token, which the fusion also receives first.
+    let (name, cls, g, dim) = match &cfg.visual {
+        VisualConfig::ClipVit(v) => (
+            "visual.embeddings.position_embedding.weight",
+            1,
+            v.grid(),
+            v.hidden_size,
+        ),
+        VisualConfig::ConvNet(c) => ("visual.position_embedding", 0, c.grid(), c.out_dim()),
+    };
+    set_rows(name, cls, sincos_2d(g, g, dim), dim)?;
     let d = cfg.fusion.hidden;
+    let fg = (cfg.visual_tokens() - cls).isqrt();
     set_rows(
         "vl_pos_embed.weight",
-        1 + cfg.max_text_len + 1,
-        sincos_2d(g, g, d),
+        1 + cfg.max_text_len + cls,
+        sincos_2d(fg, fg, d),
         d,
     )
 }

@@ -14,12 +14,23 @@ use serde::{Deserialize, Serialize};
 pub struct BoxLossConfig {
     pub l1: f64,
     pub giou: f64,
+    /// Cross-entropy of the dense head's cell scores (`BoxHead::Dense` only).
+    #[serde(default = "one")]
+    pub cell: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Default for BoxLossConfig {
     /// TransVG's weights (1, 1). HiVG uses (2, 2).
     fn default() -> Self {
-        Self { l1: 1.0, giou: 1.0 }
+        Self {
+            l1: 1.0,
+            giou: 1.0,
+            cell: 1.0,
+        }
     }
 }
 
@@ -91,4 +102,45 @@ pub fn box_losses(
     parts.push("l1", cfg.l1, l1);
     parts.push("giou", cfg.giou, giou);
     Ok(())
+}
+
+/// The dense head's losses: cross-entropy of the cell scores `[B, N]` (row-major
+/// `gh x gw` cells) against the cell that holds each target centre, and L1 + GIoU on
+/// that cell's box (`boxes: [B, N, 4]`), as a one-stage detector trains its positive.
+pub fn dense_losses(
+    scores: &Tensor,
+    boxes: &Tensor,
+    grid: (usize, usize),
+    target: &Tensor,
+    cfg: &BoxLossConfig,
+    parts: &mut LossParts,
+) -> Result<()> {
+    let (b, n) = scores.dims2()?;
+    let cells = target_cells(target, grid)?;
+    let mut onehot = vec![0f32; b * n];
+    for (i, &c) in cells.iter().enumerate() {
+        onehot[i * n + c as usize] = 1.0;
+    }
+    let onehot = Tensor::from_vec(onehot, (b, n), scores.device())?;
+    let logp = candle_nn::ops::log_softmax(scores, candle_core::D::Minus1)?;
+    let ce = ((logp * onehot)?.sum_all()? / -(b as f64))?;
+    let idx = Tensor::from_vec(cells, (b, 1, 1), scores.device())?
+        .broadcast_as((b, 1, 4))?
+        .contiguous()?;
+    let picked = boxes.gather(&idx, 1)?.squeeze(1)?; // [B, 4]
+    parts.push("cell", cfg.cell, ce);
+    box_losses(&picked, target, cfg, parts)
+}
+
+/// Row-major index of the grid cell holding each target centre (`target: [B, 4]` cxcywh).
+pub fn target_cells(target: &Tensor, (gh, gw): (usize, usize)) -> Result<Vec<u32>> {
+    Ok(target
+        .to_vec2::<f32>()?
+        .iter()
+        .map(|t| {
+            let col = ((t[0] * gw as f32).floor().max(0.0) as usize).min(gw - 1);
+            let row = ((t[1] * gh as f32).floor().max(0.0) as usize).min(gh - 1);
+            (row * gw + col) as u32
+        })
+        .collect())
 }

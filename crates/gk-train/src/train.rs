@@ -9,7 +9,7 @@
 use crate::error::{Result, TrainError};
 use crate::eval::{evaluate, EvalReport};
 use crate::init::seeded_var_builder;
-use crate::losses::{box_losses, BoxLossConfig, LossParts};
+use crate::losses::{box_losses, dense_losses, BoxLossConfig, LossParts};
 use crate::optim::{lr_factor, AdamW, ParamGroup, Schedule};
 use crate::run::RunDir;
 use candle_core::Device;
@@ -124,12 +124,12 @@ impl RunConfig {
                 train_fraction: 1.0,
             },
             optim: OptimConfig {
-                batch_size: 16,
+                batch_size: 32,
                 epochs,
                 lr: 1e-3,
                 groups: Vec::new(),
                 weight_decay: 1e-4,
-                warmup_steps: 200,
+                warmup_steps: 100,
                 schedule: Schedule::Cosine { min_ratio: 0.02 },
                 clip_grad: 1.0,
                 eval_every: 0,
@@ -293,7 +293,17 @@ pub fn criterion(
     target: &candle_core::Tensor,
 ) -> Result<LossParts> {
     let mut parts = LossParts::new();
-    box_losses(&out.pred_box, target, &cfg.loss, &mut parts)?;
+    match &out.cells {
+        Some((scores, boxes)) => dense_losses(
+            scores,
+            boxes,
+            out.visual.grid,
+            target,
+            &cfg.loss,
+            &mut parts,
+        )?,
+        None => box_losses(&out.pred_box, target, &cfg.loss, &mut parts)?,
+    }
     Ok(parts)
 }
 

@@ -60,7 +60,11 @@ fn weights_of_zero_drop_a_part_and_all_zero_is_an_error() {
     box_losses(
         &pred,
         &tgt,
-        &BoxLossConfig { l1: 0.0, giou: 2.0 },
+        &BoxLossConfig {
+            l1: 0.0,
+            giou: 2.0,
+            cell: 1.0,
+        },
         &mut parts,
     )
     .unwrap();
@@ -71,7 +75,11 @@ fn weights_of_zero_drop_a_part_and_all_zero_is_an_error() {
     box_losses(
         &pred,
         &tgt,
-        &BoxLossConfig { l1: 0.0, giou: 0.0 },
+        &BoxLossConfig {
+            l1: 0.0,
+            giou: 0.0,
+            cell: 1.0,
+        },
         &mut none,
     )
     .unwrap();

@@ -1,0 +1,405 @@
+#!/usr/bin/env python3
+"""The demo grounder (`GrounderConfig::synth_small`) written in PyTorch, on the same data.
+
+Two uses:
+  * train it on a benchmark written by `groundkit synth` (same splits, same word-level
+    vocabulary rule, same augmentation, same loss) to compare accuracy per sample seen:
+        .venv-ref/bin/python tools/reference/synth_twin.py train --data demo-run/data --epochs 6
+  * time it (training samples/s and inference latency), for docs/benchmarks.md:
+        .venv-ref/bin/python tools/reference/synth_twin.py bench --model synth-small-train --batch 32
+    prints one JSON line (`model`, `batch`, `threads`, `median_ms`, `samples_per_s`): model
+    `synth-small` is the forward (inference mode), `synth-small-train` one training step
+    (forward, loss, backward, clipping, AdamW), as `groundkit bench --models ...` times them.
+
+The architecture mirrors crates/gk-models (conv backbone, BERT text encoder, pre-norm
+fusion with positions added to queries and keys, dense box head); the PyTorch side uses
+its native fast forms (Conv2d for the 3x3 and patch convolutions, SDPA attention), the
+same arithmetic as the Rust side's unfold-and-matmul.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def sincos_2d(g, dim):
+    """MAE's 2-D sine-cosine table [g*g, dim] (rows: y then x), as gk-train's `sincos_2d`."""
+    q = dim // 4
+    freq = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / max(q, 1))
+    out = torch.zeros(g * g, dim, dtype=torch.float64)
+    for y in range(g):
+        for x in range(g):
+            row = []
+            for p in (y, x):
+                row += [torch.sin(p * freq), torch.cos(p * freq)]
+            out[y * g + x, : 4 * q] = torch.cat(row)
+    return out.float()
+
+
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+class ConvBlock(nn.Module):
+    """x + conv3x3(act(LN(x))), NHWC in and out."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = nn.LayerNorm(c, eps=1e-5)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):  # [B, H, W, C]
+        h = quick_gelu(self.norm(x)).permute(0, 3, 1, 2)
+        return x + self.conv(h).permute(0, 2, 3, 1)
+
+
+class ConvBackbone(nn.Module):
+    def __init__(self, channels=(32, 64, 128), depths=(1, 1, 2), patch=4, image=128):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels[0], patch, stride=patch)
+        self.stages = nn.ModuleList()
+        self.merges = nn.ModuleList()
+        for i, (c, d) in enumerate(zip(channels, depths)):
+            if i > 0:
+                self.merges.append(nn.Conv2d(channels[i - 1], c, 2, stride=2))
+            self.stages.append(nn.ModuleList([ConvBlock(c) for _ in range(d)]))
+        g = image // patch // 2 ** (len(channels) - 1)
+        self.grid = g
+        self.pos = nn.Parameter(sincos_2d(g, channels[-1]))
+        self.norm = nn.LayerNorm(channels[-1], eps=1e-5)
+
+    def forward(self, x):  # [B, 3, S, S] -> [B, g*g, C]
+        x = self.stem(x).permute(0, 2, 3, 1)
+        for i, blocks in enumerate(self.stages):
+            if i > 0:
+                x = self.merges[i - 1](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            for b in blocks:
+                x = b(x)
+        b = x.shape[0]
+        x = x.reshape(b, -1, x.shape[-1]) + self.pos
+        return self.norm(x)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, d, heads, ffn):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.ln1 = nn.LayerNorm(d, eps=1e-12)
+        self.fc1 = nn.Linear(d, ffn)
+        self.fc2 = nn.Linear(ffn, d)
+        self.ln2 = nn.LayerNorm(d, eps=1e-12)
+
+    def forward(self, x, bias):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        x = self.ln1(x + self.out(a.transpose(1, 2).reshape(b, t, d)))
+        return self.ln2(x + self.fc2(F.gelu(self.fc1(x))))
+
+
+class Bert(nn.Module):
+    def __init__(self, vocab, d=128, layers=2, heads=4, ffn=256, max_pos=32):
+        super().__init__()
+        self.word = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(max_pos, d)
+        self.token_type = nn.Embedding(2, d)
+        self.ln = nn.LayerNorm(d, eps=1e-12)
+        self.layers = nn.ModuleList([BertLayer(d, heads, ffn) for _ in range(layers)])
+
+    def forward(self, ids, mask):
+        t = ids.shape[1]
+        x = self.ln(self.word(ids) + self.pos.weight[:t] + self.token_type.weight[0])
+        bias = ((mask[:, None, None, :].float() - 1.0) * 1e9)
+        for layer in self.layers:
+            x = layer(x, bias)
+        return x
+
+
+class FusionLayer(nn.Module):
+    """Pre-norm; positions added to queries and keys, not values; ReLU FFN."""
+
+    def __init__(self, d, heads, ffn):
+        super().__init__()
+        self.heads = heads
+        self.in_proj = nn.Linear(d, 3 * d)
+        self.out_proj = nn.Linear(d, d)
+        self.norm1 = nn.LayerNorm(d, eps=1e-5)
+        self.norm2 = nn.LayerNorm(d, eps=1e-5)
+        self.linear1 = nn.Linear(d, ffn)
+        self.linear2 = nn.Linear(ffn, d)
+
+    def forward(self, x, pos, bias):
+        b, t, d = x.shape
+        h = self.norm1(x)
+        w, bi = self.in_proj.weight, self.in_proj.bias
+        qk = F.linear(h + pos, w[: 2 * d], bi[: 2 * d])
+        v = F.linear(h, w[2 * d:], bi[2 * d:])
+        split = lambda z: z.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        q, k = qk.chunk(2, dim=-1)
+        a = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias)
+        x = x + self.out_proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.linear2(torch.relu(self.linear1(self.norm2(x))))
+
+
+class Grounder(nn.Module):
+    def __init__(self, vocab, d=128, layers=3, heads=4, ffn=256, text_len=20, image=128):
+        super().__init__()
+        self.visual = ConvBackbone(image=image)
+        self.text = Bert(vocab)
+        self.visu_proj = nn.Linear(128, d)
+        self.text_proj = nn.Linear(128, d)
+        self.reg = nn.Parameter(torch.randn(1, 1, d))
+        g = self.visual.grid
+        self.grid = g
+        pos = torch.randn(1, 1 + text_len + g * g, d)
+        pos[0, 1 + text_len:] = sincos_2d(g, d)
+        self.pos = nn.Parameter(pos)
+        self.layers = nn.ModuleList([FusionLayer(d, heads, ffn) for _ in range(layers)])
+        self.norm = nn.LayerNorm(d, eps=1e-5)
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.coord = nn.Linear(d, 2)
+        self.box = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 4))
+        cells = torch.arange(g * g)
+        self.register_buffer("cell_xy", torch.stack([(cells % g).float(), (cells // g).float()], 1) + 0.5)
+        self.register_buffer("cell_pm", self.cell_xy * (2.0 / g) - 1.0)  # centres in [-1, 1]
+
+    def forward(self, pixels, ids, text_mask):
+        v = self.visu_proj(self.visual(pixels))
+        t = self.text_proj(self.text(ids, text_mask))
+        b, n, d = v.shape
+        x = torch.cat([self.reg.expand(b, 1, d), t, v], 1)
+        mask = torch.cat([torch.ones(b, 1), text_mask.float(), torch.ones(b, n)], 1)
+        bias = ((mask - 1.0) * 1e9)[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, self.pos, bias)
+        x = self.norm(x)
+        reg, vis = x[:, 0], x[:, -n:]
+        tm = text_mask.float().unsqueeze(2)
+        text_mean = (x[:, 1:1 + t.shape[1]] * tm).sum(1) / tm.sum(1)
+        query = reg + text_mean
+        scores = (self.k(vis) @ self.q(query).unsqueeze(2)).squeeze(2) / math.sqrt(d)  # [B, N]
+        scores = scores + self.coord(query) @ self.cell_pm.T  # text-chosen direction over the grid
+        raw = self.box(vis)  # [B, N, 4]
+        centre = (self.cell_xy + torch.tanh(raw[..., :2])) / self.grid
+        boxes = torch.cat([centre, torch.sigmoid(raw[..., 2:])], -1)
+        return scores, boxes
+
+
+def xyxy(b):
+    return torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)
+
+
+def giou(a, b):
+    a, b = xyxy(a), xyxy(b)
+    area = lambda z: (z[..., 2] - z[..., 0]) * (z[..., 3] - z[..., 1])  # noqa: E731
+    lt, rb = torch.max(a[..., :2], b[..., :2]), torch.min(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = area(a) + area(b) - inter
+    iou = inter / union
+    lt2, rb2 = torch.min(a[..., :2], b[..., :2]), torch.max(a[..., 2:], b[..., 2:])
+    hull = (rb2 - lt2).clamp(min=0).prod(-1)
+    return iou - (hull - union) / hull, iou
+
+
+def criterion(scores, boxes, target, grid):
+    b = target.shape[0]
+    col = (target[:, 0] * grid).long().clamp(0, grid - 1)
+    row = (target[:, 1] * grid).long().clamp(0, grid - 1)
+    cell = row * grid + col
+    picked = boxes[torch.arange(b), cell]
+    ce = F.cross_entropy(scores, cell)
+    l1 = (picked - target).abs().sum() / b
+    g, _ = giou(picked, target)
+    return ce, l1, (1 - g).sum() / b
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def words(text):
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def load_split(data: Path, name: str):
+    from PIL import Image
+
+    rows = [json.loads(line) for line in (data / f"{name}.jsonl").read_text().splitlines() if line]
+    cache = {}
+    imgs = []
+    for r in rows:
+        if r["image"] not in cache:
+            im = np.asarray(Image.open(data / r["image"]).convert("RGB"), dtype=np.float32) / 255.0
+            cache[r["image"]] = torch.from_numpy(im).permute(2, 0, 1)
+        imgs.append(cache[r["image"]])
+    return rows, imgs
+
+
+def encode(vocab, text, max_len):
+    ids = [2] + [vocab.get(w, 1) for w in words(text)][: max_len - 2] + [3]
+    mask = [1] * len(ids)
+    return ids + [0] * (max_len - len(ids)), mask + [0] * (max_len - len(mask))
+
+
+def flip_text(t):
+    return t.replace("left", "\0").replace("right", "left").replace("\0", "right")
+
+
+def make_batch(rows, imgs, idx, vocab, text_len, rng=None):
+    pix, ids, masks, tgt = [], [], [], []
+    for i in idx:
+        r, im = rows[i], imgs[i]
+        s = im.shape[-1]
+        x1, y1, x2, y2 = r["bbox_xyxy"]
+        text = r["expr"]
+        if rng is not None:
+            if rng.random() < 0.5:
+                im = im.flip(-1)
+                x1, x2 = s - x2, s - x1
+                text = flip_text(text)
+            a, c = rng.uniform(0.9, 1.1), rng.uniform(0.9, 1.1)
+            im = ((im - im.mean()) * c + im.mean() * a).clamp(0, 1)
+        pix.append(im)
+        e = encode(vocab, text, text_len)
+        ids.append(e[0])
+        masks.append(e[1])
+        tgt.append([(x1 + x2) / 2 / s, (y1 + y2) / 2 / s, (x2 - x1) / s, (y2 - y1) / s])
+    pix = (torch.stack(pix) - MEAN) / STD
+    return pix, torch.tensor(ids), torch.tensor(masks), torch.tensor(tgt)
+
+
+def evaluate(model, rows, imgs, vocab, text_len, bs=64):
+    model.eval()
+    hits, by_type = 0, {}
+    with torch.inference_mode():
+        for s in range(0, len(rows), bs):
+            idx = list(range(s, min(s + bs, len(rows))))
+            pix, ids, mask, tgt = make_batch(rows, imgs, idx, vocab, text_len)
+            scores, boxes = model(pix, ids, mask)
+            best = boxes[torch.arange(len(idx)), scores.argmax(1)]
+            _, iou = giou(best.clamp(0, 1), tgt)
+            for k, i in enumerate(idx):
+                ok = bool(iou[k] >= 0.5)
+                hits += ok
+                ty = rows[i].get("extra", {}).get("type", "?")
+                h, n = by_type.get(ty, (0, 0))
+                by_type[ty] = (h + ok, n + 1)
+    model.train()
+    return 100.0 * hits / len(rows), {k: round(100.0 * h / n, 1) for k, (h, n) in by_type.items()}
+
+
+def cmd_train(a):
+    torch.manual_seed(a.seed)
+    rng = np.random.default_rng(a.seed)
+    data = Path(a.data)
+    rows, imgs = load_split(data, "train")
+    vrows, vimgs = load_split(data, "val")
+    vocab = {w: i + 4 for i, w in enumerate(sorted({w for r in rows for w in words(r["expr"])}))}
+    model = Grounder(len(vocab) + 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.wd)
+    per_epoch = len(rows) // a.batch
+    total = per_epoch * a.epochs
+    t0 = time.time()
+    step = 0
+    for epoch in range(a.epochs):
+        order = rng.permutation(len(rows))
+        for k in range(per_epoch):
+            lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * step / total)))
+            for gr in opt.param_groups:
+                gr["lr"] = lr
+            pix, ids, mask, tgt = make_batch(rows, imgs, order[k * a.batch:(k + 1) * a.batch], vocab, 20, rng)
+            scores, boxes = model(pix, ids, mask)
+            ce, l1, gi = criterion(scores, boxes, tgt, model.grid)
+            loss = ce + l1 + gi
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            if step % 50 == 0:
+                print(f"step {step}/{total} loss {loss.item():.3f} ce {ce.item():.3f} l1 {l1.item():.3f} "
+                      f"giou {gi.item():.3f} {step * a.batch / (time.time() - t0):.0f} samples/s", flush=True)
+        acc, types = evaluate(model, vrows, vimgs, vocab, 20)
+        print(json.dumps({"epoch": epoch + 1, "step": step, "val_acc50": round(acc, 2), "by_type": types,
+                          "elapsed_s": round(time.time() - t0, 1)}), flush=True)
+
+
+def cmd_bench(a):
+    torch.manual_seed(0)
+    model = Grounder(70)
+    b = a.batch
+    pix = torch.randn(b, 3, 128, 128)
+    ids = torch.randint(4, 70, (b, 20))
+    mask = torch.ones(b, 20, dtype=torch.long)
+    mask[:, 12:] = 0
+    tgt = torch.rand(b, 4) * 0.3 + 0.3
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step():
+        scores, boxes = model(pix, ids, mask)
+        loss = sum(criterion(scores, boxes, tgt, model.grid))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    def infer():
+        with torch.inference_mode():
+            model(pix, ids, mask)
+
+    train = a.model.endswith("-train")
+    fn = train_step if train else infer
+    model.train(train)
+    for _ in range(a.warmup):
+        fn()
+    ms = []
+    for _ in range(a.iters):
+        t0 = time.perf_counter()
+        fn()
+        ms.append((time.perf_counter() - t0) * 1e3)
+    med = statistics.median(ms)
+    print(json.dumps({"impl": "pytorch", "model": a.model, "batch": b, "threads": a.threads,
+                      "median_ms": round(med, 2), "samples_per_s": round(1e3 * b / med, 1)}), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--data", required=True)
+    t.add_argument("--epochs", type=int, default=6)
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--wd", type=float, default=1e-4)
+    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=2)
+    bch = sub.add_parser("bench")
+    bch.add_argument("--model", choices=["synth-small", "synth-small-train"], default="synth-small-train")
+    bch.add_argument("--batch", type=int, default=32)
+    bch.add_argument("--threads", type=int, default=2)
+    bch.add_argument("--warmup", type=int, default=1)
+    bch.add_argument("--iters", type=int, default=5)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    {"train": cmd_train, "bench": cmd_bench}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
