@@ -603,6 +603,7 @@ impl Grounder {
                 } else {
                     reg.clone()
                 };
+                let centres = cell_centres(gh, gw, x.device())?; // [N', 2]
                 let mut scores = (k
                     .forward(&patches)?
                     .matmul(&q.forward(&query)?.unsqueeze(2)?)?
@@ -611,7 +612,7 @@ impl Grounder {
                 if let Some(coord) = &self.dense_coord {
                     // + <coord(query), cell centre in [-1, 1]^2>: "leftmost", "at the top"
                     // become one linear preference over the grid (CoordConv-like prior)
-                    let pm = cell_centres(gh, gw, x.device())?.affine(2.0, -1.0)?; // [N', 2]
+                    let pm = centres.affine(2.0, -1.0)?; // [N', 2]
                     scores = (scores + coord.forward(&query)?.matmul(&pm.t()?)?)?;
                 }
                 let pad = nn::key_padding_bias(
@@ -621,7 +622,6 @@ impl Grounder {
                 .flatten_from(1)?;
                 let scores = (scores + pad)?;
                 let probs = nn::softmax(&scores)?;
-                let centres = cell_centres(gh, gw, x.device())?; // [N', 2]
                 let step = Tensor::new(&[1.0 / gw as f32, 1.0 / gh as f32], x.device())?;
                 if head == BoxHead::Dense {
                     let raw = self.bbox_embed.forward(&patches)?; // [B, N', 4]
