@@ -174,6 +174,9 @@ class Grounder(nn.Module):
         self.q = nn.Linear(d, d)
         self.k = nn.Linear(d, d)
         self.coord = nn.Linear(d, 2)
+        if DIRECT:
+            self.q2 = nn.Linear(d, d)
+            self.k2 = nn.Linear(d, d)
         self.box = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 4))
         cells = torch.arange(g * g)
         self.register_buffer("cell_xy", torch.stack([(cells % g).float(), (cells // g).float()], 1) + 0.5)
@@ -195,6 +198,9 @@ class Grounder(nn.Module):
         query = reg + text_mean
         scores = (self.k(vis) @ self.q(query).unsqueeze(2)).squeeze(2) / math.sqrt(d)  # [B, N]
         scores = scores + self.coord(query) @ self.cell_pm.T  # text-chosen direction over the grid
+        if DIRECT:  # unfused text mean against unfused cells
+            t0 = (t * tm).sum(1) / tm.sum(1)
+            scores = scores + (self.k2(v) @ self.q2(t0).unsqueeze(2)).squeeze(2) / math.sqrt(d)
         raw = self.box(vis)  # [B, N, 4]
         centre = (self.cell_xy + torch.tanh(raw[..., :2])) / self.grid
         boxes = torch.cat([centre, torch.sigmoid(raw[..., 2:])], -1)
@@ -217,11 +223,28 @@ def giou(a, b):
     return iou - (hull - union) / hull, iou
 
 
+MULTI_POS = False
+DIRECT = False
+
+
 def criterion(scores, boxes, target, grid):
     b = target.shape[0]
     col = (target[:, 0] * grid).long().clamp(0, grid - 1)
     row = (target[:, 1] * grid).long().clamp(0, grid - 1)
     cell = row * grid + col
+    if MULTI_POS:
+        n = grid * grid
+        cells = torch.arange(n)
+        cxy = torch.stack([(cells % grid).float(), (cells // grid).float()], 1) + 0.5  # [N, 2] grid units
+        inside = ((cxy / grid - target[:, None, :2]).abs() < target[:, None, 2:] / 2).all(-1)  # [B, N]
+        centre = torch.stack([col, row], 1).float() + 0.5
+        near = ((cxy[None] - centre[:, None]).abs() <= 1.0).all(-1)
+        pos = (inside & near) | F.one_hot(cell, n).bool()
+        ce = (torch.logsumexp(scores, 1) - torch.logsumexp(scores.masked_fill(~pos, -1e9), 1)).mean()
+        w = pos.float() / pos.float().sum(1, keepdim=True)  # [B, N]
+        l1 = ((boxes - target[:, None]).abs().sum(-1) * w).sum() / b
+        g, _ = giou(boxes, target[:, None].expand_as(boxes))
+        return ce, l1, ((1 - g) * w).sum() / b
     picked = boxes[torch.arange(b), cell]
     ce = F.cross_entropy(scores, cell)
     l1 = (picked - target).abs().sum() / b
@@ -294,21 +317,26 @@ def evaluate(model, rows, imgs, vocab, text_len, bs=64):
             scores, boxes = model(pix, ids, mask)
             best = boxes[torch.arange(len(idx)), scores.argmax(1)]
             _, iou = giou(best.clamp(0, 1), tgt)
+            # pointing: the predicted centre lies inside the target box (selection right,
+            # whatever the box quality)
+            inside = ((best[:, :2] - tgt[:, :2]).abs() <= tgt[:, 2:] / 2).all(1)
             for k, i in enumerate(idx):
                 ok = bool(iou[k] >= 0.5)
                 hits += ok
                 ty = rows[i].get("extra", {}).get("type", "?")
-                h, n = by_type.get(ty, (0, 0))
-                by_type[ty] = (h + ok, n + 1)
+                h, p, n = by_type.get(ty, (0, 0, 0))
+                by_type[ty] = (h + ok, p + bool(inside[k]), n + 1)
     model.train()
-    return 100.0 * hits / len(rows), {k: round(100.0 * h / n, 1) for k, (h, n) in by_type.items()}
+    return 100.0 * hits / len(rows), {k: (round(100.0 * h / n, 1), round(100.0 * p / n, 1)) for k, (h, p, n) in by_type.items()}
 
 
 def cmd_train(a):
+    global MULTI_POS, DIRECT
+    MULTI_POS, DIRECT = a.multi_pos, a.direct
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
     data = Path(a.data)
-    rows, imgs = load_split(data, "train")
+    rows, imgs = load_split(Path(a.train_data) if a.train_data else data, "train")
     vrows, vimgs = load_split(data, "val")
     vocab = {w: i + 4 for i, w in enumerate(sorted({w for r in rows for w in words(r["expr"])}))}
     model = Grounder(len(vocab) + 4)
@@ -336,7 +364,9 @@ def cmd_train(a):
                 print(f"step {step}/{total} loss {loss.item():.3f} ce {ce.item():.3f} l1 {l1.item():.3f} "
                       f"giou {gi.item():.3f} {step * a.batch / (time.time() - t0):.0f} samples/s", flush=True)
         acc, types = evaluate(model, vrows, vimgs, vocab, 20)
+        tr_acc, _ = evaluate(model, rows[:500], imgs[:500], vocab, 20)
         print(json.dumps({"epoch": epoch + 1, "step": step, "val_acc50": round(acc, 2), "by_type": types,
+                          "train500_acc50": round(tr_acc, 2),
                           "elapsed_s": round(time.time() - t0, 1)}), flush=True)
 
 
@@ -383,6 +413,7 @@ def main():
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
     t.add_argument("--data", required=True)
+    t.add_argument("--train-data", help="take the train split from this folder instead (same generator, more rows)")
     t.add_argument("--epochs", type=int, default=6)
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--lr", type=float, default=1e-3)
@@ -390,6 +421,8 @@ def main():
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--direct", action="store_true", help="add an unfused text-mean x cell bilinear score")
+    t.add_argument("--multi-pos", action="store_true", help="every cell near the centre and inside the box is a positive")
     bch = sub.add_parser("bench")
     bch.add_argument("--model", choices=["synth-small", "synth-small-train"], default="synth-small-train")
     bch.add_argument("--batch", type=int, default=32)

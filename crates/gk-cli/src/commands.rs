@@ -3,6 +3,7 @@
 use crate::report;
 use anyhow::{Context, Result};
 use gk_data::synth::{self, SynthConfig};
+use gk_train::eval::GtBoxes;
 use gk_train::run::RunDir;
 use gk_train::train::{self, RunConfig, TrainOptions};
 use std::path::PathBuf;
@@ -153,6 +154,10 @@ pub struct EvalArgs {
     /// Image root for --data (default: each file's folder).
     #[arg(long)]
     pub images: Option<PathBuf>,
+    /// Score against TransVG's integer-truncated ground-truth boxes (its loader casts the
+    /// source numbers to int), to reproduce published numbers exactly.
+    #[arg(long)]
+    pub transvg_int_boxes: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -176,7 +181,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     } else {
         a.data.clone()
     };
-    let reports = report::evaluate_sets(&loaded, &sets)?;
+    let gt = if a.transvg_int_boxes { GtBoxes::TransvgInt } else { GtBoxes::Stored };
+    let mut reports = report::evaluate_sets(&loaded, &sets, gt)?;
+    reports.sort_by_key(|(name, _)| report::paper_column(name));
     if a.json {
         let v: serde_json::Map<String, serde_json::Value> = reports
             .iter()

@@ -3,6 +3,7 @@
 use crate::{commands, report};
 use anyhow::Result;
 use gk_data::synth::SynthConfig;
+use gk_train::eval::GtBoxes;
 use gk_train::train::{self, RunConfig, TrainOptions};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -58,7 +59,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let sets: Vec<PathBuf> = std::iter::once(loaded.cfg.data.val.clone())
         .chain(loaded.cfg.data.test.clone())
         .collect();
-    let reports = report::evaluate_sets(&loaded, &sets)?;
+    let reports = report::evaluate_sets(&loaded, &sets, GtBoxes::Stored)?;
     let table = report::table(&reports);
     println!("{table}");
     std::fs::write(run.file("results.txt"), &table)?;

@@ -3,6 +3,7 @@
 
 mod bench;
 mod commands;
+mod datasets;
 mod demo;
 mod embed;
 mod report;
@@ -30,6 +31,12 @@ enum Command {
     Train(commands::TrainArgs),
     /// Evaluate a run: Acc@0.5, Acc@0.75 and mIoU per split and per expression type.
     Eval(commands::EvalArgs),
+    /// Convert a published split (TransVG/HiVG .pth lists, or the refer API's refs + instances)
+    /// to canonical JSONL, with a .meta.json recording sources, sha256 and row count.
+    Convert(datasets::ConvertArgs),
+    /// Counts, expression lengths and box sizes of a canonical JSONL file, beside the
+    /// published split sizes.
+    Stats(datasets::StatsArgs),
     /// Ground one expression in one image with a trained run; prints JSON, writes a picture.
     Predict(commands::PredictArgs),
     /// Print CLIP image and text embeddings (L2-normalised) and their cosine similarity,
@@ -47,6 +54,8 @@ fn main() -> ExitCode {
         Command::Synth(a) => commands::synth(a),
         Command::Train(a) => commands::train(a),
         Command::Eval(a) => commands::eval(a),
+        Command::Convert(a) => datasets::convert(a),
+        Command::Stats(a) => datasets::stats(a),
         Command::Predict(a) => commands::predict(a),
         Command::Embed(a) => embed::run(a),
         Command::Bench(a) => bench::run(a),
@@ -54,8 +63,24 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes joined by ": ", leaving out a cause whose text the message
+/// before it already holds (typed errors print their source inline).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out += ": ";
+            }
+            out += &text;
+        }
+    }
+    out
 }

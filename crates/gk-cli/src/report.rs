@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use gk_train::draw;
-use gk_train::eval::{evaluate, EvalReport};
+use gk_train::eval::{evaluate, EvalReport, GtBoxes};
 use gk_train::run::RunDir;
 use gk_train::train::{eval_loader, load_set, Loaded};
 use std::path::{Path, PathBuf};
@@ -15,8 +15,21 @@ pub fn split_name(p: &Path) -> String {
         .unwrap_or_else(|| p.display().to_string())
 }
 
+/// Where a split goes in the papers' tables (val, testA, testB, test; others after, in
+/// the order given): the key sorts set names such as `unc_testA`.
+pub fn paper_column(name: &str) -> usize {
+    ["val", "testA", "testB", "test"]
+        .iter()
+        .position(|s| name == *s || name.ends_with(&format!("_{s}")))
+        .unwrap_or(4)
+}
+
 /// Evaluates the loaded model on each set, with a progress bar.
-pub fn evaluate_sets(loaded: &Loaded, sets: &[PathBuf]) -> Result<Vec<(String, EvalReport)>> {
+pub fn evaluate_sets(
+    loaded: &Loaded,
+    sets: &[PathBuf],
+    gt: GtBoxes,
+) -> Result<Vec<(String, EvalReport)>> {
     let mut out = Vec::new();
     for path in sets {
         let ds =
@@ -27,7 +40,7 @@ pub fn evaluate_sets(loaded: &Loaded, sets: &[PathBuf]) -> Result<Vec<(String, E
             "{msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
         )?);
         let loader = eval_loader(&loaded.cfg, ds, &loaded.tok);
-        let report = evaluate(&loaded.model, &loader, |n| pb.inc(n as u64))?;
+        let report = evaluate(&loaded.model, &loader, gt, |n| pb.inc(n as u64))?;
         pb.finish_and_clear();
         out.push((split_name(path), report));
     }

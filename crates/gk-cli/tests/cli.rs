@@ -67,7 +67,7 @@ fn help_is_useful() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success());
     for cmd in [
-        "demo", "synth", "train", "eval", "predict", "embed", "bench",
+        "demo", "synth", "train", "eval", "predict", "embed", "bench", "convert", "stats",
     ] {
         assert!(out.contains(cmd), "--help lacks {cmd}: {out}");
     }
@@ -264,4 +264,60 @@ fn synth_train_eval_predict_end_to_end() {
         ]),
         "bad.jsonl:1",
     );
+    published_split_convert_stats_eval(dir.path(), &run);
+}
+
+fn split_fixture(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../gk-data/tests/fixtures/splits")
+        .join(p)
+}
+
+/// A TransVG RefCOCO split file, converted with its images in TransVG's `ln_data` layout,
+/// counted, and evaluated with TransVG's integer boxes.
+fn published_split_convert_stats_eval(dir: &Path, run: &Path) {
+    let splits = split_fixture("");
+    let ln_data = dir.join("ln_data");
+    let coco = ln_data.join("other/images/mscoco/images/train2014");
+    std::fs::create_dir_all(&coco).unwrap();
+    let out = dir.join("conv/unc_val.jsonl");
+    let convert = |extra: &[&str]| {
+        let mut args = vec![
+            "convert", "--from", "transvg", "--dataset", "unc", "--split", "val",
+            "--input", splits.to_str().unwrap(), "--out", out.to_str().unwrap(),
+            "--images", ln_data.to_str().unwrap(), "--check-images",
+        ];
+        args.extend_from_slice(extra);
+        groundkit(&args)
+    };
+    // No images yet: a clear error that names the missing files.
+    assert_clean_failure(&convert(&[]), "images missing under");
+    for id in [42, 839, 123456, 581857] {
+        image::RgbImage::from_fn(640, 480, |x, y| image::Rgb([(x % 251) as u8, (y % 241) as u8, 60]))
+            .save(coco.join(format!("COCO_train2014_{id:012}.jpg")))
+            .unwrap();
+    }
+    let o = convert(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("conv/unc_val.meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["rows"], 6);
+    assert_eq!(meta["sources"][0]["sha256"].as_str().unwrap().len(), 64);
+    let o = groundkit(&["stats", out.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.contains("10834") && text.contains("expression length"), "{text}");
+    let o = groundkit(&[
+        "eval", "--run", run.to_str().unwrap(), "--data", out.to_str().unwrap(),
+        "--images", ln_data.to_str().unwrap(), "--transvg-int-boxes", "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["unc_val"]["all"]["n"], 6, "{v}");
+    // Hostile split files fail cleanly, naming the file and what is wrong.
+    let bad = |file: &str| {
+        let p = split_fixture(&format!("hostile/{file}"));
+        groundkit(&["convert", "--from", "transvg", "--dataset", "unc", "--split", "val", "--input", p.to_str().unwrap(), "--out", out.to_str().unwrap()])
+    };
+    assert_clean_failure(&bad("evil_global.pth"), "posix.system");
+    assert_clean_failure(&bad("truncated.pth"), "truncated.pth");
+    assert_clean_failure(&bad("negative_box.pth"), "row 2");
 }

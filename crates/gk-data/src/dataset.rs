@@ -15,6 +15,35 @@ use std::path::{Path, PathBuf};
 /// tools round, and COCO boxes are often a fraction of a pixel outside.
 pub const BOX_SLACK_PX: f32 = 2.0;
 
+/// Where the published layouts keep the images of each logical root, tried in order when
+/// `<root>/<logical path>` does not exist (TransVG's `ln_data`, HiVG/CLIP-VG's Flickr
+/// folder with a hyphen, or a root that already is the image folder).
+const IMAGE_DIRS: [(&str, &[&str]); 3] = [
+    ("coco/train2014/", &["other/images/mscoco/images/train2014/", "images/mscoco/images/train2014/", "mscoco/images/train2014/", "train2014/", ""]),
+    ("referit/images/", &["referit/images/", "images/", ""]),
+    ("flickr30k/images/", &["Flickr30k/flickr30k_images/", "Flickr30k/flickr30k-images/", "flickr30k_images/", "flickr30k-images/", ""]),
+];
+
+/// The file of a record's image under `root`: the canonical path, or the first layout of
+/// [`IMAGE_DIRS`] that has it (the canonical path when none does, for the error).
+pub fn resolve_image(root: &Path, rel: &str) -> PathBuf {
+    let direct = root.join(rel);
+    if direct.exists() {
+        return direct;
+    }
+    for (logical, dirs) in IMAGE_DIRS {
+        if let Some(file) = rel.strip_prefix(logical) {
+            for d in dirs {
+                let p = root.join(format!("{d}{file}"));
+                if p.exists() {
+                    return p;
+                }
+            }
+        }
+    }
+    direct
+}
+
 /// Options for [`Dataset::load`].
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
@@ -49,7 +78,11 @@ pub struct Dataset {
     pub skipped: Vec<Skipped>,
 }
 
-fn check_record(
+/// The checks every canonical record passes (non-empty expression, finite box with area,
+/// inside the image up to [`BOX_SLACK_PX`] when its size is known or `check_images` reads
+/// it); returns the image size when known. Converters run it too, so a converted file
+/// never holds a row the loader would reject.
+pub fn check_record(
     r: &Record,
     image_root: &Path,
     check_images: bool,
@@ -64,7 +97,7 @@ fn check_record(
     }
     let mut size = r.width.zip(r.height);
     if check_images {
-        let p = image_root.join(&r.image);
+        let p = resolve_image(image_root, &r.image);
         let dims =
             image::image_dimensions(&p).map_err(|e| format!("image {}: {e}", p.display()))?;
         size = Some(dims);
@@ -150,7 +183,7 @@ impl Dataset {
     /// Decodes sample `i` (image from disk).
     pub fn get(&self, i: usize) -> Result<Sample> {
         let r = &self.records[i];
-        let image = image_io::load_rgb(&self.image_root.join(&r.image))?;
+        let image = image_io::load_rgb(&resolve_image(&self.image_root, &r.image))?;
         Ok(Sample {
             image,
             expr: r.expr.clone(),

@@ -20,6 +20,12 @@ pub enum DataError {
         line: usize,
         msg: String,
     },
+    /// A whole-file problem in a published split or annotation file (container, pickle).
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+    /// One bad row of a published split or annotation file (0-based, as Python indexes it).
+    #[error("{path}: row {row}: {msg}")]
+    Row { path: PathBuf, row: usize, msg: String },
     #[error("{path}: tokenizer: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
     #[error("empty expression: nothing to ground")]

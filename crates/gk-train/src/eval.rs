@@ -3,7 +3,9 @@
 //! IoU is computed twice, as TransVG's `trans_vg_eval_test` does it (prediction clamped
 //! to `[0, 1]` in the padded normalised frame against the normalised target) and on the
 //! original image pixels (prediction mapped back through the letterbox and clamped to the
-//! image). Both are reported; the pixel one is the headline.
+//! image). Both are reported; the pixel one is the headline. Ground truth is the stored
+//! box, or with [`GtBoxes::TransvgInt`] the integer-truncated box TransVG's loader makes
+//! (`gk_data::published::transvg_int_box`), to reproduce published numbers exactly.
 
 use crate::error::Result;
 use gk_box::Box4;
@@ -82,9 +84,20 @@ impl EvalReport {
 }
 
 /// Runs the model over every batch of `loader` (an eval loader: no augmentation).
+/// Which ground-truth box a prediction is scored against.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GtBoxes {
+    /// The record's float box.
+    #[default]
+    Stored,
+    /// TransVG's: the source numbers truncated to integers (`extra.bbox_raw`).
+    TransvgInt,
+}
+
 pub fn evaluate(
     model: &Grounder,
     loader: &Loader,
+    gt: GtBoxes,
     mut on_batch: impl FnMut(usize),
 ) -> Result<EvalReport> {
     let mut report = EvalReport::default();
@@ -98,12 +111,15 @@ pub fn evaluate(
             false,
         )?;
         let preds = out.pred_box.to_vec2::<f32>()?;
-        let targets = batch.target.to_vec2::<f32>()?;
         for (k, &i) in batch.indices.iter().enumerate() {
             let p = [preds[k][0], preds[k][1], preds[k][2], preds[k][3]];
-            let t = [targets[k][0], targets[k][1], targets[k][2], targets[k][3]];
             let rec = &loader.dataset().records[i];
+            let gt_px = match gt {
+                GtBoxes::Stored => rec.bbox_xyxy,
+                GtBoxes::TransvgInt => gk_data::published::record_int_box(rec),
+            };
             let frame = batch.frames[k];
+            let t = frame.to_model(gt_px);
             let mut pred_px = frame.to_image(p);
             if let (Some(w), Some(h)) = (rec.width, rec.height) {
                 pred_px = [
@@ -113,7 +129,7 @@ pub fn evaluate(
                     pred_px[3].clamp(0.0, h as f32),
                 ];
             }
-            let iou_px = gk_box::iou(pred_px, rec.bbox_xyxy)?;
+            let iou_px = gk_box::iou(pred_px, gt_px)?;
             let iou_frame = gk_box::iou(
                 gk_box::clamp(gk_box::cxcywh_to_xyxy(p), 0.0, 1.0),
                 gk_box::cxcywh_to_xyxy(t),

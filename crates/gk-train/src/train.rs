@@ -7,7 +7,7 @@
 //! run continues exactly where the last checkpoint left off.
 
 use crate::error::{Result, TrainError};
-use crate::eval::{evaluate, EvalReport};
+use crate::eval::{evaluate, EvalReport, GtBoxes};
 use crate::init::seeded_var_builder;
 use crate::losses::{box_losses, dense_losses, BoxLossConfig, LossParts};
 use crate::optim::{lr_factor, AdamW, ParamGroup, Schedule};
@@ -463,7 +463,7 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
             // evaluation and checkpoints
             let stop = opts.stop_after.is_some_and(|s| state.step >= s);
             if state.step % eval_every == 0 || state.step == total {
-                last_report = evaluate(&model, &val_loader, |_| {})?;
+                last_report = evaluate(&model, &val_loader, GtBoxes::Stored, |_| {})?;
                 let acc = last_report.all.acc50();
                 run.log_metrics(&serde_json::json!({"event": "eval", "step": state.step, "epoch": epoch, "val": last_report.summary()}))?;
                 if acc > state.best_acc || state.best_step == 0 {
