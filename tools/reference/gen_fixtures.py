@@ -3,7 +3,7 @@
 
 Run with the reference venv (see tools/reference/README.md):
 
-    .venv-ref/bin/python tools/reference/gen_fixtures.py [--only clip,bert,box,tok]
+    .venv-ref/bin/python tools/reference/gen_fixtures.py [--only clip,bert,box,tok,roi,distill]
 
 Deterministic: every section re-seeds torch/numpy/random with 0 before it starts,
 so sections can be regenerated independently and give the same bytes.
@@ -471,8 +471,102 @@ def Tokenizer_from(backend):
     return t
 
 
+# --------------------------------------------------------------------------
+# e) RoIAlign (torchvision) and the distillation losses (torch), values and gradients
+# --------------------------------------------------------------------------
+ROI_CONFIGS = [  # (name, output (ph, pw), spatial_scale, sampling_ratio, aligned)
+    ("a", (2, 2), 1.0, 2, True),
+    ("b", (3, 2), 0.5, 0, False),
+    ("c", (2, 3), 1.0, -1, True),
+    ("d", (1, 1), 0.25, 0, True),
+]
+
+
+def gen_roi() -> None:
+    from torchvision.ops import roi_align
+
+    g = torch.Generator().manual_seed(11)
+    feats = torch.randn(2, 3, 6, 7, generator=g)  # [B, C, H, W]
+    rois = torch.tensor([
+        [0, 0.0, 0.0, 7.0, 6.0],      # the whole map
+        [1, 1.3, 0.7, 4.9, 3.2],      # fractional
+        [0, 5.5, 4.5, 9.0, 8.0],      # crosses the right/bottom border
+        [1, -2.0, -1.5, 1.0, 1.0],    # crosses the top-left border
+        [0, 2.2, 2.2, 2.4, 2.6],      # tiny (< 1 px)
+        [1, 3.0, 1.0, 3.0, 5.0],      # zero width
+        [0, 10.0, 10.0, 14.0, 12.0],  # entirely outside
+        [1, 0.5, 2.5, 6.5, 5.5],
+    ])
+    io = {"features": feats, "rois": rois}
+    for name, out, scale, ratio, aligned in ROI_CONFIGS:
+        x = feats.clone().requires_grad_(True)
+        y = roi_align(x, rois, out, spatial_scale=scale, sampling_ratio=ratio, aligned=aligned)
+        w = torch.randn(y.shape, generator=g)
+        (y * w).sum().backward()
+        io[f"{name}_out"] = y
+        io[f"{name}_weight"] = w
+        io[f"{name}_grad"] = x.grad
+    out = FIXTURES / "roi"
+    out.mkdir(parents=True, exist_ok=True)
+    save_io(io, out / "golden.safetensors")
+    print(f"roi: ok {len(ROI_CONFIGS)} configs x {len(rois)} boxes")
+
+
+def gen_distill() -> None:
+    """The losses of gk-train/src/distill.rs written in torch the obvious way."""
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(5)
+    n, d, k = 6, 8, 5
+    a, b = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    scale = torch.tensor(14.3)
+    teacher_sim = torch.randn(n, n, generator=g) * 3
+    student_sim = torch.randn(n, n, generator=g) * 3
+    feat_t = torch.randn(n, d, generator=g)
+    anchor = torch.randn(n, d, generator=g)
+    cands = torch.randn(n, k, d, generator=g)
+    pos = (torch.rand(n, k, generator=g) < 0.4).float()
+    pos[:, 0] = 1.0  # every anchor has a positive
+    temp, tau = 2.0, 0.1
+
+    def info_nce(a, b):
+        logits = scale * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+        y = torch.arange(n)
+        return (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
+
+    def sim_kl(s):
+        def rows(s, t):
+            return F.kl_div(F.log_softmax(s / temp, -1), F.log_softmax(t / temp, -1),
+                            log_target=True, reduction="batchmean") * temp ** 2
+        return (rows(s, teacher_sim) + rows(s.T, teacher_sim.T)) / 2
+
+    def cos_loss(s):
+        return (1 - F.cosine_similarity(s, feat_t, dim=-1)).mean()
+
+    def mse_loss(s):
+        return F.mse_loss(s, feat_t)
+
+    def region(an):
+        sim = torch.einsum("nkd,nd->nk", F.normalize(cands, dim=-1), F.normalize(an, dim=-1)) / tau
+        return (torch.logsumexp(sim, -1) - torch.logsumexp(sim.masked_fill(pos == 0, -1e9), -1)).mean()
+
+    io = {"a": a, "b": b, "scale": scale, "teacher_sim": teacher_sim, "student_sim": student_sim,
+          "feat_t": feat_t, "anchor": anchor, "cands": cands, "pos": pos,
+          "temp": torch.tensor(temp), "tau": torch.tensor(tau)}
+    for name, fn, x in [("info_nce", lambda x: info_nce(x, b), a), ("sim_kl", sim_kl, student_sim),
+                        ("cos", cos_loss, a), ("mse", mse_loss, a), ("region", region, anchor)]:
+        x = x.clone().requires_grad_(True)
+        loss = fn(x)
+        loss.backward()
+        io[f"{name}_loss"] = loss.detach().reshape(())
+        io[f"{name}_grad"] = x.grad
+    out = FIXTURES / "distill"
+    out.mkdir(parents=True, exist_ok=True)
+    save_io(io, out / "golden.safetensors")
+    print("distill: ok " + " ".join(f"{k}={v.item():.5f}" for k, v in io.items() if k.endswith("_loss")))
+
+
 SECTIONS = {"clip": gen_clip_tiny, "bert": gen_bert_tiny, "box": gen_box,
-            "tok": gen_tokenizers}
+            "tok": gen_tokenizers, "roi": gen_roi, "distill": gen_distill}
 
 
 def main():

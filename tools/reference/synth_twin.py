@@ -224,7 +224,7 @@ def giou(a, b):
 
 
 MULTI_POS = False
-DIRECT = False
+DIRECT = True  # dense_direct, as in gk-models; `train --no-direct` ablates it
 
 
 def criterion(scores, boxes, target, grid):
@@ -421,7 +421,8 @@ def main():
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
-    t.add_argument("--direct", action="store_true", help="add an unfused text-mean x cell bilinear score")
+    t.add_argument("--no-direct", dest="direct", action="store_false",
+                   help="drop the unfused text-mean x cell score (dense_direct; the Rust model has it)")
     t.add_argument("--multi-pos", action="store_true", help="every cell near the centre and inside the box is a positive")
     bch = sub.add_parser("bench")
     bch.add_argument("--model", choices=["synth-small", "synth-small-train"], default="synth-small-train")

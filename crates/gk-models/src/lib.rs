@@ -8,3 +8,4 @@ pub mod convnet;
 pub mod fused;
 pub mod grounder;
 pub mod nn;
+pub mod roi_align;

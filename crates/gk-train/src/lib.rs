@@ -1,4 +1,5 @@
 //! gk-train: losses, weights and run directories, the trainer, evaluation and prediction.
+pub mod distill;
 pub mod draw;
 pub mod error;
 pub mod eval;
@@ -8,6 +9,7 @@ pub mod losses;
 pub mod optim;
 pub mod predict;
 pub mod run;
+pub mod teacher;
 pub mod train;
 pub mod weights;
 

@@ -85,3 +85,37 @@ fn weights_of_zero_drop_a_part_and_all_zero_is_an_error() {
     .unwrap();
     assert!(none.total().is_err());
 }
+
+/// The distillation losses against torch (`gen_fixtures.py`, section `distill`): values
+/// and the gradient with respect to the student input. Tolerance 1e-5 (values), 1e-5
+/// (gradients); the max error seen is printed.
+#[test]
+fn distillation_losses_match_torch() {
+    use gk_train::distill::{feature_loss, info_nce, region_info_nce, similarity_kl, FeatureLoss};
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/distill/golden.safetensors");
+    let g = candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let temp = f64::from(g["temp"].to_scalar::<f32>().unwrap());
+    let tau = f64::from(g["tau"].to_scalar::<f32>().unwrap());
+    type LossFn<'a> = Box<dyn Fn(&Tensor) -> Tensor + 'a>;
+    let cases: Vec<(&str, &str, LossFn)> = vec![
+        ("info_nce", "a", Box::new(|x| info_nce(x, &g["b"], &g["scale"]).unwrap())),
+        ("sim_kl", "student_sim", Box::new(|x| similarity_kl(x, &g["teacher_sim"], temp).unwrap())),
+        ("cos", "a", Box::new(|x| feature_loss(x, &g["feat_t"], FeatureLoss::Cosine).unwrap())),
+        ("mse", "a", Box::new(|x| feature_loss(x, &g["feat_t"], FeatureLoss::Mse).unwrap())),
+        ("region", "anchor", Box::new(|x| region_info_nce(x, &g["cands"], &g["pos"], tau).unwrap())),
+    ];
+    let mut worst = (0f32, 0f32);
+    for (name, input, f) in cases {
+        let x = Var::from_tensor(&g[input]).unwrap();
+        let loss = f(x.as_tensor());
+        let want = g[&format!("{name}_loss")].to_scalar::<f32>().unwrap();
+        let got = loss.to_scalar::<f32>().unwrap();
+        let grad = loss.backward().unwrap().get(&x).unwrap().clone();
+        let eg = (grad - &g[&format!("{name}_grad")]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let e = (got - want).abs();
+        println!("{name}: {got} vs {want} (|diff| {e:.1e}), grad max |diff| {eg:.1e}");
+        assert!(e <= 1e-5 * want.abs().max(1.0) && eg <= 1e-5, "{name}: value {e}, grad {eg}");
+        worst = (worst.0.max(e), worst.1.max(eg));
+    }
+    println!("distillation losses max abs error: value {:.1e}, gradient {:.1e}", worst.0, worst.1);
+}

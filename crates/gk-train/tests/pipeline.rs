@@ -154,3 +154,50 @@ fn committed_configs_parse() {
         assert!(cfg.optim.epochs > 0, "{}", p.display());
     }
 }
+
+/// A teacher pretrained on the tiny benchmark: the folder loads as a CLIP teacher, its
+/// embeddings are unit vectors, its retrieval scores are percentages, and the InfoNCE loss
+/// falls during pretraining.
+#[test]
+fn teacher_pretrains_loads_and_embeds() {
+    use gk_train::teacher::{pretrain, PretrainConfig, Teacher};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    generate(&SynthConfig::tiny(), &data, &mut |_, _| {}).unwrap();
+    let cfg = PretrainConfig {
+        image_size: 32,
+        max_text_len: 24,
+        hidden: 32,
+        vision_layers: 1,
+        text_layers: 1,
+        projection_dim: 16,
+        epochs: 4,
+        batch_size: 16,
+        warmup_steps: 2,
+        lr: 2e-3,
+        ..PretrainConfig::synth()
+    };
+    let mut losses = Vec::new();
+    let out = dir.path().join("teacher");
+    let report = pretrain(&data, &out, &cfg, &Device::Cpu, |_, _, l| losses.push(l)).unwrap();
+    let (first, last) = (losses[..3].iter().sum::<f32>() / 3.0, losses[losses.len() - 3..].iter().sum::<f32>() / 3.0);
+    assert!(last < first, "InfoNCE did not fall: {first} -> {last}");
+    for r in [&report.scenes, &report.objects] {
+        assert!(r.n > 0 && (0.0..=100.0).contains(&r.image_to_text_r5) && r.image_to_text_r1 <= r.image_to_text_r5);
+    }
+    let t = Teacher::open(&out, &Device::Cpu).unwrap();
+    assert_eq!(t.id.len(), 64);
+    let e = t.text_embeds(&["the red circle", "a small blue star"]).unwrap();
+    let norms = e.sqr().unwrap().sum(1).unwrap().to_vec1::<f32>().unwrap();
+    assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-4), "{norms:?}");
+    let img = gk_data::image_io::load_rgb(&data.join("images/val").read_dir().unwrap().next().unwrap().unwrap().path()).unwrap();
+    let r = t.region_embeds(&img, &[[2.0, 2.0, 12.0, 14.0], [20.0, 5.0, 30.0, 30.0]]).unwrap();
+    assert_eq!(r.dims(), &[2, 16]);
+    // A tokenizer from another model is refused by name.
+    let cfg_path = out.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    c["text_config"]["vocab_size"] = 5.into();
+    std::fs::write(&cfg_path, c.to_string()).unwrap();
+    let e = Teacher::open(&out, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("tokenizer"), "{e}");
+}

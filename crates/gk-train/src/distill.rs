@@ -1,0 +1,102 @@
+//! The distillation and contrastive losses of EpmVG, DUET and the teacher's pretraining
+//! (`shared/methods.md` §5-§7), as plain functions of tensors; golden values against a
+//! torch reference in `tests/golden.rs`.
+//!
+//! - [`info_nce`]: CLIP's symmetric image-text InfoNCE with a logit scale.
+//! - [`similarity_kl`]: the cross-modal term, `T² · KL(softmax(teacher / T) ‖ softmax(student / T))`
+//!   over each row of an in-batch similarity matrix and of its transpose, averaged.
+//! - [`feature_loss`]: cosine (`1 - cos`) or MSE between projected student features and
+//!   teacher features.
+//! - [`region_info_nce`]: DUET's region contrast with several positives per anchor:
+//!   `-log Σ_pos exp(s/τ) / Σ_all exp(s/τ)` on cosine similarities.
+//!
+//! Every function is built from differentiable ops (`log_softmax` is composed in
+//! candle_nn), and all reduce to a scalar mean.
+
+use crate::error::Result;
+use candle_core::{DType, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+/// Rows scaled to unit L2 norm (`eps` keeps zero rows finite).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    Ok(x.broadcast_div(&norm)?)
+}
+
+fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::log_softmax(x, D::Minus1)?)
+}
+
+/// Mean cross-entropy of `[N, N]` logits against the diagonal.
+fn diagonal_ce(logits: &Tensor) -> Result<Tensor> {
+    let n = logits.dim(0)?;
+    let eye = Tensor::eye(n, DType::F32, logits.device())?.to_dtype(logits.dtype())?;
+    Ok((log_softmax(logits)? * eye)?.sum_all()?.affine(-1.0 / n as f64, 0.0)?)
+}
+
+/// Symmetric InfoNCE of paired rows `a, b: [N, D]` (normalised here) with logits
+/// `scale · cos`: the mean of the a→b and b→a cross-entropies.
+pub fn info_nce(a: &Tensor, b: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let logits = l2_normalize(a)?.matmul(&l2_normalize(b)?.t()?)?.broadcast_mul(scale)?; // [N, N]
+    Ok(((diagonal_ce(&logits)? + diagonal_ce(&logits.t()?)?)? * 0.5)?)
+}
+
+/// `T² · KL(p_teacher ‖ p_student)` with `p = softmax(logits / T)`, per row, mean over rows.
+fn kl_rows(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor> {
+    let n = student.dim(0)?;
+    let ls = log_softmax(&(student / t)?)?;
+    let lt = log_softmax(&(teacher / t)?)?;
+    let kl = (lt.exp()? * (lt - ls)?)?.sum_all()?;
+    Ok(kl.affine(t * t / n as f64, 0.0)?)
+}
+
+/// The cross-modal distillation term on in-batch similarity matrices `[N, N]` (image rows,
+/// text columns): row-wise KL image→text plus column-wise text→image, averaged.
+pub fn similarity_kl(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
+    let teacher = teacher.detach();
+    let rows = kl_rows(student, &teacher, temperature)?;
+    let cols = kl_rows(&student.t()?.contiguous()?, &teacher.t()?.contiguous()?, temperature)?;
+    Ok(((rows + cols)? * 0.5)?)
+}
+
+/// How student features are matched to teacher features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureLoss {
+    /// `mean(1 - cos(s, t))`.
+    #[default]
+    Cosine,
+    /// `mean((s - t)²)` over all elements.
+    Mse,
+}
+
+/// Feature distillation between `student, teacher: [N, D]` (the teacher is not trained).
+pub fn feature_loss(student: &Tensor, teacher: &Tensor, kind: FeatureLoss) -> Result<Tensor> {
+    let teacher = teacher.detach();
+    Ok(match kind {
+        FeatureLoss::Cosine => {
+            let cos = (l2_normalize(student)? * l2_normalize(&teacher)?)?.sum(D::Minus1)?;
+            cos.affine(-1.0, 1.0)?.mean_all()?
+        }
+        FeatureLoss::Mse => (student - teacher)?.sqr()?.mean_all()?,
+    })
+}
+
+/// Region contrast: `anchor: [N, D]` against `candidates: [N, K, D]`, `positive: [N, K]`
+/// (1 = positive, 0 = negative; every row needs a positive), temperature `tau`; cosine
+/// similarities; mean over anchors of `-log Σ_pos e^{s/τ} / Σ_all e^{s/τ}`.
+pub fn region_info_nce(anchor: &Tensor, candidates: &Tensor, positive: &Tensor, tau: f64) -> Result<Tensor> {
+    let n = anchor.dim(0)?;
+    let a = l2_normalize(anchor)?.unsqueeze(2)?; // [N, D, 1]
+    let s = (l2_normalize(candidates)?.matmul(&a)?.squeeze(2)? / tau)?; // [N, K]
+    let all = logsumexp(&s)?; // [N]
+    let neg_inf = ((positive.affine(-1.0, 1.0))? * -1e9)?; // 0 on positives, -1e9 elsewhere
+    let pos = logsumexp(&(s + neg_inf)?)?;
+    Ok((all - pos)?.sum_all()?.affine(1.0 / n as f64, 0.0)?)
+}
+
+/// `log Σ exp` over the last dimension, `[N, K] -> [N]`.
+fn logsumexp(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    Ok((x.broadcast_sub(&max)?.exp()?.sum(D::Minus1)?.log()? + max.squeeze(D::Minus1)?)?)
+}

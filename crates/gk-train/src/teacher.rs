@@ -1,0 +1,411 @@
+//! The frozen CLIP-style teacher of the distillation methods (issue 4), and its
+//! pretraining on the benchmark's image-caption pairs.
+//!
+//! A teacher is a folder in the Hugging Face CLIP layout (`config.json`,
+//! `model.safetensors`, `tokenizer.json`), so a real CLIP and one made by [`pretrain`]
+//! load the same way; an optional `teacher.json` holds the preprocessing of ours and its
+//! retrieval scores. [`Teacher`] gives L2-normalised image, region (square crops) and text
+//! embeddings, and an id (sha256 of the weights) that names it in feature caches.
+//!
+//! [`pretrain`] trains a small CLIP from scratch with CLIP's symmetric InfoNCE and a
+//! learned temperature on the benchmark's scene captions (`captions.jsonl`) and on object
+//! crops described by their labels (`objects.jsonl`), then reports zero-shot retrieval
+//! R@1/R@5 on the validation split.
+
+use crate::distill::{info_nce, l2_normalize};
+use crate::error::{io_err, Result, TrainError};
+use crate::init::seeded_var_builder;
+use crate::optim::{lr_factor, AdamW, Schedule};
+use crate::weights::{read_safetensors, save_atomic, write_atomic};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use gk_box::Box4;
+use gk_data::image_io::{self, Normalize};
+use gk_data::tokenize::{self, TextTokenizer};
+use gk_models::clip::{ClipConfig, ClipModel, ClipTextConfig, ClipVisionConfig};
+use gk_models::nn::Activation;
+use image::RgbImage;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Preprocessing and scores of a teacher we trained (`teacher.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TeacherMeta {
+    pub image_size: usize,
+    pub max_text_len: usize,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    #[serde(default)]
+    pub retrieval: Option<RetrievalReport>,
+}
+
+/// A frozen CLIP-style dual encoder.
+pub struct Teacher {
+    pub model: ClipModel,
+    pub tok: TextTokenizer,
+    pub cfg: ClipConfig,
+    /// sha256 of `model.safetensors`: feature caches are keyed by it.
+    pub id: String,
+    /// Embedding size (`projection_dim`).
+    pub dim: usize,
+    pub meta: TeacherMeta,
+    dev: Device,
+}
+
+impl std::fmt::Debug for Teacher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Teacher").field("id", &self.id).field("dim", &self.dim).finish()
+    }
+}
+
+/// Images or texts per forward pass when embedding many.
+const CHUNK: usize = 64;
+
+impl Teacher {
+    /// Loads a teacher folder (a Hugging Face CLIP folder, or one written by [`pretrain`]).
+    pub fn open(dir: &Path, dev: &Device) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
+        let cfg: ClipConfig = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Format { path: cfg_path.clone(), msg: format!("not a CLIP config: {e}") })?;
+        let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+        if tok.vocab_size() > cfg.text_config.vocab_size {
+            return Err(TrainError::Config(format!(
+                "teacher {}: its tokenizer has {} tokens but the text tower only {} embeddings (a tokenizer from another model?)",
+                dir.display(),
+                tok.vocab_size(),
+                cfg.text_config.vocab_size
+            )));
+        }
+        let weights = dir.join("model.safetensors");
+        let bytes = std::fs::read(&weights).map_err(io_err(&weights))?;
+        let id = gk_data::sha256::hex(&bytes);
+        let tensors = read_safetensors(&weights, dev)?;
+        let model = ClipModel::new(VarBuilder::from_tensors(tensors, DType::F32, dev), &cfg)
+            .map_err(|e| TrainError::Format { path: weights.clone(), msg: format!("weights do not fit config.json: {e}") })?;
+        let meta_path = dir.join("teacher.json");
+        let meta = if meta_path.is_file() {
+            let text = std::fs::read_to_string(&meta_path).map_err(io_err(&meta_path))?;
+            serde_json::from_str(&text).map_err(|e| TrainError::Format { path: meta_path.clone(), msg: e.to_string() })?
+        } else {
+            TeacherMeta {
+                image_size: cfg.vision_config.image_size,
+                max_text_len: cfg.text_config.max_position_embeddings,
+                mean: Normalize::CLIP.mean,
+                std: Normalize::CLIP.std,
+                retrieval: None,
+            }
+        };
+        Ok(Self { dim: cfg.projection_dim, model, tok, cfg, id, meta, dev: dev.clone() })
+    }
+
+    fn norm(&self) -> Normalize {
+        Normalize { mean: self.meta.mean, std: self.meta.std }
+    }
+
+    /// `[N, 3, S, S]` teacher input of whole images (CLIP's resize and centre crop).
+    fn pixels(&self, images: &[RgbImage]) -> Result<Tensor> {
+        let s = self.meta.image_size as u32;
+        let t: Vec<Tensor> = images
+            .iter()
+            .map(|im| image_io::to_tensor(&image_io::clip_resize_crop(im, s), &self.norm(), &self.dev))
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(Tensor::stack(&t, 0)?)
+    }
+
+    /// L2-normalised image embeddings `[N, dim]`.
+    pub fn image_embeds(&self, images: &[RgbImage]) -> Result<Tensor> {
+        let mut out = Vec::new();
+        for chunk in images.chunks(CHUNK) {
+            out.push(l2_normalize(&self.model.encode_image(&self.pixels(chunk)?)?.embeds)?);
+        }
+        Ok(Tensor::cat(&out, 0)?.detach())
+    }
+
+    /// L2-normalised embeddings `[R, dim]` of square crops around `boxes` (pixel xyxy).
+    pub fn region_embeds(&self, image: &RgbImage, boxes: &[Box4]) -> Result<Tensor> {
+        let crops: Vec<RgbImage> = boxes.iter().map(|b| region_crop(image, *b)).collect();
+        self.image_embeds(&crops)
+    }
+
+    /// `[N, L]` ids and mask of texts.
+    fn encode(&self, texts: &[&str]) -> Result<(Tensor, Tensor)> {
+        let l = self.meta.max_text_len;
+        let (mut ids, mut mask) = (Vec::with_capacity(texts.len() * l), Vec::with_capacity(texts.len() * l));
+        for t in texts {
+            let e = self.tok.encode(t, l)?;
+            ids.extend(e.ids);
+            mask.extend(e.mask);
+        }
+        Ok((Tensor::from_vec(ids, (texts.len(), l), &self.dev)?, Tensor::from_vec(mask, (texts.len(), l), &self.dev)?))
+    }
+
+    /// L2-normalised text embeddings `[N, dim]`.
+    pub fn text_embeds(&self, texts: &[&str]) -> Result<Tensor> {
+        let mut out = Vec::new();
+        for chunk in texts.chunks(CHUNK) {
+            let (ids, mask) = self.encode(chunk)?;
+            out.push(l2_normalize(&self.model.encode_text(&ids, Some(&mask))?.embeds)?);
+        }
+        Ok(Tensor::cat(&out, 0)?.detach())
+    }
+}
+
+/// A square crop centred on `b` with a quarter of margin, grey outside the image: what the
+/// teacher sees of a region (in pretraining and when scoring regions).
+pub fn region_crop(image: &RgbImage, b: Box4) -> RgbImage {
+    let (cx, cy) = ((b[0] + b[2]) / 2.0, (b[1] + b[3]) / 2.0);
+    let side = ((b[2] - b[0]).max(b[3] - b[1]) * 1.25).max(4.0);
+    let n = side.round() as u32;
+    let (x0, y0) = (cx - side / 2.0, cy - side / 2.0);
+    RgbImage::from_fn(n, n, |x, y| {
+        let (sx, sy) = ((x0 + x as f32).floor(), (y0 + y as f32).floor());
+        if sx < 0.0 || sy < 0.0 || sx >= image.width() as f32 || sy >= image.height() as f32 {
+            image::Rgb([128, 128, 128])
+        } else {
+            *image.get_pixel(sx as u32, sy as u32)
+        }
+    })
+}
+
+/// Settings of [`pretrain`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PretrainConfig {
+    pub seed: u64,
+    pub image_size: usize,
+    pub max_text_len: usize,
+    pub hidden: usize,
+    pub vision_layers: usize,
+    pub text_layers: usize,
+    pub projection_dim: usize,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: usize,
+    /// Also train on object crops described by their labels.
+    pub object_crops: bool,
+}
+
+impl PretrainConfig {
+    /// The benchmark teacher: a 4-layer ViT (64 px, 8 px patches) and a 3-layer text tower
+    /// of width 128, a few minutes on 2 cores.
+    pub fn synth() -> Self {
+        Self {
+            seed: 0,
+            image_size: 64,
+            max_text_len: 48,
+            hidden: 128,
+            vision_layers: 4,
+            text_layers: 3,
+            projection_dim: 128,
+            epochs: 6,
+            batch_size: 64,
+            lr: 5e-4,
+            weight_decay: 0.05,
+            warmup_steps: 100,
+            object_crops: true,
+        }
+    }
+
+    fn clip(&self, vocab_size: usize) -> ClipConfig {
+        let heads = (self.hidden / 32).max(1);
+        ClipConfig {
+            vision_config: ClipVisionConfig {
+                hidden_size: self.hidden,
+                intermediate_size: 2 * self.hidden,
+                num_hidden_layers: self.vision_layers,
+                num_attention_heads: heads,
+                num_channels: 3,
+                image_size: self.image_size,
+                patch_size: 8,
+                hidden_act: Activation::QuickGelu,
+                layer_norm_eps: 1e-5,
+            },
+            text_config: ClipTextConfig {
+                vocab_size,
+                hidden_size: self.hidden,
+                intermediate_size: 2 * self.hidden,
+                num_hidden_layers: self.text_layers,
+                num_attention_heads: heads,
+                max_position_embeddings: self.max_text_len,
+                hidden_act: Activation::QuickGelu,
+                layer_norm_eps: 1e-5,
+                // the word-level tokenizer's [PAD], [CLS], [SEP]
+                pad_token_id: 0,
+                bos_token_id: 2,
+                eos_token_id: 3,
+            },
+            projection_dim: self.projection_dim,
+        }
+    }
+}
+
+/// Recall at 1 and 5 both ways, in percent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Recall {
+    pub n: usize,
+    pub image_to_text_r1: f64,
+    pub image_to_text_r5: f64,
+    pub text_to_image_r1: f64,
+    pub text_to_image_r5: f64,
+}
+
+/// Zero-shot retrieval on held-out pairs: whole scenes and object crops.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RetrievalReport {
+    pub scenes: Recall,
+    pub objects: Recall,
+}
+
+/// One image-text pair of the pretraining set.
+struct Pair {
+    image: RgbImage,
+    text: String,
+}
+
+fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| TrainError::Format { path: path.to_path_buf(), msg: format!("line {}: {e}", i + 1) }))
+        .collect()
+}
+
+/// An object's label as a short description (`a small red striped circle`).
+fn describe(o: &serde_json::Value) -> Option<String> {
+    let f = |k: &str| o.get(k).and_then(|v| v.as_str());
+    let texture = f("texture").filter(|t| *t != "plain");
+    Some([Some("a"), f("size"), Some(f("colour")?), texture, Some(f("shape")?)].into_iter().flatten().collect::<Vec<_>>().join(" "))
+}
+
+/// Scene pairs and object-crop pairs of one split (`train` or `val`).
+fn load_pairs(data: &Path, split: &str, crops: bool, image_size: u32) -> Result<(Vec<Pair>, Vec<Pair>)> {
+    let prefix = format!("images/{split}/");
+    let small = |im: &RgbImage| image_io::clip_resize_crop(im, image_size);
+    let mut scenes = Vec::new();
+    for c in read_jsonl(&data.join("captions.jsonl"))? {
+        let (Some(img), Some(text)) = (c["image"].as_str(), c["caption"].as_str()) else { continue };
+        if c["split"].as_str() == Some(split) || (c.get("split").is_none() && img.starts_with(&prefix)) {
+            scenes.push(Pair { image: small(&image_io::load_rgb(&data.join(img))?), text: text.to_string() });
+        }
+    }
+    let mut objects = Vec::new();
+    if crops {
+        for row in read_jsonl(&data.join("objects.jsonl"))? {
+            let Some(img) = row["image"].as_str().filter(|i| i.starts_with(&prefix)) else { continue };
+            let image = image_io::load_rgb(&data.join(img))?;
+            for o in row["objects"].as_array().into_iter().flatten() {
+                let b: Option<Vec<f32>> = o["bbox_xyxy"].as_array().map(|v| v.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect());
+                if let (Some(text), Some(&[x1, y1, x2, y2])) = (describe(o), b.as_deref()) {
+                    objects.push(Pair { image: small(&region_crop(&image, [x1, y1, x2, y2])), text });
+                }
+            }
+        }
+    }
+    Ok((scenes, objects))
+}
+
+/// Trains a teacher on `data` (a folder written by `groundkit synth`) and writes it to
+/// `out` in the Hugging Face CLIP layout plus `teacher.json`. `progress(step, total,
+/// loss)` is called after every step.
+pub fn pretrain(data: &Path, out: &Path, cfg: &PretrainConfig, dev: &Device, mut progress: impl FnMut(usize, usize, f32)) -> Result<RetrievalReport> {
+    let size = cfg.image_size as u32;
+    let (scenes, objects) = load_pairs(data, "train", cfg.object_crops, size)?;
+    let (val_scenes, val_objects) = load_pairs(data, "val", true, size)?;
+    let train: Vec<&Pair> = scenes.iter().chain(&objects).collect();
+    if train.len() < cfg.batch_size {
+        return Err(TrainError::Config(format!("{}: {} training pairs, fewer than a batch", data.display(), train.len())));
+    }
+    // Vocabulary: every caption and label word, and the grounding expressions' words so the
+    // teacher can read expressions too (words it never trained on keep random embeddings).
+    let mut texts: Vec<String> = train.iter().map(|p| p.text.clone()).collect();
+    for split in ["train", "val"] {
+        let path = data.join(format!("{split}.jsonl"));
+        if path.is_file() {
+            texts.extend(read_jsonl(&path)?.iter().filter_map(|r| r["expr"].as_str().map(str::to_string)));
+        }
+    }
+    let tok = tokenize::word_level(texts.iter().map(String::as_str))?;
+    let clip = cfg.clip(tok.vocab_size());
+    let map = VarMap::new();
+    let model = ClipModel::new(seeded_var_builder(&map, cfg.seed, dev), &clip)?;
+    let meta = TeacherMeta { image_size: cfg.image_size, max_text_len: cfg.max_text_len, mean: Normalize::CLIP.mean, std: Normalize::CLIP.std, retrieval: None };
+    let norm = Normalize { mean: meta.mean, std: meta.std };
+    let mut opt = AdamW::new(&map, &[], cfg.weight_decay)?;
+    let per_epoch = train.len() / cfg.batch_size;
+    let total = per_epoch * cfg.epochs;
+    let mut step = 0;
+    for epoch in 0..cfg.epochs {
+        let mut order: Vec<usize> = (0..train.len()).collect();
+        order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(gk_data::batch::mix_seed(&[cfg.seed, epoch as u64])));
+        for batch in order.chunks_exact(cfg.batch_size) {
+            let pix: Vec<Tensor> = batch.iter().map(|&i| image_io::to_tensor(&train[i].image, &norm, dev)).collect::<std::result::Result<_, _>>()?;
+            let (mut ids, mut mask) = (Vec::new(), Vec::new());
+            for &i in batch {
+                let e = tok.encode(&train[i].text, cfg.max_text_len)?;
+                ids.extend(e.ids);
+                mask.extend(e.mask);
+            }
+            let b = batch.len();
+            let ids = Tensor::from_vec(ids, (b, cfg.max_text_len), dev)?;
+            let mask = Tensor::from_vec(mask, (b, cfg.max_text_len), dev)?;
+            let img = model.encode_image(&Tensor::stack(&pix, 0)?)?.embeds;
+            let txt = model.encode_text(&ids, Some(&mask))?.embeds;
+            let scale = model.logit_scale()?.clamp(1.0, 100.0)?; // CLIP clamps at 100
+            let loss = info_nce(&img, &txt, &scale)?;
+            let value = loss.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite { step, parts: format!("info_nce {value}") });
+            }
+            let mut grads = loss.backward()?;
+            opt.clip_grad_norm(&mut grads, 1.0)?;
+            opt.step(&grads, cfg.lr * lr_factor(Schedule::Cosine { min_ratio: 0.02 }, step, total, cfg.warmup_steps))?;
+            step += 1;
+            progress(step, total, value);
+        }
+    }
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    save_atomic(&map, &out.join("model.safetensors"))?;
+    write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&clip).expect("config serialises").as_bytes())?;
+    tok.inner().save(out.join("tokenizer.json"), false).map_err(|e| TrainError::Format { path: out.join("tokenizer.json"), msg: e.to_string() })?;
+    // Evaluate through the saved folder: what users of the teacher will load.
+    write_atomic(&out.join("teacher.json"), serde_json::to_string_pretty(&meta).expect("meta serialises").as_bytes())?;
+    let teacher = Teacher::open(out, dev)?;
+    let report = RetrievalReport { scenes: retrieval(&teacher, &val_scenes)?, objects: retrieval(&teacher, &val_objects)? };
+    let meta = TeacherMeta { retrieval: Some(report.clone()), ..meta };
+    write_atomic(&out.join("teacher.json"), serde_json::to_string_pretty(&meta).expect("meta serialises").as_bytes())?;
+    Ok(report)
+}
+
+/// Retrieval recall on pairs; a retrieved item counts when its text equals the query's
+/// (object crops share descriptions, so the same text on another crop is a hit).
+fn retrieval(t: &Teacher, pairs: &[Pair]) -> Result<Recall> {
+    let n = pairs.len();
+    if n == 0 {
+        return Ok(Recall::default());
+    }
+    let images: Vec<RgbImage> = pairs.iter().map(|p| p.image.clone()).collect();
+    let texts: Vec<&str> = pairs.iter().map(|p| p.text.as_str()).collect();
+    let sim = t.image_embeds(&images)?.matmul(&t.text_embeds(&texts)?.t()?)?.to_vec2::<f32>()?; // [N, N]
+    let rank_hits = |scores: Vec<(usize, f32)>, want: &str| -> (bool, bool) {
+        let mut s = scores;
+        s.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let pos = s.iter().position(|(j, _)| texts[*j] == want).unwrap_or(n);
+        (pos < 1, pos < 5)
+    };
+    let (mut i1, mut i5, mut t1, mut t5) = (0, 0, 0, 0);
+    for i in 0..n {
+        let (a, b) = rank_hits((0..n).map(|j| (j, sim[i][j])).collect(), texts[i]);
+        i1 += usize::from(a);
+        i5 += usize::from(b);
+        let (a, b) = rank_hits((0..n).map(|j| (j, sim[j][i])).collect(), texts[i]);
+        t1 += usize::from(a);
+        t5 += usize::from(b);
+    }
+    let pct = |k: usize| 100.0 * k as f64 / n as f64;
+    Ok(Recall { n, image_to_text_r1: pct(i1), image_to_text_r5: pct(i5), text_to_image_r1: pct(t1), text_to_image_r5: pct(t5) })
+}
