@@ -29,10 +29,15 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     pb.set_style(indicatif::ProgressStyle::with_template(
         "pretrain-teacher {bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
     )?);
+    // Without a terminal (logs, CI) the bar is hidden: print a line every 50 steps instead.
+    let lines = !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let report = teacher::pretrain(&a.data, &a.out, &cfg, &candle_core::Device::Cpu, |step, total, loss| {
         pb.set_length(total as u64);
         pb.set_position(step as u64);
         pb.set_message(format!("InfoNCE {loss:.3}"));
+        if lines && (step % 50 == 0 || step == total) {
+            eprintln!("pretrain-teacher step {step}/{total} InfoNCE {loss:.3}");
+        }
     })
     .with_context(|| format!("pretraining a teacher on {}", a.data.display()))?;
     pb.finish_and_clear();

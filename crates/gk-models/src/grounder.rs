@@ -169,14 +169,16 @@ impl GrounderConfig {
         }
     }
 
-    fn visual_dim(&self) -> usize {
+    /// Width of the visual backbone's tokens.
+    pub fn visual_dim(&self) -> usize {
         match &self.visual {
             VisualConfig::ClipVit(c) => c.hidden_size,
             VisualConfig::ConvNet(c) => c.out_dim(),
         }
     }
 
-    fn text_dim(&self) -> usize {
+    /// Width of the text encoder's tokens.
+    pub fn text_dim(&self) -> usize {
         match &self.text {
             TextConfig::Bert(c) => c.hidden_size,
             TextConfig::ClipText(c) => c.hidden_size,

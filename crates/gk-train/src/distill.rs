@@ -100,3 +100,88 @@ fn logsumexp(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     Ok((x.broadcast_sub(&max)?.exp()?.sum(D::Minus1)?.log()? + max.squeeze(D::Minus1)?)?)
 }
+
+/// Distillation settings of a run (`[distill]` in its config). EpmVG's terms are ours
+/// where the paper is not public (`docs/methods.md`): the student's pooled backbone
+/// features, projected into the teacher space, are pulled toward the teacher's image and
+/// expression embeddings (`feature`), and the student's in-batch image-text similarity
+/// distribution toward the teacher's (`cross`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DistillConfig {
+    /// Teacher folder: a Hugging Face CLIP folder or `groundkit pretrain-teacher`'s.
+    pub teacher: std::path::PathBuf,
+    /// The teacher's embedding size; filled in when the run is prepared, checked at training.
+    #[serde(default)]
+    pub teacher_dim: usize,
+    /// Weight of the feature terms (visual and text), 0 = off.
+    #[serde(default)]
+    pub feature: f64,
+    #[serde(default)]
+    pub feature_kind: FeatureLoss,
+    /// Weight of the cross-modal similarity KL, 0 = off.
+    #[serde(default)]
+    pub cross: f64,
+    /// Softmax temperature of the cross-modal term.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+}
+
+fn default_temperature() -> f64 {
+    2.0
+}
+
+/// The student-side projections into the teacher space (keys `distill.visual`,
+/// `distill.text`); trained with the student, unused at inference.
+#[derive(Debug, Clone)]
+pub struct DistillHeads {
+    visual: candle_nn::Linear,
+    text: candle_nn::Linear,
+}
+
+impl DistillHeads {
+    pub fn new(vb: candle_nn::VarBuilder, visual_dim: usize, text_dim: usize, teacher_dim: usize) -> Result<Self> {
+        Ok(Self {
+            visual: candle_nn::linear(visual_dim, teacher_dim, vb.pp("visual"))?,
+            text: candle_nn::linear(text_dim, teacher_dim, vb.pp("text"))?,
+        })
+    }
+}
+
+/// Masked mean over tokens: `x [B, N, C]`, `mask [B, N]` -> `[B, C]`.
+fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(x.dtype())?.unsqueeze(2)?;
+    Ok(x.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?.clamp(1.0, f64::MAX)?)?)
+}
+
+/// The teacher's embeddings of one batch (L2-normalised `[B, P]`) and its logit scale.
+#[derive(Debug, Clone)]
+pub struct TeacherBatch {
+    pub image: Tensor,
+    pub text: Tensor,
+    pub scale: f64,
+}
+
+/// EpmVG's losses for one batch, pushed into `parts` as `kd_visual`, `kd_text`, `kd_cross`.
+pub fn epmvg_losses(
+    cfg: &DistillConfig,
+    heads: &DistillHeads,
+    out: &gk_models::grounder::GrounderOutput,
+    text_mask: &Tensor,
+    teacher: &TeacherBatch,
+    parts: &mut crate::losses::LossParts,
+) -> Result<()> {
+    use candle_core::Module;
+    let v = heads.visual.forward(&masked_mean(&out.visual.tokens, &out.visual.mask)?)?; // [B, P]
+    let t = heads.text.forward(&masked_mean(&out.text.tokens, text_mask)?)?; // [B, P]
+    if cfg.feature > 0.0 {
+        parts.push("kd_visual", cfg.feature, feature_loss(&v, &teacher.image, cfg.feature_kind)?);
+        parts.push("kd_text", cfg.feature, feature_loss(&t, &teacher.text, cfg.feature_kind)?);
+    }
+    if cfg.cross > 0.0 {
+        // Both similarity matrices on the teacher's logit scale, so T softens them alike.
+        let student = (l2_normalize(&v)?.matmul(&l2_normalize(&t)?.t()?)? * teacher.scale)?;
+        let teach = (teacher.image.matmul(&teacher.text.t()?)? * teacher.scale)?;
+        parts.push("kd_cross", cfg.cross, similarity_kl(&student, &teach, cfg.temperature)?);
+    }
+    Ok(())
+}

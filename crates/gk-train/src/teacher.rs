@@ -409,3 +409,118 @@ fn retrieval(t: &Teacher, pairs: &[Pair]) -> Result<Recall> {
     let pct = |k: usize| 100.0 * k as f64 / n as f64;
     Ok(Recall { n, image_to_text_r1: pct(i1), image_to_text_r5: pct(i5), text_to_image_r1: pct(t1), text_to_image_r5: pct(t5) })
 }
+
+/// The teacher's embeddings of every record of a training set, kept on disk beside the
+/// teacher (`<teacher>/cache/<records key>.safetensors` + `.json`) so runs over the same
+/// data (seeds, ablations) compute them once. Whole, unaugmented images and the
+/// expressions as written; a cache made by another teacher or from other records is
+/// rebuilt, never used.
+#[derive(Debug)]
+pub struct FeatureCache {
+    image: Tensor,
+    text: Tensor,
+    rows: std::collections::HashMap<String, usize>,
+    /// The teacher's logit scale (`exp(logit_scale)`).
+    pub scale: f64,
+}
+
+/// What [`FeatureCache::load_or_build`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CacheStatus {
+    Hit,
+    Built,
+    Rebuilt(String),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CacheMeta {
+    teacher_id: String,
+    records_key: String,
+    ids: Vec<String>,
+}
+
+/// sha256 over every record's id, image and expression: names a training set's content.
+pub fn records_key(ds: &gk_data::dataset::Dataset) -> String {
+    let mut s = String::new();
+    for r in &ds.records {
+        s += &format!("{}\t{}\t{}\n", r.id, r.image, r.expr);
+    }
+    gk_data::sha256::hex(s.as_bytes())
+}
+
+impl FeatureCache {
+    /// Loads the cache of `ds` for `teacher`, or computes and writes it.
+    pub fn load_or_build(teacher: &Teacher, teacher_dir: &Path, ds: &gk_data::dataset::Dataset, mut progress: impl FnMut(usize, usize)) -> Result<(Self, CacheStatus)> {
+        let key = records_key(ds);
+        let dir = teacher_dir.join("cache");
+        let (tensors_path, meta_path) = (dir.join(format!("{}.safetensors", &key[..16])), dir.join(format!("{}.json", &key[..16])));
+        let scale = f64::from(teacher.model.logit_scale()?.to_scalar::<f32>()?);
+        let mut status = CacheStatus::Built;
+        if meta_path.is_file() && tensors_path.is_file() {
+            let text = std::fs::read_to_string(&meta_path).map_err(io_err(&meta_path))?;
+            let meta: CacheMeta = serde_json::from_str(&text).map_err(|e| TrainError::Format { path: meta_path.clone(), msg: e.to_string() })?;
+            if meta.teacher_id != teacher.id {
+                status = CacheStatus::Rebuilt("the teacher's weights changed".into());
+            } else if meta.records_key != key {
+                status = CacheStatus::Rebuilt("the training records changed".into());
+            } else {
+                let t = read_safetensors(&tensors_path, &teacher.dev)?;
+                let (Some(image), Some(text)) = (t.get("image"), t.get("text")) else {
+                    return Err(TrainError::Format { path: tensors_path, msg: "teacher cache without `image`/`text` tensors".into() });
+                };
+                if image.dims() != [meta.ids.len(), teacher.dim] || text.dims() != [meta.ids.len(), teacher.dim] {
+                    return Err(TrainError::Format { path: tensors_path, msg: format!("teacher cache shapes {:?}/{:?} do not fit {} rows of size {}", image.dims(), text.dims(), meta.ids.len(), teacher.dim) });
+                }
+                let rows = meta.ids.into_iter().enumerate().map(|(i, id)| (id, i)).collect();
+                return Ok((Self { image: image.clone(), text: text.clone(), rows, scale }, CacheStatus::Hit));
+            }
+        }
+        // Image embeddings once per distinct image, text embeddings per record.
+        let n = ds.records.len();
+        let mut image_row = std::collections::HashMap::new();
+        let mut images = Vec::new();
+        let mut which = Vec::with_capacity(n);
+        for (i, r) in ds.records.iter().enumerate() {
+            let k = *image_row.entry(r.image.clone()).or_insert_with(|| {
+                images.push(i);
+                images.len() - 1
+            });
+            which.push(k as u32);
+        }
+        let mut embeds = Vec::new();
+        for (c, chunk) in images.chunks(CHUNK).enumerate() {
+            let decoded: Vec<RgbImage> = chunk.iter().map(|&i| ds.get(i).map(|s| s.image)).collect::<std::result::Result<_, _>>()?;
+            embeds.push(teacher.image_embeds(&decoded)?);
+            progress((c + 1) * CHUNK.min(chunk.len()), images.len() + n);
+        }
+        let image = Tensor::cat(&embeds, 0)?.index_select(&Tensor::from_vec(which, n, &teacher.dev)?, 0)?;
+        let mut texts = Vec::new();
+        for (c, chunk) in ds.records.chunks(CHUNK).enumerate() {
+            let t: Vec<&str> = chunk.iter().map(|r| r.expr.as_str()).collect();
+            texts.push(teacher.text_embeds(&t)?);
+            progress(images.len() + (c * CHUNK + chunk.len()), images.len() + n);
+        }
+        let text = Tensor::cat(&texts, 0)?;
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let tmp = tensors_path.with_extension("safetensors.tmp");
+        candle_core::safetensors::save(&std::collections::HashMap::from([("image".to_string(), image.clone()), ("text".to_string(), text.clone())]), &tmp)?;
+        std::fs::rename(&tmp, &tensors_path).map_err(io_err(&tensors_path))?;
+        let ids: Vec<String> = ds.records.iter().map(|r| r.id.clone()).collect();
+        let meta = CacheMeta { teacher_id: teacher.id.clone(), records_key: key, ids: ids.clone() };
+        write_atomic(&meta_path, serde_json::to_string(&meta).expect("meta serialises").as_bytes())?;
+        let rows = ids.into_iter().enumerate().map(|(i, id)| (id, i)).collect();
+        Ok((Self { image, text, rows, scale }, status))
+    }
+
+    /// The cached embeddings of dataset records `indices`.
+    pub fn batch(&self, ds: &gk_data::dataset::Dataset, indices: &[usize]) -> Result<crate::distill::TeacherBatch> {
+        let mut rows = Vec::with_capacity(indices.len());
+        for &i in indices {
+            let id = &ds.records[i].id;
+            let r = self.rows.get(id).ok_or_else(|| TrainError::Config(format!("the teacher cache has no entry for record {id}: it was built from other data")))?;
+            rows.push(*r as u32);
+        }
+        let idx = Tensor::from_vec(rows, indices.len(), self.image.device())?;
+        Ok(crate::distill::TeacherBatch { image: self.image.index_select(&idx, 0)?, text: self.text.index_select(&idx, 0)?, scale: self.scale })
+    }
+}

@@ -6,12 +6,14 @@
 //! optimiser moments and `trainer_state.json` atomically, so `train` on an interrupted
 //! run continues exactly where the last checkpoint left off.
 
-use crate::error::{Result, TrainError};
+use crate::distill::{epmvg_losses, DistillConfig, DistillHeads};
+use crate::error::{io_err, Result, TrainError};
 use crate::eval::{evaluate, EvalReport, GtBoxes};
 use crate::init::seeded_var_builder;
 use crate::losses::{box_losses, dense_losses, BoxLossConfig, LossParts};
 use crate::optim::{lr_factor, AdamW, ParamGroup, Schedule};
 use crate::run::RunDir;
+use crate::teacher::{CacheStatus, FeatureCache, Teacher};
 use candle_core::Device;
 use candle_nn::VarMap;
 use gk_data::batch::{Loader, LoaderConfig};
@@ -103,6 +105,9 @@ pub struct RunConfig {
     /// Start the position tables from sine-cosine codes (see `init::sincos_positions`).
     #[serde(default)]
     pub sincos_positions: bool,
+    /// Distillation from a CLIP-style teacher (EpmVG); absent = none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
 }
 
 impl RunConfig {
@@ -147,6 +152,7 @@ impl RunConfig {
             model,
             loss: BoxLossConfig::default(),
             pretrained: Vec::new(),
+            distill: None,
             sincos_positions: true,
         }
     }
@@ -208,6 +214,16 @@ pub fn prepare(dir: &std::path::Path, mut cfg: RunConfig) -> Result<RunDir> {
         }
         _ => {}
     }
+    if let Some(d) = &mut cfg.distill {
+        // The student-side projections are sized by the teacher: read it now, check it at training.
+        let p = d.teacher.join("config.json");
+        let text = std::fs::read_to_string(&p).map_err(io_err(&p))?;
+        let clip: gk_models::clip::ClipConfig = serde_json::from_str(&text).map_err(|e| TrainError::Format {
+            path: p.clone(),
+            msg: format!("not a CLIP config: {e}"),
+        })?;
+        d.teacher_dim = clip.projection_dim;
+    }
     tok.inner()
         .save(run.file("tokenizer.json"), false)
         .map_err(|e| TrainError::Format {
@@ -224,6 +240,9 @@ pub struct Loaded {
     pub model: Grounder,
     pub map: VarMap,
     pub tok: TextTokenizer,
+    /// The student-side distillation projections (training only; built so that strict
+    /// loads of a distilled run's weights match).
+    pub distill: Option<DistillHeads>,
 }
 
 /// Builds the run's model; loads `weights` (e.g. `best.safetensors`) if given.
@@ -231,7 +250,17 @@ pub fn load_run(run: &RunDir, weights: Option<&str>, dev: &Device) -> Result<Loa
     let cfg: RunConfig = run.load_config()?;
     let tok = TextTokenizer::from_file(&run.file("tokenizer.json"))?;
     let map = VarMap::new();
-    let model = Grounder::new(seeded_var_builder(&map, cfg.seed, dev), &cfg.model)?;
+    let vb = seeded_var_builder(&map, cfg.seed, dev);
+    let model = Grounder::new(vb.clone(), &cfg.model)?;
+    let distill = match &cfg.distill {
+        Some(d) => Some(DistillHeads::new(
+            vb.pp("distill"),
+            cfg.model.visual_dim(),
+            cfg.model.text_dim(),
+            d.teacher_dim,
+        )?),
+        None => None,
+    };
     if let Some(w) = weights {
         run.load_weights(&map, w)?;
     }
@@ -240,6 +269,7 @@ pub fn load_run(run: &RunDir, weights: Option<&str>, dev: &Device) -> Result<Loa
         model,
         map,
         tok,
+        distill,
     })
 }
 
@@ -331,6 +361,7 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
         model,
         map,
         tok,
+        distill: heads,
     } = load_run(run, None, &dev)?;
 
     // data
@@ -342,6 +373,26 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
             .max(cfg.optim.batch_size);
         train_ds.records.truncate(keep);
     }
+    let distill = match (&cfg.distill, heads) {
+        (Some(d), Some(heads)) => {
+            let teacher = Teacher::open(&d.teacher, &dev)?;
+            if teacher.dim != d.teacher_dim {
+                return Err(TrainError::Config(format!(
+                    "teacher {} embeds in {} dimensions, the run was prepared for {}",
+                    d.teacher.display(),
+                    teacher.dim,
+                    d.teacher_dim
+                )));
+            }
+            let (cache, status) =
+                FeatureCache::load_or_build(&teacher, &d.teacher, &train_ds, |_, _| {})?;
+            if opts.progress || matches!(status, CacheStatus::Rebuilt(_)) {
+                eprintln!("teacher features of the training set: {status:?}");
+            }
+            Some((d.clone(), heads, cache))
+        }
+        _ => None,
+    };
     let train_loader = make_loader(&cfg, train_ds, &tok, true);
     let val_loader = eval_loader(&cfg, load_set(&cfg, &cfg.data.val)?, &tok);
     let per_epoch = train_loader.batches_per_epoch();
@@ -409,7 +460,11 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
                     parts: "the predicted boxes hold NaN or inf".into(),
                 });
             }
-            let parts = criterion(&cfg, &out, &batch.target)?;
+            let mut parts = criterion(&cfg, &out, &batch.target)?;
+            if let Some((d, heads, cache)) = &distill {
+                let teacher = cache.batch(train_loader.dataset(), &batch.indices)?;
+                epmvg_losses(d, heads, &out, &batch.text_mask, &teacher, &mut parts)?;
+            }
             let loss = parts.total()?;
             let loss_v = loss.to_scalar::<f32>()?;
             let values = parts.values()?;

@@ -201,3 +201,53 @@ fn teacher_pretrains_loads_and_embeds() {
     let e = Teacher::open(&out, &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("tokenizer"), "{e}");
 }
+
+/// EpmVG on the tiny benchmark: a run with a `[distill]` section trains with the
+/// `kd_*` losses from a cached teacher, resumes (the projections are in the checkpoint),
+/// reuses the cache, rebuilds it when the teacher changes, and refuses a teacher whose
+/// embedding size differs from the one the run was prepared for.
+#[test]
+fn epmvg_distillation_trains_from_a_cached_teacher() {
+    use gk_train::distill::DistillConfig;
+    use gk_train::teacher::{pretrain, PretrainConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    generate(&SynthConfig::tiny(), &data, &mut |_, _| {}).unwrap();
+    let tcfg = PretrainConfig { image_size: 32, max_text_len: 24, hidden: 32, vision_layers: 1, text_layers: 1, projection_dim: 16, epochs: 1, batch_size: 16, ..PretrainConfig::synth() };
+    let teacher = dir.path().join("teacher");
+    pretrain(&data, &teacher, &tcfg, &Device::Cpu, |_, _, _| {}).unwrap();
+    let mut cfg = tiny_config(&data);
+    cfg.optim.epochs = 1;
+    cfg.distill = Some(DistillConfig { teacher: teacher.clone(), teacher_dim: 0, feature: 1.0, feature_kind: Default::default(), cross: 1.0, temperature: 2.0 });
+    let run = train::prepare(&dir.path().join("run"), cfg.clone()).unwrap();
+    let prepared: gk_train::train::RunConfig = run.load_config().unwrap();
+    assert_eq!(prepared.distill.as_ref().unwrap().teacher_dim, 16);
+    let opts = TrainOptions { stop_after: Some(2), ..TrainOptions::default() };
+    train::train(&run, &opts).unwrap();
+    assert!(teacher.join("cache").read_dir().unwrap().count() == 2, "cache tensors + meta");
+    // resume to the end: strict loads of the checkpoint include distill.*
+    train::train(&run, &TrainOptions::default()).unwrap();
+    let metrics = std::fs::read_to_string(run.file("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"kd_visual\"") && metrics.contains("\"kd_cross\""), "kd losses logged");
+    // evaluation and prediction load the distilled run
+    gk_train::train::load_run(&run, Some("best.safetensors"), &Device::Cpu).unwrap();
+    // a changed teacher: its cache is rebuilt (the run itself refuses a new embedding size)
+    let w = teacher.join("model.safetensors");
+    let mut t = gk_train::weights::read_safetensors(&w, &Device::Cpu).unwrap();
+    let s = t["logit_scale"].affine(1.0, 0.5).unwrap();
+    t.insert("logit_scale".into(), s);
+    candle_core::safetensors::save(&t, &w).unwrap();
+    let t2 = gk_train::teacher::Teacher::open(&teacher, &Device::Cpu).unwrap();
+    let ds = gk_data::dataset::Dataset::load(&data.join("train.jsonl"), None, &Default::default()).unwrap();
+    let (_, status) = gk_train::teacher::FeatureCache::load_or_build(&t2, &teacher, &ds, |_, _| {}).unwrap();
+    assert!(matches!(status, gk_train::teacher::CacheStatus::Rebuilt(ref why) if why.contains("teacher")), "{status:?}");
+    let (_, status) = gk_train::teacher::FeatureCache::load_or_build(&t2, &teacher, &ds, |_, _| {}).unwrap();
+    assert_eq!(status, gk_train::teacher::CacheStatus::Hit);
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(teacher.join("config.json")).unwrap()).unwrap();
+    c["projection_dim"] = 8.into();
+    std::fs::write(teacher.join("config.json"), c.to_string()).unwrap();
+    let run2 = train::prepare(&dir.path().join("run2"), cfg).unwrap();
+    std::fs::write(teacher.join("config.json"), std::fs::read_to_string(teacher.join("config.json")).unwrap().replace("\"projection_dim\":8", "\"projection_dim\":16")).unwrap();
+    let e = train::train(&run2, &TrainOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("embeds in 16 dimensions, the run was prepared for 8"), "{e}");
+}
