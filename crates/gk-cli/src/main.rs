@@ -1,6 +1,7 @@
 //! `groundkit`: visual grounding in Rust. Train, evaluate, predict and benchmark
 //! referring-expression grounders (TransVG, CLIP-VG/HiVG-style) and inspect CLIP models.
 
+mod ablate;
 mod bench;
 mod commands;
 mod datasets;
@@ -46,6 +47,9 @@ enum Command {
     /// Train a small CLIP teacher on a benchmark's image-caption pairs (scene captions and
     /// object crops) and report its zero-shot retrieval R@1/R@5 on the val split.
     PretrainTeacher(teacher::PretrainArgs),
+    /// Ablations on the embedded benchmark (`--recipe distill`: baseline vs EpmVG's terms
+    /// over seeds and data fractions); a table and a bar chart.
+    Ablate(ablate::AblateArgs),
     /// Time the CLIP-B/16 vision tower and the CLIP-B/16 grounder forward on random
     /// weights (set RAYON_NUM_THREADS to fix the thread count); prints JSON lines.
     Bench(bench::BenchArgs),
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
         Command::Predict(a) => commands::predict(a),
         Command::Embed(a) => embed::run(a),
         Command::PretrainTeacher(a) => teacher::run(a),
+        Command::Ablate(a) => ablate::run(a),
         Command::Bench(a) => bench::run(a),
     };
     match result {

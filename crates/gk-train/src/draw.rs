@@ -295,6 +295,62 @@ pub fn line_chart(
     img
 }
 
+/// One bar series of [`bar_chart`]: `(mean, spread)` per group.
+#[derive(Debug, Clone)]
+pub struct Bars {
+    pub name: String,
+    pub color: Rgb<u8>,
+    pub values: Vec<(f64, f64)>,
+}
+
+/// Grouped bars from 0 with a whisker of +-spread, group labels under the axis, a title
+/// and a legend.
+pub fn bar_chart(title: &str, groups: &[String], series: &[Bars], width: u32, height: u32) -> RgbImage {
+    let mut img = RgbImage::from_pixel(width, height, WHITE);
+    let (left, right, top, bottom) = (48i64, 12i64, 22i64 + 12 * series.len().div_ceil(4) as i64, 30i64);
+    let (pw, ph) = (width as i64 - left - right, height as i64 - top - bottom);
+    let y1 = series
+        .iter()
+        .flat_map(|s| s.values.iter().map(|(m, e)| m + e))
+        .filter(|v| v.is_finite())
+        .fold(1.0f64, f64::max);
+    let py = |y: f64| top + ph - ((y.max(0.0) / y1) * ph as f64).round() as i64;
+    for t in nice_ticks(0.0, y1, 5) {
+        line(&mut img, (left, py(t)), (left + pw, py(t)), GREY, 1);
+        let s = fmt_tick(t);
+        text(&mut img, left - 4 - text_width(&s, 1) as i64, py(t) - 5, &s, BLACK, 1);
+    }
+    let gw = pw / groups.len().max(1) as i64;
+    let bw = ((gw - 8) / series.len().max(1) as i64).max(1);
+    for (g, name) in groups.iter().enumerate() {
+        let gx = left + g as i64 * gw + 4;
+        for (k, s) in series.iter().enumerate() {
+            let Some(&(m, e)) = s.values.get(g) else { continue };
+            if !m.is_finite() {
+                continue;
+            }
+            let x = gx + k as i64 * bw;
+            for xx in x..x + bw - 1 {
+                line(&mut img, (xx, py(m)), (xx, top + ph), s.color, 1);
+            }
+            let xc = x + bw / 2;
+            line(&mut img, (xc, py(m - e)), (xc, py(m + e)), BLACK, 1);
+            line(&mut img, (xc - 2, py(m + e)), (xc + 2, py(m + e)), BLACK, 1);
+            line(&mut img, (xc - 2, py(m - e)), (xc + 2, py(m - e)), BLACK, 1);
+        }
+        text(&mut img, gx + (gw - 8 - text_width(name, 1) as i64) / 2, top + ph + 6, name, BLACK, 1);
+    }
+    line(&mut img, (left, top), (left, top + ph), BLACK, 1);
+    line(&mut img, (left, top + ph), (left + pw, top + ph), BLACK, 1);
+    text(&mut img, left, 5, title, BLACK, 1);
+    for (k, s) in series.iter().enumerate() {
+        let (lx, ly) = (left + (k % 4) as i64 * (pw / 4), 20 + 12 * (k / 4) as i64);
+        line(&mut img, (lx, ly + 5), (lx + 12, ly + 5), s.color, 4);
+        text(&mut img, lx + 16, ly, &s.name, BLACK, 1);
+    }
+    img
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

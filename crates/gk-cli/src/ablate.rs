@@ -1,0 +1,169 @@
+//! `groundkit ablate --recipe distill`: the distillation ablation on the embedded
+//! benchmark. Every variant x data fraction x seed is one ordinary run under
+//! `<out>/runs/` (finished runs are reused, interrupted ones resumed), evaluated on val and
+//! the test splits; the table (mean and std over seeds) goes to `<out>/results.md` and
+//! `results.json`, the bar chart to `<out>/ablation.png`.
+
+use crate::report;
+use anyhow::{bail, Context, Result};
+use gk_train::distill::{DistillConfig, FeatureLoss};
+use gk_train::draw::{self, Bars};
+use gk_train::eval::GtBoxes;
+use gk_train::run::RunDir;
+use gk_train::train::{self, RunConfig, TrainOptions};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Recipe {
+    /// Baseline vs EpmVG's terms (feature, cross-modal, both).
+    Distill,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AblateArgs {
+    #[arg(long, value_enum)]
+    pub recipe: Recipe,
+    /// A benchmark folder written by `groundkit synth`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The teacher folder (`groundkit pretrain-teacher` or a Hugging Face CLIP).
+    #[arg(long)]
+    pub teacher: PathBuf,
+    /// Output folder (runs, table, chart).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seeds per variant and fraction.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    pub seeds: Vec<u64>,
+    /// Fractions of the training set (low-data settings).
+    #[arg(long, value_delimiter = ',', default_value = "0.1,1.0")]
+    pub fractions: Vec<f64>,
+    /// Epochs at full data; a fraction f trains epochs / f epochs (the same number of steps).
+    #[arg(long, default_value_t = 4)]
+    pub epochs: usize,
+    /// Variants to run: baseline, epmvg-feature, epmvg-cross, epmvg (DUET is not in the trainer yet).
+    #[arg(long, value_delimiter = ',', default_value = "baseline,epmvg-feature,epmvg-cross,epmvg")]
+    pub variants: Vec<String>,
+}
+
+fn distill_for(variant: &str, teacher: &Path) -> Result<Option<DistillConfig>> {
+    let d = |feature: f64, cross: f64| DistillConfig {
+        teacher: teacher.to_path_buf(),
+        teacher_dim: 0,
+        feature,
+        feature_kind: FeatureLoss::Cosine,
+        cross,
+        temperature: 2.0,
+    };
+    Ok(match variant {
+        "baseline" => None,
+        "epmvg-feature" => Some(d(1.0, 0.0)),
+        "epmvg-cross" => Some(d(0.0, 1.0)),
+        "epmvg" => Some(d(1.0, 1.0)),
+        v if v.starts_with("duet") => bail!("variant {v}: DUET is not wired into the trainer yet (its RoIAlign and region loss are; see docs/methods.md)"),
+        v => bail!("unknown variant {v} (baseline, epmvg-feature, epmvg-cross, epmvg)"),
+    })
+}
+
+/// Val and test splits of a run, Acc@0.5 per split name.
+type Scores = Vec<(String, f64)>;
+
+fn run_one(a: &AblateArgs, variant: &str, fraction: f64, seed: u64) -> Result<Scores> {
+    let dir = a.out.join("runs").join(format!("f{fraction}")).join(variant).join(format!("seed{seed}"));
+    let epochs = ((a.epochs as f64 / fraction).round() as usize).max(1);
+    let run = if dir.join("config.toml").is_file() {
+        RunDir::open(&dir)?
+    } else {
+        let mut cfg = RunConfig::synth(&a.data, epochs);
+        cfg.seed = seed;
+        cfg.data.train_fraction = fraction;
+        cfg.distill = distill_for(variant, &a.teacher)?;
+        train::prepare(&dir, cfg)?
+    };
+    train::train(&run, &TrainOptions { stop_after: None, progress: false }).with_context(|| format!("training {}", dir.display()))?;
+    let loaded = train::load_run(&run, Some("best.safetensors"), &candle_core::Device::Cpu)?;
+    let sets: Vec<PathBuf> = std::iter::once(loaded.cfg.data.val.clone()).chain(loaded.cfg.data.test.clone()).collect();
+    let reports = report::evaluate_sets(&loaded, &sets, GtBoxes::Stored)?;
+    Ok(reports.iter().map(|(n, r)| (n.clone(), r.all.acc50())).collect())
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let m = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 { v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (m, var.sqrt())
+}
+
+pub fn run(a: AblateArgs) -> Result<()> {
+    let Recipe::Distill = a.recipe;
+    for v in &a.variants {
+        distill_for(v, &a.teacher)?; // reject unknown variants before hours of training
+    }
+    if a.fractions.iter().any(|f| !(*f > 0.0 && *f <= 1.0)) {
+        bail!("--fractions must lie in (0, 1]");
+    }
+    std::fs::create_dir_all(&a.out)?;
+    // results[fraction][variant] = per seed scores
+    let mut rows: Vec<(f64, String, Vec<Scores>)> = Vec::new();
+    let total = a.fractions.len() * a.variants.len() * a.seeds.len();
+    let mut k = 0;
+    for &f in &a.fractions {
+        for v in &a.variants {
+            let mut per_seed = Vec::new();
+            for &s in &a.seeds {
+                k += 1;
+                eprintln!("[{k}/{total}] fraction {f}, {v}, seed {s}");
+                per_seed.push(run_one(&a, v, f, s)?);
+            }
+            rows.push((f, v.clone(), per_seed));
+        }
+    }
+    let splits: Vec<String> = rows.first().and_then(|r| r.2.first()).map(|s| s.iter().map(|(n, _)| n.clone()).collect()).unwrap_or_default();
+    let stat = |per_seed: &[Scores], split: &str| -> (f64, f64) {
+        let v: Vec<f64> = per_seed.iter().filter_map(|s| s.iter().find(|(n, _)| n == split).map(|(_, x)| *x)).collect();
+        mean_std(&v)
+    };
+    let mut md = format!(
+        "Acc@0.5 (%), mean ± std over seeds {:?}; {} epochs at full data, epochs / fraction below it (same steps).\n\n| fraction | variant | {} |\n|---|---|{}\n",
+        a.seeds,
+        a.epochs,
+        splits.join(" | "),
+        "---:|".repeat(splits.len())
+    );
+    let mut json = Vec::new();
+    for (f, v, per_seed) in &rows {
+        let cells: Vec<String> = splits.iter().map(|s| {
+            let (m, sd) = stat(per_seed, s);
+            format!("{m:.1} ± {sd:.1}")
+        }).collect();
+        md += &format!("| {f} | {v} | {} |\n", cells.join(" | "));
+        json.push(serde_json::json!({"fraction": f, "variant": v, "per_seed": per_seed}));
+    }
+    std::fs::write(a.out.join("results.md"), &md)?;
+    std::fs::write(a.out.join("results.json"), serde_json::to_string_pretty(&json)?)?;
+    // Chart: groups = fraction x split, one bar per variant.
+    let groups: Vec<String> = a.fractions.iter().flat_map(|f| splits.iter().map(move |s| format!("{:.0}% {s}", f * 100.0))).collect();
+    let colors = [draw::GREY, draw::BLUE, draw::ORANGE, draw::GREEN, draw::RED];
+    let series: Vec<Bars> = a
+        .variants
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Bars {
+            name: v.clone(),
+            color: colors[i % colors.len()],
+            values: a
+                .fractions
+                .iter()
+                .flat_map(|f| {
+                    let per_seed = rows.iter().find(|r| r.0 == *f && &r.1 == v).map(|r| r.2.clone()).unwrap_or_default();
+                    splits.iter().map(move |s| stat(&per_seed, s)).collect::<Vec<_>>()
+                })
+                .collect(),
+        })
+        .collect();
+    draw::bar_chart("distillation ablation: Acc@0.5 (%), mean +- std over seeds", &groups, &series, 160 + 70 * groups.len() as u32, 320)
+        .save(a.out.join("ablation.png"))?;
+    println!("{md}");
+    eprintln!("wrote {}, results.json and ablation.png", a.out.join("results.md").display());
+    Ok(())
+}
