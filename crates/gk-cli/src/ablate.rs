@@ -1,8 +1,8 @@
 //! `groundkit ablate --recipe distill`: the distillation ablation on the embedded
 //! benchmark. Every variant x data fraction x seed is one ordinary run under
-//! `<out>/runs/` (finished runs are reused, interrupted ones resumed), evaluated on val and
+//! `<out>/runs/` (finished runs are reused with their scores, interrupted ones resumed), evaluated on val and
 //! the test splits; the table (mean and std over seeds) goes to `<out>/results.md` and
-//! `results.json`, the bar chart to `<out>/ablation.png`.
+//! `results.json`, the bar chart to `<out>/ablation.png`. Runs evaluate once, at the end.
 
 use crate::report;
 use anyhow::{bail, Context, Result};
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Recipe {
-    /// Baseline vs EpmVG's terms (feature, cross-modal, both).
+    /// Baseline vs EpmVG's terms (feature, cross-modal, both) and DUET's teacher term.
     Distill,
 }
 
@@ -41,27 +41,32 @@ pub struct AblateArgs {
     /// Epochs at full data; a fraction f trains epochs / f epochs (the same number of steps).
     #[arg(long, default_value_t = 4)]
     pub epochs: usize,
-    /// Variants to run: baseline, epmvg-feature, epmvg-cross, epmvg (DUET is not in the trainer yet).
+    /// Variants: baseline, epmvg-feature, epmvg-cross, epmvg, duet-teacher, epmvg+duet-teacher
+    /// (DUET's self-distillation is not in the trainer yet).
     #[arg(long, value_delimiter = ',', default_value = "baseline,epmvg-feature,epmvg-cross,epmvg")]
     pub variants: Vec<String>,
 }
 
 fn distill_for(variant: &str, teacher: &Path) -> Result<Option<DistillConfig>> {
-    let d = |feature: f64, cross: f64| DistillConfig {
+    let d = |feature: f64, cross: f64, duet: f64| DistillConfig {
         teacher: teacher.to_path_buf(),
         teacher_dim: 0,
         feature,
         feature_kind: FeatureLoss::Cosine,
         cross,
         temperature: 2.0,
+        duet_region: duet,
+        duet_align: duet,
     };
     Ok(match variant {
         "baseline" => None,
-        "epmvg-feature" => Some(d(1.0, 0.0)),
-        "epmvg-cross" => Some(d(0.0, 1.0)),
-        "epmvg" => Some(d(1.0, 1.0)),
-        v if v.starts_with("duet") => bail!("variant {v}: DUET is not wired into the trainer yet (its RoIAlign and region loss are; see docs/methods.md)"),
-        v => bail!("unknown variant {v} (baseline, epmvg-feature, epmvg-cross, epmvg)"),
+        "epmvg-feature" => Some(d(1.0, 0.0, 0.0)),
+        "epmvg-cross" => Some(d(0.0, 1.0, 0.0)),
+        "epmvg" => Some(d(1.0, 1.0, 0.0)),
+        "duet-teacher" => Some(d(0.0, 0.0, 1.0)),
+        "epmvg+duet-teacher" => Some(d(1.0, 1.0, 1.0)),
+        v if v.starts_with("duet") => bail!("variant {v}: DUET's self-distillation (region contrast with SLA sampling) is not wired into the trainer yet (its RoIAlign and region loss are; see docs/methods.md)"),
+        v => bail!("unknown variant {v} (baseline, epmvg-feature, epmvg-cross, epmvg, duet-teacher, epmvg+duet-teacher)"),
     })
 }
 
@@ -78,13 +83,21 @@ fn run_one(a: &AblateArgs, variant: &str, fraction: f64, seed: u64) -> Result<Sc
         cfg.seed = seed;
         cfg.data.train_fraction = fraction;
         cfg.distill = distill_for(variant, &a.teacher)?;
+        // One evaluation, at the end: the table reports the last checkpoint of every run.
+        cfg.optim.eval_every = 1_000_000;
         train::prepare(&dir, cfg)?
     };
+    let scores_file = run.file("ablate_scores.json");
+    if scores_file.is_file() {
+        return Ok(serde_json::from_str(&std::fs::read_to_string(&scores_file)?)?);
+    }
     train::train(&run, &TrainOptions { stop_after: None, progress: false }).with_context(|| format!("training {}", dir.display()))?;
     let loaded = train::load_run(&run, Some("best.safetensors"), &candle_core::Device::Cpu)?;
     let sets: Vec<PathBuf> = std::iter::once(loaded.cfg.data.val.clone()).chain(loaded.cfg.data.test.clone()).collect();
     let reports = report::evaluate_sets(&loaded, &sets, GtBoxes::Stored)?;
-    Ok(reports.iter().map(|(n, r)| (n.clone(), r.all.acc50())).collect())
+    let scores: Scores = reports.iter().map(|(n, r)| (n.clone(), r.all.acc50())).collect();
+    gk_train::weights::write_atomic(&scores_file, serde_json::to_string(&scores)?.as_bytes())?;
+    Ok(scores)
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {

@@ -124,6 +124,16 @@ pub struct DistillConfig {
     /// Softmax temperature of the cross-modal term.
     #[serde(default = "default_temperature")]
     pub temperature: f64,
+    /// DUET's teacher semantic distillation (ours, region-level): the student's feature of
+    /// the target region (RoIAlign on its visual map) and its expression feature, projected
+    /// into one shared space, pulled toward the teacher's embedding of the target crop and of
+    /// the expression. 0 = off.
+    #[serde(default)]
+    pub duet_region: f64,
+    /// DUET: InfoNCE between the student's projected region and expression features (the
+    /// shared space links vision and language). 0 = off.
+    #[serde(default)]
+    pub duet_align: f64,
 }
 
 fn default_temperature() -> f64 {
@@ -131,11 +141,12 @@ fn default_temperature() -> f64 {
 }
 
 /// The student-side projections into the teacher space (keys `distill.visual`,
-/// `distill.text`); trained with the student, unused at inference.
+/// `distill.text`, `distill.region`); trained with the student, unused at inference.
 #[derive(Debug, Clone)]
 pub struct DistillHeads {
     visual: candle_nn::Linear,
     text: candle_nn::Linear,
+    region: candle_nn::Linear,
 }
 
 impl DistillHeads {
@@ -143,6 +154,7 @@ impl DistillHeads {
         Ok(Self {
             visual: candle_nn::linear(visual_dim, teacher_dim, vb.pp("visual"))?,
             text: candle_nn::linear(text_dim, teacher_dim, vb.pp("text"))?,
+            region: candle_nn::linear(visual_dim, teacher_dim, vb.pp("region"))?,
         })
     }
 }
@@ -158,6 +170,8 @@ fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
 pub struct TeacherBatch {
     pub image: Tensor,
     pub text: Tensor,
+    /// The teacher's embedding of each target region (a crop around the ground-truth box).
+    pub region: Tensor,
     pub scale: f64,
 }
 
@@ -182,6 +196,50 @@ pub fn epmvg_losses(
         let student = (l2_normalize(&v)?.matmul(&l2_normalize(&t)?.t()?)? * teacher.scale)?;
         let teach = (teacher.image.matmul(&teacher.text.t()?)? * teacher.scale)?;
         parts.push("kd_cross", cfg.cross, similarity_kl(&student, &teach, cfg.temperature)?);
+    }
+    Ok(())
+}
+
+/// DUET's teacher semantic distillation (see [`DistillConfig::duet_region`]) for one
+/// batch; `target: [B, 4]` normalised cxcywh in the model frame. Pushes `kd_region`,
+/// `kd_dtext` and `kd_align`.
+pub fn duet_teacher_losses(
+    cfg: &DistillConfig,
+    heads: &DistillHeads,
+    out: &gk_models::grounder::GrounderOutput,
+    text_mask: &Tensor,
+    target: &Tensor,
+    teacher: &TeacherBatch,
+    parts: &mut crate::losses::LossParts,
+) -> Result<()> {
+    use candle_core::Module;
+    use gk_models::roi_align::{roi_align, Roi, RoiAlignConfig};
+    if cfg.duet_region <= 0.0 && cfg.duet_align <= 0.0 {
+        return Ok(());
+    }
+    let (gh, gw) = out.visual.grid;
+    let n = out.visual.tokens.dim(1)?;
+    let cells = out.visual.tokens.narrow(1, n - gh * gw, gh * gw)?; // [B, gh*gw, Cv] (no CLS)
+    let rois: Vec<Roi> = target
+        .to_vec2::<f32>()?
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let [x1, y1, x2, y2] = gk_box::cxcywh_to_xyxy([t[0], t[1], t[2], t[3]]);
+            Roi { batch: i, xyxy: [x1 * gw as f32, y1 * gh as f32, x2 * gw as f32, y2 * gh as f32] }
+        })
+        .collect();
+    let roi_cfg = RoiAlignConfig { output: (2, 2), spatial_scale: 1.0, sampling_ratio: 2, aligned: true };
+    let region = roi_align(&cells, (gh, gw), &rois, &roi_cfg)?.mean(1)?; // [B, Cv]
+    let zr = heads.region.forward(&region)?; // [B, P]
+    let zt = heads.text.forward(&masked_mean(&out.text.tokens, text_mask)?)?;
+    if cfg.duet_region > 0.0 {
+        parts.push("kd_region", cfg.duet_region, feature_loss(&zr, &teacher.region, FeatureLoss::Cosine)?);
+        parts.push("kd_dtext", cfg.duet_region, feature_loss(&zt, &teacher.text, FeatureLoss::Cosine)?);
+    }
+    if cfg.duet_align > 0.0 {
+        let scale = Tensor::new(teacher.scale as f32, zr.device())?;
+        parts.push("kd_align", cfg.duet_align, info_nce(&zr, &zt, &scale)?);
     }
     Ok(())
 }

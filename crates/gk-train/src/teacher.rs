@@ -419,6 +419,7 @@ fn retrieval(t: &Teacher, pairs: &[Pair]) -> Result<Recall> {
 pub struct FeatureCache {
     image: Tensor,
     text: Tensor,
+    region: Tensor,
     rows: std::collections::HashMap<String, usize>,
     /// The teacher's logit scale (`exp(logit_scale)`).
     pub scale: f64,
@@ -432,8 +433,13 @@ pub enum CacheStatus {
     Rebuilt(String),
 }
 
+/// Bumped when the cached tensors change (2: + target regions).
+const CACHE_VERSION: u32 = 2;
+
 #[derive(Debug, Serialize, Deserialize)]
 struct CacheMeta {
+    #[serde(default)]
+    version: u32,
     teacher_id: String,
     records_key: String,
     ids: Vec<String>,
@@ -459,20 +465,23 @@ impl FeatureCache {
         if meta_path.is_file() && tensors_path.is_file() {
             let text = std::fs::read_to_string(&meta_path).map_err(io_err(&meta_path))?;
             let meta: CacheMeta = serde_json::from_str(&text).map_err(|e| TrainError::Format { path: meta_path.clone(), msg: e.to_string() })?;
-            if meta.teacher_id != teacher.id {
+            if meta.version != CACHE_VERSION {
+                status = CacheStatus::Rebuilt(format!("cache format {} is not {CACHE_VERSION}", meta.version));
+            } else if meta.teacher_id != teacher.id {
                 status = CacheStatus::Rebuilt("the teacher's weights changed".into());
             } else if meta.records_key != key {
                 status = CacheStatus::Rebuilt("the training records changed".into());
             } else {
                 let t = read_safetensors(&tensors_path, &teacher.dev)?;
-                let (Some(image), Some(text)) = (t.get("image"), t.get("text")) else {
-                    return Err(TrainError::Format { path: tensors_path, msg: "teacher cache without `image`/`text` tensors".into() });
+                let (Some(image), Some(text), Some(region)) = (t.get("image"), t.get("text"), t.get("region")) else {
+                    return Err(TrainError::Format { path: tensors_path, msg: "teacher cache without `image`/`text`/`region` tensors".into() });
                 };
-                if image.dims() != [meta.ids.len(), teacher.dim] || text.dims() != [meta.ids.len(), teacher.dim] {
-                    return Err(TrainError::Format { path: tensors_path, msg: format!("teacher cache shapes {:?}/{:?} do not fit {} rows of size {}", image.dims(), text.dims(), meta.ids.len(), teacher.dim) });
+                let want = [meta.ids.len(), teacher.dim];
+                if image.dims() != want || text.dims() != want || region.dims() != want {
+                    return Err(TrainError::Format { path: tensors_path, msg: format!("teacher cache shapes {:?}/{:?}/{:?} do not fit {} rows of size {}", image.dims(), text.dims(), region.dims(), meta.ids.len(), teacher.dim) });
                 }
                 let rows = meta.ids.into_iter().enumerate().map(|(i, id)| (id, i)).collect();
-                return Ok((Self { image: image.clone(), text: text.clone(), rows, scale }, CacheStatus::Hit));
+                return Ok((Self { image: image.clone(), text: text.clone(), region: region.clone(), rows, scale }, CacheStatus::Hit));
             }
         }
         // Image embeddings once per distinct image, text embeddings per record.
@@ -488,12 +497,24 @@ impl FeatureCache {
             which.push(k as u32);
         }
         let mut embeds = Vec::new();
+        let mut regions = vec![None; n];
         for (c, chunk) in images.chunks(CHUNK).enumerate() {
             let decoded: Vec<RgbImage> = chunk.iter().map(|&i| ds.get(i).map(|s| s.image)).collect::<std::result::Result<_, _>>()?;
             embeds.push(teacher.image_embeds(&decoded)?);
+            // the target regions of every record on these images
+            for (k, img) in decoded.iter().enumerate() {
+                let img_row = (c * CHUNK + k) as u32;
+                let recs: Vec<usize> = (0..n).filter(|&i| which[i] == img_row).collect();
+                let boxes: Vec<Box4> = recs.iter().map(|&i| ds.records[i].bbox_xyxy).collect();
+                let e = teacher.region_embeds(img, &boxes)?;
+                for (j, &i) in recs.iter().enumerate() {
+                    regions[i] = Some(e.get(j)?);
+                }
+            }
             progress((c + 1) * CHUNK.min(chunk.len()), images.len() + n);
         }
         let image = Tensor::cat(&embeds, 0)?.index_select(&Tensor::from_vec(which, n, &teacher.dev)?, 0)?;
+        let region = Tensor::stack(&regions.into_iter().map(|r| r.expect("every record's image was embedded")).collect::<Vec<_>>(), 0)?;
         let mut texts = Vec::new();
         for (c, chunk) in ds.records.chunks(CHUNK).enumerate() {
             let t: Vec<&str> = chunk.iter().map(|r| r.expr.as_str()).collect();
@@ -503,13 +524,16 @@ impl FeatureCache {
         let text = Tensor::cat(&texts, 0)?;
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let tmp = tensors_path.with_extension("safetensors.tmp");
-        candle_core::safetensors::save(&std::collections::HashMap::from([("image".to_string(), image.clone()), ("text".to_string(), text.clone())]), &tmp)?;
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("image".to_string(), image.clone()), ("text".to_string(), text.clone()), ("region".to_string(), region.clone())]),
+            &tmp,
+        )?;
         std::fs::rename(&tmp, &tensors_path).map_err(io_err(&tensors_path))?;
         let ids: Vec<String> = ds.records.iter().map(|r| r.id.clone()).collect();
-        let meta = CacheMeta { teacher_id: teacher.id.clone(), records_key: key, ids: ids.clone() };
+        let meta = CacheMeta { version: CACHE_VERSION, teacher_id: teacher.id.clone(), records_key: key, ids: ids.clone() };
         write_atomic(&meta_path, serde_json::to_string(&meta).expect("meta serialises").as_bytes())?;
         let rows = ids.into_iter().enumerate().map(|(i, id)| (id, i)).collect();
-        Ok((Self { image, text, rows, scale }, status))
+        Ok((Self { image, text, region, rows, scale }, status))
     }
 
     /// The cached embeddings of dataset records `indices`.
@@ -521,6 +545,11 @@ impl FeatureCache {
             rows.push(*r as u32);
         }
         let idx = Tensor::from_vec(rows, indices.len(), self.image.device())?;
-        Ok(crate::distill::TeacherBatch { image: self.image.index_select(&idx, 0)?, text: self.text.index_select(&idx, 0)?, scale: self.scale })
+        Ok(crate::distill::TeacherBatch {
+            image: self.image.index_select(&idx, 0)?,
+            text: self.text.index_select(&idx, 0)?,
+            region: self.region.index_select(&idx, 0)?,
+            scale: self.scale,
+        })
     }
 }

@@ -202,7 +202,7 @@ fn teacher_pretrains_loads_and_embeds() {
     assert!(e.contains("tokenizer"), "{e}");
 }
 
-/// EpmVG on the tiny benchmark: a run with a `[distill]` section trains with the
+/// EpmVG and DUET's teacher term on the tiny benchmark: a run with a `[distill]` section trains with the
 /// `kd_*` losses from a cached teacher, resumes (the projections are in the checkpoint),
 /// reuses the cache, rebuilds it when the teacher changes, and refuses a teacher whose
 /// embedding size differs from the one the run was prepared for.
@@ -218,7 +218,7 @@ fn epmvg_distillation_trains_from_a_cached_teacher() {
     pretrain(&data, &teacher, &tcfg, &Device::Cpu, |_, _, _| {}).unwrap();
     let mut cfg = tiny_config(&data);
     cfg.optim.epochs = 1;
-    cfg.distill = Some(DistillConfig { teacher: teacher.clone(), teacher_dim: 0, feature: 1.0, feature_kind: Default::default(), cross: 1.0, temperature: 2.0 });
+    cfg.distill = Some(DistillConfig { teacher: teacher.clone(), teacher_dim: 0, feature: 1.0, feature_kind: Default::default(), cross: 1.0, temperature: 2.0, duet_region: 1.0, duet_align: 1.0 });
     let run = train::prepare(&dir.path().join("run"), cfg.clone()).unwrap();
     let prepared: gk_train::train::RunConfig = run.load_config().unwrap();
     assert_eq!(prepared.distill.as_ref().unwrap().teacher_dim, 16);
@@ -228,7 +228,9 @@ fn epmvg_distillation_trains_from_a_cached_teacher() {
     // resume to the end: strict loads of the checkpoint include distill.*
     train::train(&run, &TrainOptions::default()).unwrap();
     let metrics = std::fs::read_to_string(run.file("metrics.jsonl")).unwrap();
-    assert!(metrics.contains("\"kd_visual\"") && metrics.contains("\"kd_cross\""), "kd losses logged");
+    for kd in ["kd_visual", "kd_text", "kd_cross", "kd_region", "kd_dtext", "kd_align"] {
+        assert!(metrics.contains(&format!("\"{kd}\"")), "{kd} not logged");
+    }
     // evaluation and prediction load the distilled run
     gk_train::train::load_run(&run, Some("best.safetensors"), &Device::Cpu).unwrap();
     // a changed teacher: its cache is rebuilt (the run itself refuses a new embedding size)
