@@ -68,6 +68,7 @@ fn help_is_useful() {
     assert!(o.status.success());
     for cmd in [
         "demo", "synth", "train", "eval", "predict", "embed", "bench", "convert", "stats",
+        "pretrain-teacher", "ablate",
     ] {
         assert!(out.contains(cmd), "--help lacks {cmd}: {out}");
     }
