@@ -43,7 +43,11 @@ pub struct AblateArgs {
     pub epochs: usize,
     /// Variants: baseline, epmvg-feature, epmvg-cross, epmvg, duet-teacher, epmvg+duet-teacher
     /// (DUET's self-distillation is not in the trainer yet).
-    #[arg(long, value_delimiter = ',', default_value = "baseline,epmvg-feature,epmvg-cross,epmvg")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "baseline,epmvg-feature,epmvg-cross,epmvg"
+    )]
     pub variants: Vec<String>,
 }
 
@@ -74,7 +78,12 @@ fn distill_for(variant: &str, teacher: &Path) -> Result<Option<DistillConfig>> {
 type Scores = Vec<(String, f64)>;
 
 fn run_one(a: &AblateArgs, variant: &str, fraction: f64, seed: u64) -> Result<Scores> {
-    let dir = a.out.join("runs").join(format!("f{fraction}")).join(variant).join(format!("seed{seed}"));
+    let dir = a
+        .out
+        .join("runs")
+        .join(format!("f{fraction}"))
+        .join(variant)
+        .join(format!("seed{seed}"));
     let epochs = ((a.epochs as f64 / fraction).round() as usize).max(1);
     let run = if dir.join("config.toml").is_file() {
         RunDir::open(&dir)?
@@ -89,13 +98,27 @@ fn run_one(a: &AblateArgs, variant: &str, fraction: f64, seed: u64) -> Result<Sc
     };
     let scores_file = run.file("ablate_scores.json");
     if scores_file.is_file() {
-        return Ok(serde_json::from_str(&std::fs::read_to_string(&scores_file)?)?);
+        return Ok(serde_json::from_str(&std::fs::read_to_string(
+            &scores_file,
+        )?)?);
     }
-    train::train(&run, &TrainOptions { stop_after: None, progress: false }).with_context(|| format!("training {}", dir.display()))?;
+    train::train(
+        &run,
+        &TrainOptions {
+            stop_after: None,
+            progress: false,
+        },
+    )
+    .with_context(|| format!("training {}", dir.display()))?;
     let loaded = train::load_run(&run, Some("best.safetensors"), &candle_core::Device::Cpu)?;
-    let sets: Vec<PathBuf> = std::iter::once(loaded.cfg.data.val.clone()).chain(loaded.cfg.data.test.clone()).collect();
+    let sets: Vec<PathBuf> = std::iter::once(loaded.cfg.data.val.clone())
+        .chain(loaded.cfg.data.test.clone())
+        .collect();
     let reports = report::evaluate_sets(&loaded, &sets, GtBoxes::Stored)?;
-    let scores: Scores = reports.iter().map(|(n, r)| (n.clone(), r.all.acc50())).collect();
+    let scores: Scores = reports
+        .iter()
+        .map(|(n, r)| (n.clone(), r.all.acc50()))
+        .collect();
     gk_train::weights::write_atomic(&scores_file, serde_json::to_string(&scores)?.as_bytes())?;
     Ok(scores)
 }
@@ -103,7 +126,11 @@ fn run_one(a: &AblateArgs, variant: &str, fraction: f64, seed: u64) -> Result<Sc
 fn mean_std(v: &[f64]) -> (f64, f64) {
     let n = v.len().max(1) as f64;
     let m = v.iter().sum::<f64>() / n;
-    let var = if v.len() > 1 { v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
     (m, var.sqrt())
 }
 
@@ -131,9 +158,16 @@ pub fn run(a: AblateArgs) -> Result<()> {
             rows.push((f, v.clone(), per_seed));
         }
     }
-    let splits: Vec<String> = rows.first().and_then(|r| r.2.first()).map(|s| s.iter().map(|(n, _)| n.clone()).collect()).unwrap_or_default();
+    let splits: Vec<String> = rows
+        .first()
+        .and_then(|r| r.2.first())
+        .map(|s| s.iter().map(|(n, _)| n.clone()).collect())
+        .unwrap_or_default();
     let stat = |per_seed: &[Scores], split: &str| -> (f64, f64) {
-        let v: Vec<f64> = per_seed.iter().filter_map(|s| s.iter().find(|(n, _)| n == split).map(|(_, x)| *x)).collect();
+        let v: Vec<f64> = per_seed
+            .iter()
+            .filter_map(|s| s.iter().find(|(n, _)| n == split).map(|(_, x)| *x))
+            .collect();
         mean_std(&v)
     };
     let mut md = format!(
@@ -145,17 +179,27 @@ pub fn run(a: AblateArgs) -> Result<()> {
     );
     let mut json = Vec::new();
     for (f, v, per_seed) in &rows {
-        let cells: Vec<String> = splits.iter().map(|s| {
-            let (m, sd) = stat(per_seed, s);
-            format!("{m:.1} ± {sd:.1}")
-        }).collect();
+        let cells: Vec<String> = splits
+            .iter()
+            .map(|s| {
+                let (m, sd) = stat(per_seed, s);
+                format!("{m:.1} ± {sd:.1}")
+            })
+            .collect();
         md += &format!("| {f} | {v} | {} |\n", cells.join(" | "));
         json.push(serde_json::json!({"fraction": f, "variant": v, "per_seed": per_seed}));
     }
     std::fs::write(a.out.join("results.md"), &md)?;
-    std::fs::write(a.out.join("results.json"), serde_json::to_string_pretty(&json)?)?;
+    std::fs::write(
+        a.out.join("results.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
     // Chart: groups = fraction x split, one bar per variant.
-    let groups: Vec<String> = a.fractions.iter().flat_map(|f| splits.iter().map(move |s| format!("{:.0}% {s}", f * 100.0))).collect();
+    let groups: Vec<String> = a
+        .fractions
+        .iter()
+        .flat_map(|f| splits.iter().map(move |s| format!("{:.0}% {s}", f * 100.0)))
+        .collect();
     let colors = [draw::GREY, draw::BLUE, draw::ORANGE, draw::GREEN, draw::RED];
     let series: Vec<Bars> = a
         .variants
@@ -168,15 +212,31 @@ pub fn run(a: AblateArgs) -> Result<()> {
                 .fractions
                 .iter()
                 .flat_map(|f| {
-                    let per_seed = rows.iter().find(|r| r.0 == *f && &r.1 == v).map(|r| r.2.clone()).unwrap_or_default();
-                    splits.iter().map(move |s| stat(&per_seed, s)).collect::<Vec<_>>()
+                    let per_seed = rows
+                        .iter()
+                        .find(|r| r.0 == *f && &r.1 == v)
+                        .map(|r| r.2.clone())
+                        .unwrap_or_default();
+                    splits
+                        .iter()
+                        .map(move |s| stat(&per_seed, s))
+                        .collect::<Vec<_>>()
                 })
                 .collect(),
         })
         .collect();
-    draw::bar_chart("distillation ablation: Acc@0.5 (%), mean +- std over seeds", &groups, &series, 160 + 70 * groups.len() as u32, 320)
-        .save(a.out.join("ablation.png"))?;
+    draw::bar_chart(
+        "distillation ablation: Acc@0.5 (%), mean +- std over seeds",
+        &groups,
+        &series,
+        160 + 70 * groups.len() as u32,
+        320,
+    )
+    .save(a.out.join("ablation.png"))?;
     println!("{md}");
-    eprintln!("wrote {}, results.json and ablation.png", a.out.join("results.md").display());
+    eprintln!(
+        "wrote {}, results.json and ablation.png",
+        a.out.join("results.md").display()
+    );
     Ok(())
 }

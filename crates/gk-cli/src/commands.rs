@@ -181,7 +181,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     } else {
         a.data.clone()
     };
-    let gt = if a.transvg_int_boxes { GtBoxes::TransvgInt } else { GtBoxes::Stored };
+    let gt = if a.transvg_int_boxes {
+        GtBoxes::TransvgInt
+    } else {
+        GtBoxes::Stored
+    };
     let mut reports = report::evaluate_sets(&loaded, &sets, gt)?;
     reports.sort_by_key(|(name, _)| report::paper_column(name));
     if a.json {

@@ -67,18 +67,39 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
     match a.from {
         SourceFormat::Transvg => {
             if a.split != "trainval" && !key.splits().contains(&a.split.as_str()) {
-                bail!("{} has no split `{}` (splits: {})", key.key(), a.split, key.splits().join(", "));
+                bail!(
+                    "{} has no split `{}` (splits: {})",
+                    key.key(),
+                    a.split,
+                    key.splits().join(", ")
+                );
             }
             let files: Vec<PathBuf> = if a.input.is_file() {
                 vec![a.input.clone()]
             } else {
-                key.split_files(&a.split).iter().map(|f| a.input.join(f)).collect()
+                key.split_files(&a.split)
+                    .iter()
+                    .map(|f| a.input.join(f))
+                    .collect()
             };
             for f in &files {
                 let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
                 let (v, container) = pth::decode(&bytes, f)?;
-                let part = published::convert_split_list(&v, key, &a.split, f, a.skip_bad, conv.records.len() + conv.skipped.len())?;
-                eprintln!("{}: {:?} container, {} rows, {} skipped", f.display(), container, part.records.len(), part.skipped.len());
+                let part = published::convert_split_list(
+                    &v,
+                    key,
+                    &a.split,
+                    f,
+                    a.skip_bad,
+                    conv.records.len() + conv.skipped.len(),
+                )?;
+                eprintln!(
+                    "{}: {:?} container, {} rows, {} skipped",
+                    f.display(),
+                    container,
+                    part.records.len(),
+                    part.skipped.len()
+                );
                 conv.records.extend(part.records);
                 conv.skipped.extend(part.skipped);
                 sources.push((f.clone(), sha256::hex(&bytes), bytes.len()));
@@ -88,7 +109,10 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
             let split_by = match (&a.split_by, key.split_by()) {
                 (Some(s), _) => s.clone(),
                 (None, Some(s)) if key != DatasetKey::Referit => s.to_string(),
-                _ => bail!("--from refer --dataset {} needs --split-by (refclef has unc and berkeley)", key.key()),
+                _ => bail!(
+                    "--from refer --dataset {} needs --split-by (refclef has unc and berkeley)",
+                    key.key()
+                ),
             };
             let src = ReferSource::in_dir(&a.input, &split_by);
             let split = (a.split != "all").then_some(a.split.as_str());
@@ -128,7 +152,17 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
     });
     let meta_path = PathBuf::from(format!("{}.meta.json", a.out.with_extension("").display()));
     write_atomic(&meta_path, serde_json::to_string_pretty(&meta)?.as_bytes())?;
-    eprintln!("wrote {} rows to {} ({} skipped){}", conv.records.len(), a.out.display(), conv.skipped.len(), if conv.skipped.is_empty() { "" } else { "; see skipped_rows in the .meta.json" });
+    eprintln!(
+        "wrote {} rows to {} ({} skipped){}",
+        conv.records.len(),
+        a.out.display(),
+        conv.skipped.len(),
+        if conv.skipped.is_empty() {
+            ""
+        } else {
+            "; see skipped_rows in the .meta.json"
+        }
+    );
     Ok(())
 }
 
@@ -140,10 +174,14 @@ fn validate(conv: &mut Converted, skip_bad: bool) -> Result<()> {
             if !skip_bad {
                 bail!("record {}: {msg}", r.id);
             }
-            bad.push(Skipped { line: usize::MAX, reason: format!("record {}: {msg}", r.id) });
+            bad.push(Skipped {
+                line: usize::MAX,
+                reason: format!("record {}: {msg}", r.id),
+            });
         }
     }
-    conv.records.retain(|r| check_record(r, Path::new(""), false).is_ok());
+    conv.records
+        .retain(|r| check_record(r, Path::new(""), false).is_ok());
     conv.skipped.extend(bad);
     Ok(())
 }
@@ -152,7 +190,9 @@ fn check_images(conv: &mut Converted, root: &Path, skip_bad: bool) -> Result<()>
     let mut missing: Vec<String> = Vec::new();
     let mut seen = BTreeMap::new();
     conv.records.retain(|r| {
-        let ok = *seen.entry(r.image.clone()).or_insert_with(|| resolve_image(root, &r.image).is_file());
+        let ok = *seen
+            .entry(r.image.clone())
+            .or_insert_with(|| resolve_image(root, &r.image).is_file());
         if !ok {
             missing.push(r.image.clone());
         }
@@ -164,9 +204,18 @@ fn check_images(conv: &mut Converted, root: &Path, skip_bad: bool) -> Result<()>
     let distinct: BTreeSet<&String> = missing.iter().collect();
     if !skip_bad {
         let first: Vec<&str> = distinct.iter().take(5).map(|s| s.as_str()).collect();
-        bail!("{} rows name {} images missing under {} (first: {}); --skip-bad drops them", missing.len(), distinct.len(), root.display(), first.join(", "));
+        bail!(
+            "{} rows name {} images missing under {} (first: {}); --skip-bad drops them",
+            missing.len(),
+            distinct.len(),
+            root.display(),
+            first.join(", ")
+        );
     }
-    conv.skipped.extend(missing.iter().map(|m| Skipped { line: usize::MAX, reason: format!("image {m} is missing") }));
+    conv.skipped.extend(missing.iter().map(|m| Skipped {
+        line: usize::MAX,
+        reason: format!("image {m} is missing"),
+    }));
     Ok(())
 }
 
@@ -216,7 +265,14 @@ const LEN_BINS: usize = 16; // 1..=15 words, then 16+
 const AREA_EDGES: [f64; 5] = [0.01, 0.05, 0.10, 0.25, 0.50];
 
 pub fn stats(a: StatsArgs) -> Result<()> {
-    let ds = Dataset::load(&a.file, None, &LoadOptions { skip_bad: true, check_images: false })?;
+    let ds = Dataset::load(
+        &a.file,
+        None,
+        &LoadOptions {
+            skip_bad: true,
+            check_images: false,
+        },
+    )?;
     let mut splits: BTreeMap<String, SplitStats> = BTreeMap::new();
     let mut lengths = [0usize; LEN_BINS];
     let (mut coco, mut rel) = ([0usize; 3], [0usize; AREA_EDGES.len() + 1]);
@@ -253,22 +309,66 @@ pub fn stats(a: StatsArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("{}: {n} rows{}", a.file.display(), if ds.skipped.is_empty() { String::new() } else { format!(", {} bad lines skipped", ds.skipped.len()) });
+    println!(
+        "{}: {n} rows{}",
+        a.file.display(),
+        if ds.skipped.is_empty() {
+            String::new()
+        } else {
+            format!(", {} bad lines skipped", ds.skipped.len())
+        }
+    );
     for s in ds.skipped.iter().take(5) {
         println!("  line {}: {}", s.line, s.reason);
     }
-    println!("\n{:<10} {:>12} {:>8} {:>8} {:>22}", "split", "expressions", "images", "objects", "published (literature)");
+    println!(
+        "\n{:<10} {:>12} {:>8} {:>8} {:>22}",
+        "split", "expressions", "images", "objects", "published (literature)"
+    );
     let mut order: Vec<(&String, &SplitStats)> = splits.iter().collect();
-    order.sort_by_key(|(k, _)| ["train", "val", "testA", "testB", "test"].iter().position(|s| s == k).unwrap_or(5));
+    order.sort_by_key(|(k, _)| {
+        ["train", "val", "testA", "testB", "test"]
+            .iter()
+            .position(|s| s == k)
+            .unwrap_or(5)
+    });
     for (k, s) in order {
-        let p = published_size(&s.dataset, s.split_by.as_deref(), k).map_or("-".to_string(), |p| format!("{p} ({:+})", s.exprs as i64 - p as i64));
-        println!("{:<10} {:>12} {:>8} {:>8} {:>22}", k, s.exprs, s.images.len(), s.objects.len(), p);
+        let p = published_size(&s.dataset, s.split_by.as_deref(), k).map_or("-".to_string(), |p| {
+            format!("{p} ({:+})", s.exprs as i64 - p as i64)
+        });
+        println!(
+            "{:<10} {:>12} {:>8} {:>8} {:>22}",
+            k,
+            s.exprs,
+            s.images.len(),
+            s.objects.len(),
+            p
+        );
     }
-    println!("\nexpression length (words), mean {:.2}", words_total as f64 / n.max(1) as f64);
-    let label = |i: usize| if i + 1 == LEN_BINS { format!("{}+", LEN_BINS) } else { format!("{}", i + 1) };
-    histogram(&lengths.iter().enumerate().map(|(i, &c)| (label(i), c)).collect::<Vec<_>>());
+    println!(
+        "\nexpression length (words), mean {:.2}",
+        words_total as f64 / n.max(1) as f64
+    );
+    let label = |i: usize| {
+        if i + 1 == LEN_BINS {
+            format!("{}+", LEN_BINS)
+        } else {
+            format!("{}", i + 1)
+        }
+    };
+    histogram(
+        &lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| (label(i), c))
+            .collect::<Vec<_>>(),
+    );
     println!("\nbox area (COCO sizes, pixels)");
-    histogram(&[("small <32²".into(), coco[0]), ("medium".into(), coco[1]), ("large >=96²".into(), coco[2])]);
+    histogram(&[
+        ("small <32²".into(), coco[0]),
+        ("medium".into(), coco[1]),
+        ("large >=96²".into(), coco[2]),
+    ]);
     if rel.iter().sum::<usize>() > 0 {
         println!("\nbox area / image area (rows with a known image size)");
         let mut edges = vec![0.0];
@@ -276,7 +376,16 @@ pub fn stats(a: StatsArgs) -> Result<()> {
         let rows: Vec<(String, usize)> = rel
             .iter()
             .enumerate()
-            .map(|(i, &c)| (AREA_EDGES.get(i).map_or(format!(">= {:.0}%", edges[i] * 100.0), |e| format!("{:.0}-{:.0}%", edges[i] * 100.0, e * 100.0)), c))
+            .map(|(i, &c)| {
+                (
+                    AREA_EDGES
+                        .get(i)
+                        .map_or(format!(">= {:.0}%", edges[i] * 100.0), |e| {
+                            format!("{:.0}-{:.0}%", edges[i] * 100.0, e * 100.0)
+                        }),
+                    c,
+                )
+            })
             .collect();
         histogram(&rows);
     }
@@ -296,6 +405,9 @@ fn histogram(rows: &[(String, usize)]) {
     let total: usize = rows.iter().map(|r| r.1).sum::<usize>().max(1);
     for (label, c) in rows {
         let bar = "█".repeat((40 * c).div_ceil(max).min(40) * usize::from(*c > 0));
-        println!("  {label:>12} {c:>8} {:>5.1}% {bar}", 100.0 * *c as f64 / total as f64);
+        println!(
+            "  {label:>12} {c:>8} {:>5.1}% {bar}",
+            100.0 * *c as f64 / total as f64
+        );
     }
 }

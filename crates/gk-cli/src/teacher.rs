@@ -24,21 +24,32 @@ pub struct PretrainArgs {
 }
 
 pub fn run(a: PretrainArgs) -> Result<()> {
-    let cfg = PretrainConfig { epochs: a.epochs, seed: a.seed, object_crops: !a.no_object_crops, ..PretrainConfig::synth() };
+    let cfg = PretrainConfig {
+        epochs: a.epochs,
+        seed: a.seed,
+        object_crops: !a.no_object_crops,
+        ..PretrainConfig::synth()
+    };
     let pb = indicatif::ProgressBar::new(0);
     pb.set_style(indicatif::ProgressStyle::with_template(
         "pretrain-teacher {bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
     )?);
     // Without a terminal (logs, CI) the bar is hidden: print a line every 50 steps instead.
     let lines = !std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let report = teacher::pretrain(&a.data, &a.out, &cfg, &candle_core::Device::Cpu, |step, total, loss| {
-        pb.set_length(total as u64);
-        pb.set_position(step as u64);
-        pb.set_message(format!("InfoNCE {loss:.3}"));
-        if lines && (step % 50 == 0 || step == total) {
-            eprintln!("pretrain-teacher step {step}/{total} InfoNCE {loss:.3}");
-        }
-    })
+    let report = teacher::pretrain(
+        &a.data,
+        &a.out,
+        &cfg,
+        &candle_core::Device::Cpu,
+        |step, total, loss| {
+            pb.set_length(total as u64);
+            pb.set_position(step as u64);
+            pb.set_message(format!("InfoNCE {loss:.3}"));
+            if lines && (step % 50 == 0 || step == total) {
+                eprintln!("pretrain-teacher step {step}/{total} InfoNCE {loss:.3}");
+            }
+        },
+    )
     .with_context(|| format!("pretraining a teacher on {}", a.data.display()))?;
     pb.finish_and_clear();
     let row = |name: &str, r: &Recall| {
@@ -48,7 +59,10 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         )
     };
     println!("zero-shot retrieval on the val split (%):");
-    println!("{:<14} {:>5} {:>8} {:>8} {:>8} {:>8}", "pairs", "n", "i2t R@1", "i2t R@5", "t2i R@1", "t2i R@5");
+    println!(
+        "{:<14} {:>5} {:>8} {:>8} {:>8} {:>8}",
+        "pairs", "n", "i2t R@1", "i2t R@5", "t2i R@1", "t2i R@5"
+    );
     row("scene captions", &report.scenes);
     row("object crops", &report.objects);
     println!("teacher written to {}", a.out.display());

@@ -67,8 +67,17 @@ fn help_is_useful() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success());
     for cmd in [
-        "demo", "synth", "train", "eval", "predict", "embed", "bench", "convert", "stats",
-        "pretrain-teacher", "ablate",
+        "demo",
+        "synth",
+        "train",
+        "eval",
+        "predict",
+        "embed",
+        "bench",
+        "convert",
+        "stats",
+        "pretrain-teacher",
+        "ablate",
     ] {
         assert!(out.contains(cmd), "--help lacks {cmd}: {out}");
     }
@@ -284,9 +293,20 @@ fn published_split_convert_stats_eval(dir: &Path, run: &Path) {
     let out = dir.join("conv/unc_val.jsonl");
     let convert = |extra: &[&str]| {
         let mut args = vec![
-            "convert", "--from", "transvg", "--dataset", "unc", "--split", "val",
-            "--input", splits.to_str().unwrap(), "--out", out.to_str().unwrap(),
-            "--images", ln_data.to_str().unwrap(), "--check-images",
+            "convert",
+            "--from",
+            "transvg",
+            "--dataset",
+            "unc",
+            "--split",
+            "val",
+            "--input",
+            splits.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--images",
+            ln_data.to_str().unwrap(),
+            "--check-images",
         ];
         args.extend_from_slice(extra);
         groundkit(&args)
@@ -294,21 +314,35 @@ fn published_split_convert_stats_eval(dir: &Path, run: &Path) {
     // No images yet: a clear error that names the missing files.
     assert_clean_failure(&convert(&[]), "images missing under");
     for id in [42, 839, 123456, 581857] {
-        image::RgbImage::from_fn(640, 480, |x, y| image::Rgb([(x % 251) as u8, (y % 241) as u8, 60]))
-            .save(coco.join(format!("COCO_train2014_{id:012}.jpg")))
-            .unwrap();
+        image::RgbImage::from_fn(640, 480, |x, y| {
+            image::Rgb([(x % 251) as u8, (y % 241) as u8, 60])
+        })
+        .save(coco.join(format!("COCO_train2014_{id:012}.jpg")))
+        .unwrap();
     }
     let o = convert(&[]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("conv/unc_val.meta.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("conv/unc_val.meta.json")).unwrap())
+            .unwrap();
     assert_eq!(meta["rows"], 6);
     assert_eq!(meta["sources"][0]["sha256"].as_str().unwrap().len(), 64);
     let o = groundkit(&["stats", out.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success() && text.contains("10834") && text.contains("expression length"), "{text}");
+    assert!(
+        o.status.success() && text.contains("10834") && text.contains("expression length"),
+        "{text}"
+    );
     let o = groundkit(&[
-        "eval", "--run", run.to_str().unwrap(), "--data", out.to_str().unwrap(),
-        "--images", ln_data.to_str().unwrap(), "--transvg-int-boxes", "--json",
+        "eval",
+        "--run",
+        run.to_str().unwrap(),
+        "--data",
+        out.to_str().unwrap(),
+        "--images",
+        ln_data.to_str().unwrap(),
+        "--transvg-int-boxes",
+        "--json",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -316,7 +350,19 @@ fn published_split_convert_stats_eval(dir: &Path, run: &Path) {
     // Hostile split files fail cleanly, naming the file and what is wrong.
     let bad = |file: &str| {
         let p = split_fixture(&format!("hostile/{file}"));
-        groundkit(&["convert", "--from", "transvg", "--dataset", "unc", "--split", "val", "--input", p.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        groundkit(&[
+            "convert",
+            "--from",
+            "transvg",
+            "--dataset",
+            "unc",
+            "--split",
+            "val",
+            "--input",
+            p.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
     };
     assert_clean_failure(&bad("evil_global.pth"), "posix.system");
     assert_clean_failure(&bad("truncated.pth"), "truncated.pth");
@@ -333,15 +379,41 @@ fn pretrain_teacher_and_ablate_distill() {
     let o = groundkit(&["synth", "--out", data.to_str().unwrap(), "--preset", "tiny"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let teacher = dir.path().join("teacher");
-    let o = groundkit(&["pretrain-teacher", "--data", data.to_str().unwrap(), "--out", teacher.to_str().unwrap(), "--epochs", "1"]);
+    let o = groundkit(&[
+        "pretrain-teacher",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        teacher.to_str().unwrap(),
+        "--epochs",
+        "1",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains("i2t R@1") && text.contains("object crops"), "{text}");
+    assert!(
+        text.contains("i2t R@1") && text.contains("object crops"),
+        "{text}"
+    );
     let out = dir.path().join("ablate");
     let args = |variants: &str| {
         groundkit(&[
-            "ablate", "--recipe", "distill", "--data", data.to_str().unwrap(), "--teacher", teacher.to_str().unwrap(),
-            "--out", out.to_str().unwrap(), "--seeds", "0", "--fractions", "1.0", "--epochs", "1", "--variants", variants,
+            "ablate",
+            "--recipe",
+            "distill",
+            "--data",
+            data.to_str().unwrap(),
+            "--teacher",
+            teacher.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--seeds",
+            "0",
+            "--fractions",
+            "1.0",
+            "--epochs",
+            "1",
+            "--variants",
+            variants,
         ])
     };
     assert_clean_failure(&args("baseline,duet"), "DUET");
@@ -349,6 +421,9 @@ fn pretrain_teacher_and_ablate_distill() {
     let o = args("baseline,epmvg");
     assert!(o.status.success(), "{}", stderr(&o));
     let table = std::fs::read_to_string(out.join("results.md")).unwrap();
-    assert!(table.contains("| 1 | baseline |") && table.contains("| 1 | epmvg |"), "{table}");
+    assert!(
+        table.contains("| 1 | baseline |") && table.contains("| 1 | epmvg |"),
+        "{table}"
+    );
     assert!(out.join("ablation.png").is_file() && out.join("results.json").is_file());
 }

@@ -19,9 +19,27 @@ pub const BOX_SLACK_PX: f32 = 2.0;
 /// `<root>/<logical path>` does not exist (TransVG's `ln_data`, HiVG/CLIP-VG's Flickr
 /// folder with a hyphen, or a root that already is the image folder).
 const IMAGE_DIRS: [(&str, &[&str]); 3] = [
-    ("coco/train2014/", &["other/images/mscoco/images/train2014/", "images/mscoco/images/train2014/", "mscoco/images/train2014/", "train2014/", ""]),
+    (
+        "coco/train2014/",
+        &[
+            "other/images/mscoco/images/train2014/",
+            "images/mscoco/images/train2014/",
+            "mscoco/images/train2014/",
+            "train2014/",
+            "",
+        ],
+    ),
     ("referit/images/", &["referit/images/", "images/", ""]),
-    ("flickr30k/images/", &["Flickr30k/flickr30k_images/", "Flickr30k/flickr30k-images/", "flickr30k_images/", "flickr30k-images/", ""]),
+    (
+        "flickr30k/images/",
+        &[
+            "Flickr30k/flickr30k_images/",
+            "Flickr30k/flickr30k-images/",
+            "flickr30k_images/",
+            "flickr30k-images/",
+            "",
+        ],
+    ),
 ];
 
 /// The file of a record's image under `root`: the canonical path, or the first layout of

@@ -25,7 +25,11 @@ pub enum DataError {
     Format { path: PathBuf, msg: String },
     /// One bad row of a published split or annotation file (0-based, as Python indexes it).
     #[error("{path}: row {row}: {msg}")]
-    Row { path: PathBuf, row: usize, msg: String },
+    Row {
+        path: PathBuf,
+        row: usize,
+        msg: String,
+    },
     #[error("{path}: tokenizer: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
     #[error("empty expression: nothing to ground")]

@@ -46,9 +46,17 @@ pub enum PickleError {
     #[error("byte {pos}: the data ends in the middle of a pickle (truncated file?)")]
     Truncated { pos: usize },
     #[error("byte {pos}: opcode 0x{op:02x} is not supported by this reader ({what})")]
-    Unsupported { pos: usize, op: u8, what: &'static str },
+    Unsupported {
+        pos: usize,
+        op: u8,
+        what: &'static str,
+    },
     #[error("byte {pos}: global `{module}.{name}` is not allowed (split files hold plain data; this reader never calls code named by a file)")]
-    ForbiddenGlobal { pos: usize, module: String, name: String },
+    ForbiddenGlobal {
+        pos: usize,
+        module: String,
+        name: String,
+    },
     #[error("byte {pos}: {msg}")]
     Malformed { pos: usize, msg: String },
 }
@@ -103,7 +111,10 @@ impl Value {
     /// Look a string key up in a dict.
     pub fn get(&self, key: &str) -> Option<&Value> {
         match self {
-            Value::Dict(items) => items.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v),
+            Value::Dict(items) => items
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(_, v)| v),
             _ => None,
         }
     }
@@ -123,9 +134,19 @@ impl Value {
             Value::List(v) | Value::Tuple(v) => J::Array(v.iter().map(Value::to_json).collect()),
             Value::Dict(items) => {
                 if items.iter().all(|(k, _)| k.as_str().is_some()) {
-                    J::Object(items.iter().map(|(k, v)| (k.as_str().unwrap().to_string(), v.to_json())).collect())
+                    J::Object(
+                        items
+                            .iter()
+                            .map(|(k, v)| (k.as_str().unwrap().to_string(), v.to_json()))
+                            .collect(),
+                    )
                 } else {
-                    J::Array(items.iter().map(|(k, v)| J::Array(vec![k.to_json(), v.to_json()])).collect())
+                    J::Array(
+                        items
+                            .iter()
+                            .map(|(k, v)| J::Array(vec![k.to_json(), v.to_json()]))
+                            .collect(),
+                    )
                 }
             }
             Value::Array(a) => array_json(&a.shape, &a.data),
@@ -134,13 +155,19 @@ impl Value {
 }
 
 fn array_json(shape: &[usize], data: &[f64]) -> serde_json::Value {
-    let num = |f: f64| serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number);
+    let num = |f: f64| {
+        serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number)
+    };
     match shape {
         [] => data.first().map_or(serde_json::Value::Null, |&f| num(f)),
         [_] => serde_json::Value::Array(data.iter().map(|&f| num(f)).collect()),
         [n, rest @ ..] => {
             let step = rest.iter().product::<usize>();
-            serde_json::Value::Array((0..*n).map(|i| array_json(rest, &data[i * step..(i + 1) * step])).collect())
+            serde_json::Value::Array(
+                (0..*n)
+                    .map(|i| array_json(rest, &data[i * step..(i + 1) * step]))
+                    .collect(),
+            )
         }
     }
 }
@@ -149,7 +176,10 @@ fn array_json(shape: &[usize], data: &[f64]) -> serde_json::Value {
 pub fn loads(data: &[u8]) -> Result<Value> {
     let (v, used) = load_prefix(data)?;
     if used != data.len() {
-        return Err(PickleError::Malformed { pos: used, msg: format!("{} bytes after the pickle's STOP", data.len() - used) });
+        return Err(PickleError::Malformed {
+            pos: used,
+            msg: format!("{} bytes after the pickle's STOP", data.len() - used),
+        });
     }
     Ok(v)
 }
@@ -157,7 +187,14 @@ pub fn loads(data: &[u8]) -> Result<Value> {
 /// Decode the pickle at the start of `data`; returns it and the bytes it used (a legacy
 /// torch file is several pickles in a row).
 pub fn load_prefix(data: &[u8]) -> Result<(Value, usize)> {
-    let mut m = Machine { data, pos: 0, arena: Vec::new(), stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() };
+    let mut m = Machine {
+        data,
+        pos: 0,
+        arena: Vec::new(),
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+    };
     let top = m.run()?;
     // Every node can appear once per path; a budget proportional to the input bounds what
     // sharing may expand to (real files: one node per few bytes).
@@ -190,7 +227,10 @@ enum Node {
     Tuple(Vec<Id>),
     Dict(Vec<(Id, Id)>),
     Global(Callable),
-    Dtype { code: String, big_endian: bool },
+    Dtype {
+        code: String,
+        big_endian: bool,
+    },
     /// Made by `_reconstruct`, filled by BUILD.
     Array(Option<NdArray>),
 }
@@ -227,7 +267,10 @@ fn py2_str(bytes: Vec<u8>) -> String {
 
 impl Machine<'_> {
     fn malformed<T>(&self, msg: impl Into<String>) -> Result<T> {
-        Err(PickleError::Malformed { pos: self.pos, msg: msg.into() })
+        Err(PickleError::Malformed {
+            pos: self.pos,
+            msg: msg.into(),
+        })
     }
 
     fn take(&mut self, n: usize) -> Result<&[u8]> {
@@ -255,14 +298,22 @@ impl Machine<'_> {
     /// A text line (protocol 0 argument), without its newline.
     fn line(&mut self) -> Result<&[u8]> {
         let rest = &self.data[self.pos..];
-        let n = rest.iter().position(|&c| c == b'\n').ok_or(PickleError::Truncated { pos: self.pos })?;
+        let n = rest
+            .iter()
+            .position(|&c| c == b'\n')
+            .ok_or(PickleError::Truncated { pos: self.pos })?;
         self.pos += n + 1;
         Ok(&rest[..n])
     }
 
     fn line_str(&mut self) -> Result<String> {
         let l = self.line()?;
-        std::str::from_utf8(l).map(str::to_string).map_err(|_| PickleError::Malformed { pos: self.pos, msg: "argument line is not text".into() })
+        std::str::from_utf8(l)
+            .map(str::to_string)
+            .map_err(|_| PickleError::Malformed {
+                pos: self.pos,
+                msg: "argument line is not text".into(),
+            })
     }
 
     fn push(&mut self, n: Node) {
@@ -301,7 +352,10 @@ impl Machine<'_> {
         Ok(match op {
             b'p' | b'g' => {
                 let s = self.line_str()?;
-                s.parse().map_err(|_| PickleError::Malformed { pos: at, msg: format!("bad memo key `{s}`") })?
+                s.parse().map_err(|_| PickleError::Malformed {
+                    pos: at,
+                    msg: format!("bad memo key `{s}`"),
+                })?
             }
             b'q' | b'h' => u64::from(self.u8()?),
             b'r' | b'j' => u64::from(u32::from_le_bytes(self.le()?)),
@@ -361,7 +415,11 @@ impl Machine<'_> {
                 self.push(Node::Global(c));
                 Ok(())
             }
-            None => Err(PickleError::ForbiddenGlobal { pos: at, module: module.to_string(), name: name.to_string() }),
+            None => Err(PickleError::ForbiddenGlobal {
+                pos: at,
+                module: module.to_string(),
+                name: name.to_string(),
+            }),
         }
     }
 
@@ -409,7 +467,10 @@ impl Machine<'_> {
                     }
                     return match self.stack.as_slice() {
                         [id] => Ok(*id),
-                        _ => self.malformed(format!("STOP with {} objects on the stack, not 1", self.stack.len())),
+                        _ => self.malformed(format!(
+                            "STOP with {} objects on the stack, not 1",
+                            self.stack.len()
+                        )),
                     };
                 }
                 b'0' => {
@@ -471,12 +532,17 @@ impl Machine<'_> {
                 // --- strings and bytes
                 b'S' => {
                     let l = self.line()?.to_vec();
-                    let s = unquote_py2(&l).ok_or(PickleError::Malformed { pos: at, msg: "STRING argument is not a quoted literal".into() })?;
+                    let s = unquote_py2(&l).ok_or(PickleError::Malformed {
+                        pos: at,
+                        msg: "STRING argument is not a quoted literal".into(),
+                    })?;
                     self.push(Node::Str(py2_str(s)));
                 }
                 b'T' => {
                     let n = i32::from_le_bytes(self.le()?);
-                    let b = self.take_len(u64::try_from(n).unwrap_or(u64::MAX))?.to_vec();
+                    let b = self
+                        .take_len(u64::try_from(n).unwrap_or(u64::MAX))?
+                        .to_vec();
                     self.push(Node::Str(py2_str(b)));
                 }
                 b'U' => {
@@ -486,7 +552,10 @@ impl Machine<'_> {
                 }
                 b'V' => {
                     let l = self.line()?.to_vec();
-                    let s = raw_unicode_escape(&l).ok_or(PickleError::Malformed { pos: at, msg: "bad raw-unicode-escape text".into() })?;
+                    let s = raw_unicode_escape(&l).ok_or(PickleError::Malformed {
+                        pos: at,
+                        msg: "bad raw-unicode-escape text".into(),
+                    })?;
                     self.push(Node::Str(s));
                 }
                 b'X' | 0x8c | 0x8d => {
@@ -501,7 +570,12 @@ impl Machine<'_> {
                             let s = s.to_string();
                             self.push(Node::Str(s));
                         }
-                        Err(_) => return Err(PickleError::Malformed { pos: at, msg: "unicode string is not UTF-8".into() }),
+                        Err(_) => {
+                            return Err(PickleError::Malformed {
+                                pos: at,
+                                msg: "unicode string is not UTF-8".into(),
+                            })
+                        }
                     }
                 }
                 b'B' | b'C' | 0x8e | 0x96 => {
@@ -524,7 +598,11 @@ impl Machine<'_> {
                 }
                 b't' | 0x91 => {
                     let items = self.pop_mark()?;
-                    self.push(if op == b't' { Node::Tuple(items) } else { Node::List(items) });
+                    self.push(if op == b't' {
+                        Node::Tuple(items)
+                    } else {
+                        Node::List(items)
+                    });
                 }
                 0x85..=0x87 => {
                     let n = usize::from(op - 0x84);
@@ -580,7 +658,10 @@ impl Machine<'_> {
                 0x93 => {
                     let name = self.pop()?;
                     let module = self.pop()?;
-                    let (Some(m), Some(n)) = (self.str_of(module).map(str::to_string), self.str_of(name).map(str::to_string)) else {
+                    let (Some(m), Some(n)) = (
+                        self.str_of(module).map(str::to_string),
+                        self.str_of(name).map(str::to_string),
+                    ) else {
                         return self.malformed("STACK_GLOBAL needs two strings");
                     };
                     self.global(&m, &n, at)?;
@@ -596,11 +677,41 @@ impl Machine<'_> {
                     let obj = self.top()?;
                     self.build(obj, state)?;
                 }
-                b'P' | b'Q' => return Err(PickleError::Unsupported { pos: at, op, what: "persistent id: a tensor storage, not a plain split list" }),
-                b'i' | b'o' | 0x81 | 0x92 => return Err(PickleError::Unsupported { pos: at, op, what: "object instantiation" }),
-                0x82..=0x84 => return Err(PickleError::Unsupported { pos: at, op, what: "extension registry" }),
-                0x97 | 0x98 => return Err(PickleError::Unsupported { pos: at, op, what: "out-of-band buffer" }),
-                _ => return Err(PickleError::Unsupported { pos: at, op, what: "unknown opcode" }),
+                b'P' | b'Q' => {
+                    return Err(PickleError::Unsupported {
+                        pos: at,
+                        op,
+                        what: "persistent id: a tensor storage, not a plain split list",
+                    })
+                }
+                b'i' | b'o' | 0x81 | 0x92 => {
+                    return Err(PickleError::Unsupported {
+                        pos: at,
+                        op,
+                        what: "object instantiation",
+                    })
+                }
+                0x82..=0x84 => {
+                    return Err(PickleError::Unsupported {
+                        pos: at,
+                        op,
+                        what: "extension registry",
+                    })
+                }
+                0x97 | 0x98 => {
+                    return Err(PickleError::Unsupported {
+                        pos: at,
+                        op,
+                        what: "out-of-band buffer",
+                    })
+                }
+                _ => {
+                    return Err(PickleError::Unsupported {
+                        pos: at,
+                        op,
+                        what: "unknown opcode",
+                    })
+                }
             }
         }
     }
@@ -622,14 +733,18 @@ impl Machine<'_> {
         match c {
             Callable::Reconstruct => Ok(Node::Array(None)),
             Callable::Dtype => match args.first().and_then(|&a| self.str_of(a)) {
-                Some(code) => Ok(Node::Dtype { code: code.to_string(), big_endian: false }),
+                Some(code) => Ok(Node::Dtype {
+                    code: code.to_string(),
+                    big_endian: false,
+                }),
                 None => self.malformed("numpy.dtype needs a type code"),
             },
             Callable::CodecsEncode => {
                 let Some(s) = args.first().and_then(|&a| self.str_of(a)) else {
                     return self.malformed("_codecs.encode needs a string");
                 };
-                let bytes: Option<Vec<u8>> = s.chars().map(|c| u8::try_from(u32::from(c)).ok()).collect();
+                let bytes: Option<Vec<u8>> =
+                    s.chars().map(|c| u8::try_from(u32::from(c)).ok()).collect();
                 match bytes {
                     Some(b) => Ok(Node::Bytes(b)),
                     None => self.malformed("_codecs.encode: text is not Latin-1"),
@@ -658,7 +773,8 @@ impl Machine<'_> {
                 let Node::Bytes(b) = &self.arena[raw] else {
                     return self.malformed("numpy scalar: second argument is not bytes");
                 };
-                let vals = decode_numbers(&code, big, b).map_err(|msg| PickleError::Malformed { pos: self.pos, msg })?;
+                let vals = decode_numbers(&code, big, b)
+                    .map_err(|msg| PickleError::Malformed { pos: self.pos, msg })?;
                 match (vals.as_slice(), code.starts_with('f')) {
                     ([v], true) => Ok(Node::Float(*v)),
                     ([v], false) => Ok(Node::Int(*v as i64)),
@@ -678,7 +794,10 @@ impl Machine<'_> {
                 // (version, byte order, subarray, names, fields, elsize, alignment, flags)
                 let order = st.get(1).and_then(|&o| self.str_of(o)).unwrap_or("|");
                 let code = code.clone();
-                self.arena[obj] = Node::Dtype { code, big_endian: order == ">" };
+                self.arena[obj] = Node::Dtype {
+                    code,
+                    big_endian: order == ">",
+                };
                 Ok(())
             }
             Node::Array(_) => {
@@ -690,7 +809,9 @@ impl Machine<'_> {
                 for &d in self.seq(shape).unwrap_or(&[]) {
                     match self.arena[d] {
                         Node::Int(n) if n >= 0 => dims.push(n as usize),
-                        _ => return self.malformed("numpy array shape is not non-negative integers"),
+                        _ => {
+                            return self.malformed("numpy array shape is not non-negative integers")
+                        }
                     }
                 }
                 let (code, big) = match &self.arena[dtype] {
@@ -701,15 +822,23 @@ impl Machine<'_> {
                 let Node::Bytes(b) = &self.arena[raw] else {
                     return self.malformed(format!("numpy array of dtype `{code}` without raw bytes (object arrays are not supported)"));
                 };
-                let mut data = decode_numbers(&code, big, b).map_err(|msg| PickleError::Malformed { pos: self.pos, msg })?;
+                let mut data = decode_numbers(&code, big, b)
+                    .map_err(|msg| PickleError::Malformed { pos: self.pos, msg })?;
                 let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
                 if n != Some(data.len()) {
-                    return self.malformed(format!("numpy array of shape {dims:?} holds {} values", data.len()));
+                    return self.malformed(format!(
+                        "numpy array of shape {dims:?} holds {} values",
+                        data.len()
+                    ));
                 }
                 if fortran && dims.len() > 1 {
                     data = fortran_to_c(&dims, &data);
                 }
-                self.arena[obj] = Node::Array(Some(NdArray { dtype: code, shape: dims, data }));
+                self.arena[obj] = Node::Array(Some(NdArray {
+                    dtype: code,
+                    shape: dims,
+                    data,
+                }));
                 Ok(())
             }
             _ => self.malformed("BUILD on an object that is neither a numpy array nor a dtype"),
@@ -719,13 +848,23 @@ impl Machine<'_> {
     fn materialize(&self, id: Id, depth: usize, budget: &mut usize) -> Result<Value> {
         let pos = self.pos;
         if depth > MAX_DEPTH {
-            return Err(PickleError::Malformed { pos, msg: format!("nesting deeper than {MAX_DEPTH} (a recursive structure?)") });
+            return Err(PickleError::Malformed {
+                pos,
+                msg: format!("nesting deeper than {MAX_DEPTH} (a recursive structure?)"),
+            });
         }
         if *budget == 0 {
-            return Err(PickleError::Malformed { pos, msg: "shared references expand to far more objects than the file holds".into() });
+            return Err(PickleError::Malformed {
+                pos,
+                msg: "shared references expand to far more objects than the file holds".into(),
+            });
         }
         *budget -= 1;
-        let many = |ids: &[Id], budget: &mut usize| ids.iter().map(|&i| self.materialize(i, depth + 1, budget)).collect::<Result<Vec<_>>>();
+        let many = |ids: &[Id], budget: &mut usize| {
+            ids.iter()
+                .map(|&i| self.materialize(i, depth + 1, budget))
+                .collect::<Result<Vec<_>>>()
+        };
         Ok(match &self.arena[id] {
             Node::None => Value::None,
             Node::Bool(b) => Value::Bool(*b),
@@ -738,14 +877,25 @@ impl Machine<'_> {
             Node::Dict(kv) => {
                 let mut out = Vec::with_capacity(kv.len());
                 for &(k, v) in kv {
-                    out.push((self.materialize(k, depth + 1, budget)?, self.materialize(v, depth + 1, budget)?));
+                    out.push((
+                        self.materialize(k, depth + 1, budget)?,
+                        self.materialize(v, depth + 1, budget)?,
+                    ));
                 }
                 Value::Dict(out)
             }
             Node::Array(Some(a)) => Value::Array(a.clone()),
-            Node::Array(None) => return Err(PickleError::Malformed { pos, msg: "numpy array without its state".into() }),
+            Node::Array(None) => {
+                return Err(PickleError::Malformed {
+                    pos,
+                    msg: "numpy array without its state".into(),
+                })
+            }
             Node::Global(_) | Node::Dtype { .. } => {
-                return Err(PickleError::Malformed { pos, msg: "a bare global or dtype where data was expected".into() })
+                return Err(PickleError::Malformed {
+                    pos,
+                    msg: "a bare global or dtype where data was expected".into(),
+                })
             }
         })
     }
@@ -756,12 +906,19 @@ fn decode_numbers(code: &str, big_endian: bool, b: &[u8]) -> std::result::Result
     macro_rules! dec {
         ($t:ty, $n:expr) => {{
             if b.len() % $n != 0 {
-                return Err(format!("{} raw bytes are not a whole number of `{code}` values", b.len()));
+                return Err(format!(
+                    "{} raw bytes are not a whole number of `{code}` values",
+                    b.len()
+                ));
             }
             b.chunks_exact($n)
                 .map(|c| {
                     let a: [u8; $n] = c.try_into().expect("chunks_exact");
-                    (if big_endian { <$t>::from_be_bytes(a) } else { <$t>::from_le_bytes(a) }) as f64
+                    (if big_endian {
+                        <$t>::from_be_bytes(a)
+                    } else {
+                        <$t>::from_le_bytes(a)
+                    }) as f64
                 })
                 .collect()
         }};
@@ -777,7 +934,11 @@ fn decode_numbers(code: &str, big_endian: bool, b: &[u8]) -> std::result::Result
         "u2" => dec!(u16, 2),
         "u4" => dec!(u32, 4),
         "u8" => dec!(u64, 8),
-        _ => return Err(format!("numpy dtype `{code}` is not supported (numbers only)")),
+        _ => {
+            return Err(format!(
+                "numpy dtype `{code}` is not supported (numbers only)"
+            ))
+        }
     })
 }
 
@@ -831,9 +992,19 @@ fn unquote_py2(l: &[u8]) -> Option<Vec<u8>> {
             }
             b'0'..=b'7' => {
                 let end = (i + 2).min(body.len());
-                let digits = std::iter::once(e).chain(body[i..end].iter().copied().take_while(|d| (b'0'..=b'7').contains(d))).collect::<Vec<_>>();
+                let digits = std::iter::once(e)
+                    .chain(
+                        body[i..end]
+                            .iter()
+                            .copied()
+                            .take_while(|d| (b'0'..=b'7').contains(d)),
+                    )
+                    .collect::<Vec<_>>();
                 i += digits.len() - 1;
-                out.push(u8::try_from(u32::from_str_radix(std::str::from_utf8(&digits).ok()?, 8).ok()?).ok()?);
+                out.push(
+                    u8::try_from(u32::from_str_radix(std::str::from_utf8(&digits).ok()?, 8).ok()?)
+                        .ok()?,
+                );
             }
             _ => {
                 out.push(b'\\');
@@ -893,7 +1064,13 @@ mod tests {
         // the list's second item fetched from the memo.
         let data = b"(dp0\nS's'\np1\n(lp2\nS'caf\\xc3\\xa9'\np3\nag3\nasS'n'\np4\nI3\nsS'f'\np5\nF0.5\nsS'b'\np6\nI01\ns.";
         let v = loads(data).unwrap();
-        assert_eq!(v.get("s"), Some(&Value::List(vec![Value::Str("café".into()), Value::Str("café".into())])));
+        assert_eq!(
+            v.get("s"),
+            Some(&Value::List(vec![
+                Value::Str("café".into()),
+                Value::Str("café".into())
+            ]))
+        );
         assert_eq!(v.get("n"), Some(&Value::Int(3)));
         assert_eq!(v.get("f"), Some(&Value::Float(0.5)));
         assert_eq!(v.get("b"), Some(&Value::Bool(true)));
@@ -903,17 +1080,32 @@ mod tests {
     fn memo_shares_mutable_lists() {
         // l = [7]; (l, l)
         let v = loads(b"\x80\x02]q\x00K\x07ah\x00\x86q\x01.").unwrap();
-        assert_eq!(v, Value::Tuple(vec![Value::List(vec![Value::Int(7)]), Value::List(vec![Value::Int(7)])]));
+        assert_eq!(
+            v,
+            Value::Tuple(vec![
+                Value::List(vec![Value::Int(7)]),
+                Value::List(vec![Value::Int(7)])
+            ])
+        );
         // Filled after it was memoised (protocol 0 style): the shared copy sees the items.
         let v = loads(b"(lp0\nI7\nag0\n\x86.").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(v, Value::Tuple(vec![Value::List(vec![Value::Int(7)]), Value::List(vec![Value::Int(7)])]));
+        assert_eq!(
+            v,
+            Value::Tuple(vec![
+                Value::List(vec![Value::Int(7)]),
+                Value::List(vec![Value::Int(7)])
+            ])
+        );
     }
 
     #[test]
     fn forbidden_global_is_named() {
         let data = b"\x80\x02cposix\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03.";
         let e = loads(data).unwrap_err();
-        assert!(matches!(&e, PickleError::ForbiddenGlobal { module, name, .. } if module == "posix" && name == "system"), "{e}");
+        assert!(
+            matches!(&e, PickleError::ForbiddenGlobal { module, name, .. } if module == "posix" && name == "system"),
+            "{e}"
+        );
         assert!(e.to_string().contains("posix.system"), "{e}");
     }
 
@@ -944,15 +1136,28 @@ mod tests {
         // np.array([1.5, 2.0, 3.25, 4.0], dtype=np.float32)
         let data: &[u8] = b"\x80\x02cnumpy._core.multiarray\n_reconstruct\nq\x00cnumpy\nndarray\nq\x01K\x00\x85q\x02c_codecs\nencode\nq\x03X\x01\x00\x00\x00bq\x04X\x06\x00\x00\x00latin1q\x05\x86q\x06Rq\x07\x87q\x08Rq\t(K\x01K\x04\x85q\ncnumpy\ndtype\nq\x0bX\x02\x00\x00\x00f4q\x0c\x89\x88\x87q\rRq\x0e(K\x03X\x01\x00\x00\x00<q\x0fNNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tq\x10b\x89h\x03X\x12\x00\x00\x00\x00\x00\xc3\x80?\x00\x00\x00@\x00\x00P@\x00\x00\xc2\x80@q\x11h\x05\x86q\x12Rq\x13tq\x14b.";
         let v = loads(data).unwrap();
-        assert_eq!(v, Value::Array(NdArray { dtype: "f4".into(), shape: vec![4], data: vec![1.5, 2.0, 3.25, 4.0] }));
+        assert_eq!(
+            v,
+            Value::Array(NdArray {
+                dtype: "f4".into(),
+                shape: vec![4],
+                data: vec![1.5, 2.0, 3.25, 4.0]
+            })
+        );
         // [np.float32(2.5), np.int64(-3)]
         let data: &[u8] = b"\x80\x02]q\x00(cnumpy._core.multiarray\nscalar\nq\x01cnumpy\ndtype\nq\x02X\x02\x00\x00\x00f4q\x03\x89\x88\x87q\x04Rq\x05(K\x03X\x01\x00\x00\x00<q\x06NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tq\x07bc_codecs\nencode\nq\x08X\x04\x00\x00\x00\x00\x00 @q\tX\x06\x00\x00\x00latin1q\n\x86q\x0bRq\x0c\x86q\rRq\x0eh\x01h\x02X\x02\x00\x00\x00i8q\x0f\x89\x88\x87q\x10Rq\x11(K\x03h\x06NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tq\x12bh\x08X\x10\x00\x00\x00\xc3\xbd\xc3\xbf\xc3\xbf\xc3\xbf\xc3\xbf\xc3\xbf\xc3\xbf\xc3\xbfq\x13h\n\x86q\x14Rq\x15\x86q\x16Rq\x17e.";
-        assert_eq!(loads(data).unwrap(), Value::List(vec![Value::Float(2.5), Value::Int(-3)]));
+        assert_eq!(
+            loads(data).unwrap(),
+            Value::List(vec![Value::Float(2.5), Value::Int(-3)])
+        );
     }
 
     #[test]
     fn fortran_order_is_reordered() {
         // 2x3 [[0,1,2],[3,4,5]] stored column-major: 0 3 1 4 2 5
-        assert_eq!(fortran_to_c(&[2, 3], &[0.0, 3.0, 1.0, 4.0, 2.0, 5.0]), vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(
+            fortran_to_c(&[2, 3], &[0.0, 3.0, 1.0, 4.0, 2.0, 5.0]),
+            vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+        );
     }
 }

@@ -25,12 +25,18 @@ pub enum Container {
 }
 
 fn format_err(path: &Path, msg: impl Into<String>) -> DataError {
-    DataError::Format { path: path.to_path_buf(), msg: msg.into() }
+    DataError::Format {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }
 
 /// Read a `.pth` file's object.
 pub fn read(path: &Path) -> Result<(Value, Container)> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     decode(&bytes, path)
 }
 
@@ -48,39 +54,76 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<(Value, Container)> {
 }
 
 fn zip_data_pkl(bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
-        .map_err(|e| format_err(path, format!("broken zip container (truncated download?): {e}")))?;
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| {
+        format_err(
+            path,
+            format!("broken zip container (truncated download?): {e}"),
+        )
+    })?;
     let index = zip
         .file_names_raw()
         .position(|n| n == b"data.pkl" || n.ends_with(b"/data.pkl"))
-        .ok_or_else(|| format_err(path, "zip container has no data.pkl entry: not a torch.save file"))?;
+        .ok_or_else(|| {
+            format_err(
+                path,
+                "zip container has no data.pkl entry: not a torch.save file",
+            )
+        })?;
     let name = "data.pkl";
-    let mut entry = zip.by_index(index).map_err(|e| format_err(path, format!("{name}: {e}")))?;
+    let mut entry = zip
+        .by_index(index)
+        .map_err(|e| format_err(path, format!("{name}: {e}")))?;
     if entry.size() > MAX_PICKLE_BYTES {
-        return Err(format_err(path, format!("{name} claims {} bytes", entry.size())));
+        return Err(format_err(
+            path,
+            format!("{name} claims {} bytes", entry.size()),
+        ));
     }
     let mut out = Vec::with_capacity(entry.size().min(bytes.len() as u64) as usize);
-    entry.read_to_end(&mut out).map_err(|e| format_err(path, format!("{name}: {e}")))?;
+    entry
+        .read_to_end(&mut out)
+        .map_err(|e| format_err(path, format!("{name}: {e}")))?;
     Ok(out)
 }
 
 fn legacy_object(bytes: &[u8], path: &Path) -> Result<Value> {
     let mut at = LEGACY_MAGIC.len();
     let mut next = |what: &str| -> Result<Value> {
-        let (v, used) = pickle::load_prefix(&bytes[at..])
-            .map_err(|e| format_err(path, format!("legacy container, {what} pickle at byte {at}: {e}")))?;
+        let (v, used) = pickle::load_prefix(&bytes[at..]).map_err(|e| {
+            format_err(
+                path,
+                format!("legacy container, {what} pickle at byte {at}: {e}"),
+            )
+        })?;
         at += used;
         Ok(v)
     };
     match next("protocol version")? {
         Value::Int(1001) => {}
-        v => return Err(format_err(path, format!("legacy container: protocol version {v:?}, expected 1001"))),
+        v => {
+            return Err(format_err(
+                path,
+                format!("legacy container: protocol version {v:?}, expected 1001"),
+            ))
+        }
     }
     next("sys_info")?;
     let object = next("object")?;
     match next("storage keys")? {
         Value::List(keys) if keys.is_empty() => Ok(object),
-        Value::List(keys) => Err(format_err(path, format!("holds {} tensor storages: a split file is a plain list", keys.len()))),
-        v => Err(format_err(path, format!("legacy container: storage keys are a {}, not a list", v.type_name()))),
+        Value::List(keys) => Err(format_err(
+            path,
+            format!(
+                "holds {} tensor storages: a split file is a plain list",
+                keys.len()
+            ),
+        )),
+        v => Err(format_err(
+            path,
+            format!(
+                "legacy container: storage keys are a {}, not a list",
+                v.type_name()
+            ),
+        )),
     }
 }

@@ -110,7 +110,9 @@ impl DatasetKey {
     /// after `train`).
     pub fn splits(self) -> &'static [&'static str] {
         match self {
-            DatasetKey::Unc | DatasetKey::UncPlus => &["train", "val", "testA", "testB", "trainval"],
+            DatasetKey::Unc | DatasetKey::UncPlus => {
+                &["train", "val", "testA", "testB", "trainval"]
+            }
             DatasetKey::Gref => &["train", "val"],
             DatasetKey::GrefUmd => &["train", "val", "test"],
             DatasetKey::Referit => &["train", "val", "trainval", "test"],
@@ -122,8 +124,15 @@ impl DatasetKey {
     /// The files that make `split`: `trainval` is train + val except for ReferIt, which
     /// ships its own `referit_trainval.pth` (TransVG's loader).
     pub fn split_files(self, split: &str) -> Vec<String> {
-        let parts: Vec<&str> = if split == "trainval" && self != DatasetKey::Referit { vec!["train", "val"] } else { vec![split] };
-        parts.iter().map(|s| format!("{}/{}_{s}.pth", self.key(), self.key())).collect()
+        let parts: Vec<&str> = if split == "trainval" && self != DatasetKey::Referit {
+            vec!["train", "val"]
+        } else {
+            vec![split]
+        };
+        parts
+            .iter()
+            .map(|s| format!("{}/{}_{s}.pth", self.key(), self.key()))
+            .collect()
     }
 
     fn default_source(self) -> Source {
@@ -145,28 +154,59 @@ pub struct Converted {
 
 /// Convert a decoded split list to records. `first_row` offsets the ids when several
 /// files make one split (`trainval`).
-pub fn convert_split_list(v: &Value, key: DatasetKey, split: &str, path: &Path, skip_bad: bool, first_row: usize) -> Result<Converted> {
+pub fn convert_split_list(
+    v: &Value,
+    key: DatasetKey,
+    split: &str,
+    path: &Path,
+    skip_bad: bool,
+    first_row: usize,
+) -> Result<Converted> {
     let Some(rows) = v.as_seq() else {
-        return Err(DataError::Format { path: path.to_path_buf(), msg: format!("holds a {}, not a list of rows", v.type_name()) });
+        return Err(DataError::Format {
+            path: path.to_path_buf(),
+            msg: format!("holds a {}, not a list of rows", v.type_name()),
+        });
     };
     let mut out = Converted::default();
     for (i, row) in rows.iter().enumerate() {
         match convert_row(row, key, split, first_row + i) {
             Ok(r) => out.records.push(r),
-            Err(msg) if skip_bad => out.skipped.push(Skipped { line: i, reason: msg }),
-            Err(msg) => return Err(DataError::Row { path: path.to_path_buf(), row: i, msg }),
+            Err(msg) if skip_bad => out.skipped.push(Skipped {
+                line: i,
+                reason: msg,
+            }),
+            Err(msg) => {
+                return Err(DataError::Row {
+                    path: path.to_path_buf(),
+                    row: i,
+                    msg,
+                })
+            }
         }
     }
     Ok(out)
 }
 
-fn convert_row(row: &Value, key: DatasetKey, split: &str, index: usize) -> std::result::Result<Record, String> {
-    let items = row.as_seq().ok_or_else(|| format!("is a {}, not a tuple", row.type_name()))?;
+fn convert_row(
+    row: &Value,
+    key: DatasetKey,
+    split: &str,
+    index: usize,
+) -> std::result::Result<Record, String> {
+    let items = row
+        .as_seq()
+        .ok_or_else(|| format!("is a {}, not a tuple", row.type_name()))?;
     let mut extra = serde_json::Map::new();
     let (mut width, mut height) = (None, None);
     let (image, bbox, phrase, source) = match (key, items) {
         (DatasetKey::Flickr, [image, bbox, phrase]) => (image, bbox, phrase, Source::Flickr),
-        (DatasetKey::Flickr, _) => return Err(format!("has {} items; flickr rows are (image, box, phrase)", items.len())),
+        (DatasetKey::Flickr, _) => {
+            return Err(format!(
+                "has {} items; flickr rows are (image, box, phrase)",
+                items.len()
+            ))
+        }
         (_, [image, e1, bbox, phrase, e4]) => {
             let file = image.as_str().unwrap_or("");
             let source = match e1 {
@@ -178,7 +218,9 @@ fn convert_row(row: &Value, key: DatasetKey, split: &str, index: usize) -> std::
                 _ => key.default_source(),
             };
             match e1 {
-                Value::Str(s) if key == DatasetKey::Mixup && matches!(s.as_str(), "flickr" | "referit") => {
+                Value::Str(s)
+                    if key == DatasetKey::Mixup && matches!(s.as_str(), "flickr" | "referit") =>
+                {
                     extra.insert("source".into(), s.clone().into());
                 }
                 Value::Str(s) => {
@@ -186,7 +228,12 @@ fn convert_row(row: &Value, key: DatasetKey, split: &str, index: usize) -> std::
                 }
                 Value::Dict(_) => {
                     // HiVG: {"height", "width"}; its e4 is the segmentation.
-                    let dim = |k| e1.get(k).and_then(Value::as_f64).filter(|d| *d > 0.0 && d.fract() == 0.0).map(|d| d as u32);
+                    let dim = |k| {
+                        e1.get(k)
+                            .and_then(Value::as_f64)
+                            .filter(|d| *d > 0.0 && d.fract() == 0.0)
+                            .map(|d| d as u32)
+                    };
                     width = dim("width");
                     height = dim("height");
                     extra.insert("image_size".into(), e1.to_json());
@@ -197,25 +244,43 @@ fn convert_row(row: &Value, key: DatasetKey, split: &str, index: usize) -> std::
                 }
             }
             if *e4 != Value::None {
-                let name = if matches!(e1, Value::Dict(_)) { "obj_mask" } else { "attri" };
+                let name = if matches!(e1, Value::Dict(_)) {
+                    "obj_mask"
+                } else {
+                    "attri"
+                };
                 extra.insert(name.into(), e4.to_json());
             }
             (image, bbox, phrase, source)
         }
-        _ => return Err(format!("has {} items; {} rows are (image, mask or size, box, phrase, extra)", items.len(), key.key())),
+        _ => {
+            return Err(format!(
+                "has {} items; {} rows are (image, mask or size, box, phrase, extra)",
+                items.len(),
+                key.key()
+            ))
+        }
     };
-    let file = image.as_str().filter(|s| !s.trim().is_empty()).ok_or_else(|| format!("image is a {}, not a file name", image.type_name()))?;
+    let file = image
+        .as_str()
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| format!("image is a {}, not a file name", image.type_name()))?;
     if file.contains("..") || file.starts_with('/') {
         return Err(format!("image `{file}` is not a plain file name"));
     }
-    let expr = phrase.as_str().ok_or_else(|| format!("phrase is a {}, not text", phrase.type_name()))?;
+    let expr = phrase
+        .as_str()
+        .ok_or_else(|| format!("phrase is a {}, not text", phrase.type_name()))?;
     if expr.trim().is_empty() {
         return Err("empty expression".into());
     }
     let xywh = source.xywh() || key == DatasetKey::Mixup;
     let raw = box_numbers(bbox)?;
     let xyxy = to_xyxy(raw, xywh)?;
-    extra.insert("bbox_raw".into(), serde_json::to_value(raw).expect("finite numbers"));
+    extra.insert(
+        "bbox_raw".into(),
+        serde_json::to_value(raw).expect("finite numbers"),
+    );
     if key == DatasetKey::Mixup {
         extra.entry("source").or_insert_with(|| "coco".into());
     }
@@ -239,11 +304,20 @@ pub fn box_numbers(v: &Value) -> std::result::Result<[f64; 4], String> {
     let nums: Vec<f64> = match v {
         Value::Array(a) => a.data.clone(),
         _ => match v.as_seq() {
-            Some(items) => items.iter().map(|x| x.as_f64().ok_or_else(|| format!("box holds a {}", x.type_name()))).collect::<std::result::Result<_, _>>()?,
+            Some(items) => items
+                .iter()
+                .map(|x| {
+                    x.as_f64()
+                        .ok_or_else(|| format!("box holds a {}", x.type_name()))
+                })
+                .collect::<std::result::Result<_, _>>()?,
             None => return Err(format!("box is a {}, not 4 numbers", v.type_name())),
         },
     };
-    let b: [f64; 4] = nums.as_slice().try_into().map_err(|_| format!("box has {} numbers, not 4", nums.len()))?;
+    let b: [f64; 4] = nums
+        .as_slice()
+        .try_into()
+        .map_err(|_| format!("box has {} numbers, not 4", nums.len()))?;
     if b.iter().any(|c| !c.is_finite()) {
         return Err(format!("box {b:?} is not finite"));
     }
@@ -252,7 +326,11 @@ pub fn box_numbers(v: &Value) -> std::result::Result<[f64; 4], String> {
 
 /// A source box to pixel xyxy (x2 = x + w, no +1), rejecting negative or empty boxes.
 pub fn to_xyxy(b: [f64; 4], xywh: bool) -> std::result::Result<[f64; 4], String> {
-    let xyxy = if xywh { [b[0], b[1], b[0] + b[2], b[1] + b[3]] } else { b };
+    let xyxy = if xywh {
+        [b[0], b[1], b[0] + b[2], b[1] + b[3]]
+    } else {
+        b
+    };
     let what = if xywh { "xywh" } else { "xyxy" };
     if b[0] < 0.0 || b[1] < 0.0 {
         return Err(format!("{what} box {b:?} starts at a negative coordinate"));
@@ -279,7 +357,10 @@ pub fn transvg_int_box(raw: [f64; 4], xywh: bool) -> [f64; 4] {
 /// convention (exact for integer boxes).
 pub fn record_int_box(r: &Record) -> gk_box::Box4 {
     let xywh = r.bbox_src == "xywh";
-    let raw: Option<[f64; 4]> = r.extra.get("bbox_raw").and_then(|v| serde_json::from_value(v.clone()).ok());
+    let raw: Option<[f64; 4]> = r
+        .extra
+        .get("bbox_raw")
+        .and_then(|v| serde_json::from_value(v.clone()).ok());
     let raw = raw.unwrap_or_else(|| {
         let b = r.bbox_xyxy.map(f64::from);
         if xywh {
@@ -304,29 +385,64 @@ mod tests {
 
     #[test]
     fn transvg_row_xywh_to_xyxy_and_int_box() {
-        let row = Value::Tuple(vec![s("COCO_train2014_000000000839.jpg"), s("482127.pth"), nums(&[303.58, 69.03, 293.29, 425.79]), s("guy on the right"), Value::List(vec![])]);
+        let row = Value::Tuple(vec![
+            s("COCO_train2014_000000000839.jpg"),
+            s("482127.pth"),
+            nums(&[303.58, 69.03, 293.29, 425.79]),
+            s("guy on the right"),
+            Value::List(vec![]),
+        ]);
         let r = convert_row(&row, DatasetKey::Unc, "val", 3).unwrap();
         assert_eq!(r.id, "unc/val/000003");
         assert_eq!(r.image, "coco/train2014/COCO_train2014_000000000839.jpg");
         assert_eq!(r.bbox_src, "xywh");
         assert!((r.bbox_xyxy[2] - 596.87).abs() < 1e-3);
         assert_eq!(r.extra["mask_file"], "482127.pth");
-        assert_eq!(transvg_int_box([303.58, 69.03, 293.29, 425.79], true), [303.0, 69.0, 596.0, 494.0]);
+        assert_eq!(
+            transvg_int_box([303.58, 69.03, 293.29, 425.79], true),
+            [303.0, 69.0, 596.0, 494.0]
+        );
     }
 
     #[test]
     fn bad_rows_say_what_is_wrong() {
         let row = |b: &[f64]| Value::Tuple(vec![s("a.jpg"), s("m"), nums(b), s("x"), Value::None]);
-        assert!(convert_row(&row(&[1.0, 2.0, -3.0, 4.0]), DatasetKey::Unc, "val", 0).unwrap_err().contains("no area"));
-        assert!(convert_row(&row(&[-1.0, 2.0, 3.0, 4.0]), DatasetKey::Unc, "val", 0).unwrap_err().contains("negative"));
-        assert!(convert_row(&row(&[f64::NAN, 2.0, 3.0, 4.0]), DatasetKey::Unc, "val", 0).unwrap_err().contains("not finite"));
-        assert!(convert_row(&row(&[1.0, 2.0, 3.0]), DatasetKey::Unc, "val", 0).unwrap_err().contains("3 numbers"));
+        assert!(
+            convert_row(&row(&[1.0, 2.0, -3.0, 4.0]), DatasetKey::Unc, "val", 0)
+                .unwrap_err()
+                .contains("no area")
+        );
+        assert!(
+            convert_row(&row(&[-1.0, 2.0, 3.0, 4.0]), DatasetKey::Unc, "val", 0)
+                .unwrap_err()
+                .contains("negative")
+        );
+        assert!(
+            convert_row(&row(&[f64::NAN, 2.0, 3.0, 4.0]), DatasetKey::Unc, "val", 0)
+                .unwrap_err()
+                .contains("not finite")
+        );
+        assert!(
+            convert_row(&row(&[1.0, 2.0, 3.0]), DatasetKey::Unc, "val", 0)
+                .unwrap_err()
+                .contains("3 numbers")
+        );
         let short = Value::Tuple(vec![s("a.jpg"), nums(&[1.0, 2.0, 3.0, 4.0]), s("x")]);
-        assert!(convert_row(&short, DatasetKey::Unc, "val", 0).unwrap_err().contains("has 3 items"));
+        assert!(convert_row(&short, DatasetKey::Unc, "val", 0)
+            .unwrap_err()
+            .contains("has 3 items"));
         let empty = Value::Tuple(vec![s("a.jpg"), nums(&[1.0, 2.0, 3.0, 4.0]), s("  ")]);
-        assert!(convert_row(&empty, DatasetKey::Flickr, "val", 0).unwrap_err().contains("empty expression"));
-        let escape = Value::Tuple(vec![s("../../etc/passwd"), nums(&[1.0, 2.0, 3.0, 4.0]), s("x")]);
-        assert!(convert_row(&escape, DatasetKey::Flickr, "val", 0).unwrap_err().contains("plain file name"));
+        assert!(convert_row(&empty, DatasetKey::Flickr, "val", 0)
+            .unwrap_err()
+            .contains("empty expression"));
+        let escape = Value::Tuple(vec![
+            s("../../etc/passwd"),
+            nums(&[1.0, 2.0, 3.0, 4.0]),
+            s("x"),
+        ]);
+        assert!(convert_row(&escape, DatasetKey::Flickr, "val", 0)
+            .unwrap_err()
+            .contains("plain file name"));
     }
 
     #[test]
@@ -334,7 +450,13 @@ mod tests {
         for k in DatasetKey::ALL {
             assert_eq!(DatasetKey::parse(k.key()), Some(k));
         }
-        assert_eq!(DatasetKey::Unc.split_files("trainval"), ["unc/unc_train.pth", "unc/unc_val.pth"]);
-        assert_eq!(DatasetKey::Referit.split_files("trainval"), ["referit/referit_trainval.pth"]);
+        assert_eq!(
+            DatasetKey::Unc.split_files("trainval"),
+            ["unc/unc_train.pth", "unc/unc_val.pth"]
+        );
+        assert_eq!(
+            DatasetKey::Referit.split_files("trainval"),
+            ["referit/referit_trainval.pth"]
+        );
     }
 }

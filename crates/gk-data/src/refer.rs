@@ -26,8 +26,16 @@ pub struct ReferSource {
 impl ReferSource {
     /// `dir` is `data/<dataset>` of the refer layout; the dataset name is the folder name.
     pub fn in_dir(dir: &Path, split_by: &str) -> Self {
-        let dataset = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        Self { dataset, split_by: split_by.to_string(), refs: dir.join(format!("refs({split_by}).p")), instances: dir.join("instances.json") }
+        let dataset = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Self {
+            dataset,
+            split_by: split_by.to_string(),
+            refs: dir.join(format!("refs({split_by}).p")),
+            instances: dir.join("instances.json"),
+        }
     }
 
     fn image_root(&self) -> &'static str {
@@ -50,27 +58,64 @@ struct Ann {
 }
 
 fn json_err(path: &Path, msg: impl Into<String>) -> DataError {
-    DataError::Format { path: path.to_path_buf(), msg: msg.into() }
+    DataError::Format {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }
 
 fn load_instances(path: &Path) -> Result<(HashMap<i64, Image>, HashMap<i64, Ann>)> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| json_err(path, format!("not JSON: {e}")))?;
-    let list = |k: &str| v.get(k).and_then(|x| x.as_array()).ok_or_else(|| json_err(path, format!("no `{k}` list: not a COCO instances file")));
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| json_err(path, format!("not JSON: {e}")))?;
+    let list = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_array())
+            .ok_or_else(|| json_err(path, format!("no `{k}` list: not a COCO instances file")))
+    };
     let mut images = HashMap::new();
     for (i, im) in list("images")?.iter().enumerate() {
-        let id = im.get("id").and_then(|x| x.as_i64()).ok_or_else(|| json_err(path, format!("images[{i}] has no integer id")))?;
-        let file = im.get("file_name").and_then(|x| x.as_str()).ok_or_else(|| json_err(path, format!("images[{i}] has no file_name")))?;
-        let dim = |k: &str| im.get(k).and_then(|x| x.as_u64()).and_then(|d| u32::try_from(d).ok());
-        images.insert(id, Image { file: file.to_string(), width: dim("width"), height: dim("height") });
+        let id = im
+            .get("id")
+            .and_then(|x| x.as_i64())
+            .ok_or_else(|| json_err(path, format!("images[{i}] has no integer id")))?;
+        let file = im
+            .get("file_name")
+            .and_then(|x| x.as_str())
+            .ok_or_else(|| json_err(path, format!("images[{i}] has no file_name")))?;
+        let dim = |k: &str| {
+            im.get(k)
+                .and_then(|x| x.as_u64())
+                .and_then(|d| u32::try_from(d).ok())
+        };
+        images.insert(
+            id,
+            Image {
+                file: file.to_string(),
+                width: dim("width"),
+                height: dim("height"),
+            },
+        );
     }
     let mut anns = HashMap::new();
     for (i, a) in list("annotations")?.iter().enumerate() {
-        let id = a.get("id").and_then(|x| x.as_i64()).ok_or_else(|| json_err(path, format!("annotations[{i}] has no integer id")))?;
-        let nums: Option<Vec<f64>> = a.get("bbox").and_then(|b| b.as_array()).map(|b| b.iter().filter_map(|x| x.as_f64()).collect());
-        let bbox: [f64; 4] = nums
-            .and_then(|n| n.try_into().ok())
-            .ok_or_else(|| json_err(path, format!("annotations[{i}] (id {id}) has no 4-number bbox")))?;
+        let id = a
+            .get("id")
+            .and_then(|x| x.as_i64())
+            .ok_or_else(|| json_err(path, format!("annotations[{i}] has no integer id")))?;
+        let nums: Option<Vec<f64>> = a
+            .get("bbox")
+            .and_then(|b| b.as_array())
+            .map(|b| b.iter().filter_map(|x| x.as_f64()).collect());
+        let bbox: [f64; 4] = nums.and_then(|n| n.try_into().ok()).ok_or_else(|| {
+            json_err(
+                path,
+                format!("annotations[{i}] (id {id}) has no 4-number bbox"),
+            )
+        })?;
         anns.insert(id, Ann { bbox });
     }
     Ok((images, anns))
@@ -79,46 +124,82 @@ fn load_instances(path: &Path) -> Result<(HashMap<i64, Image>, HashMap<i64, Ann>
 /// Read one `split_by` of a refer folder; `split` keeps only that split (`None`: all).
 pub fn read(src: &ReferSource, split: Option<&str>, skip_bad: bool) -> Result<Converted> {
     let (images, anns) = load_instances(&src.instances)?;
-    let bytes = std::fs::read(&src.refs).map_err(|source| DataError::Io { path: src.refs.clone(), source })?;
+    let bytes = std::fs::read(&src.refs).map_err(|source| DataError::Io {
+        path: src.refs.clone(),
+        source,
+    })?;
     let refs = pickle::loads(&bytes).map_err(|e| json_err(&src.refs, e.to_string()))?;
     let Some(refs) = refs.as_seq() else {
-        return Err(json_err(&src.refs, format!("holds a {}, not a list of refs", refs.type_name())));
+        return Err(json_err(
+            &src.refs,
+            format!("holds a {}, not a list of refs", refs.type_name()),
+        ));
     };
     let mut out = Converted::default();
     for (i, r) in refs.iter().enumerate() {
         let rows = match ref_records(src, r, &images, &anns, split) {
             Ok(rows) => rows,
             Err(msg) if skip_bad => {
-                out.skipped.push(Skipped { line: i, reason: msg });
+                out.skipped.push(Skipped {
+                    line: i,
+                    reason: msg,
+                });
                 continue;
             }
-            Err(msg) => return Err(DataError::Row { path: src.refs.clone(), row: i, msg }),
+            Err(msg) => {
+                return Err(DataError::Row {
+                    path: src.refs.clone(),
+                    row: i,
+                    msg,
+                })
+            }
         };
         out.records.extend(rows);
     }
     Ok(out)
 }
 
-fn ref_records(src: &ReferSource, r: &Value, images: &HashMap<i64, Image>, anns: &HashMap<i64, Ann>, want: Option<&str>) -> std::result::Result<Vec<Record>, String> {
+fn ref_records(
+    src: &ReferSource,
+    r: &Value,
+    images: &HashMap<i64, Image>,
+    anns: &HashMap<i64, Ann>,
+    want: Option<&str>,
+) -> std::result::Result<Vec<Record>, String> {
     let int = |k: &str| match r.get(k) {
         Some(Value::Int(i)) => Ok(*i),
         Some(v) => Err(format!("`{k}` is a {}, not an integer", v.type_name())),
         None => Err(format!("has no `{k}`")),
     };
-    let split = r.get("split").and_then(Value::as_str).ok_or("has no `split` string")?;
+    let split = r
+        .get("split")
+        .and_then(Value::as_str)
+        .ok_or("has no `split` string")?;
     if want.is_some_and(|w| w != split) {
         return Ok(Vec::new());
     }
     let (ref_id, ann_id, image_id) = (int("ref_id")?, int("ann_id")?, int("image_id")?);
     let category_id = int("category_id").ok();
-    let image = images.get(&image_id).ok_or_else(|| format!("image_id {image_id} is not in instances.json"))?;
-    let ann = anns.get(&ann_id).ok_or_else(|| format!("ann_id {ann_id} is not in instances.json"))?;
-    let raw = box_numbers(&Value::List(ann.bbox.iter().map(|&c| Value::Float(c)).collect()))?;
+    let image = images
+        .get(&image_id)
+        .ok_or_else(|| format!("image_id {image_id} is not in instances.json"))?;
+    let ann = anns
+        .get(&ann_id)
+        .ok_or_else(|| format!("ann_id {ann_id} is not in instances.json"))?;
+    let raw = box_numbers(&Value::List(
+        ann.bbox.iter().map(|&c| Value::Float(c)).collect(),
+    ))?;
     let xyxy = to_xyxy(raw, true).map_err(|e| format!("ann_id {ann_id}: {e}"))?;
-    let sentences = r.get("sentences").and_then(Value::as_seq).ok_or("has no `sentences` list")?;
+    let sentences = r
+        .get("sentences")
+        .and_then(Value::as_seq)
+        .ok_or("has no `sentences` list")?;
     let mut out = Vec::with_capacity(sentences.len());
     for (k, s) in sentences.iter().enumerate() {
-        let sent = s.get("sent").and_then(Value::as_str).ok_or_else(|| format!("sentence {k} has no `sent` text"))?;
+        let sent = s
+            .get("sent")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("sentence {k} has no `sent` text"))?;
         if sent.trim().is_empty() {
             return Err(format!("sentence {k} is empty"));
         }
@@ -134,7 +215,10 @@ fn ref_records(src: &ReferSource, r: &Value, images: &HashMap<i64, Image>, anns:
         if let Some(c) = category_id {
             extra.insert("category_id".into(), c.into());
         }
-        extra.insert("bbox_raw".into(), serde_json::to_value(raw).expect("finite numbers"));
+        extra.insert(
+            "bbox_raw".into(),
+            serde_json::to_value(raw).expect("finite numbers"),
+        );
         out.push(Record {
             id: format!("{}_{}/{split}/{sent_id}", src.dataset, src.split_by),
             dataset: src.dataset.clone(),

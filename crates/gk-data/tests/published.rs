@@ -5,8 +5,8 @@
 //! Python 2's protocol 0, and hostile files).
 
 use gk_data::pickle::{self, PickleError};
-use gk_data::published::{self, DatasetKey};
 use gk_data::pth::{self, Container};
+use gk_data::published::{self, DatasetKey};
 use gk_data::refer::{self, ReferSource};
 use gk_data::DataError;
 use rand::{Rng, SeedableRng};
@@ -22,7 +22,11 @@ fn expected(path: &Path) -> Vec<serde_json::Value> {
 }
 
 fn f64s(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 fn strip_root(image: &str) -> &str {
@@ -35,8 +39,16 @@ fn pth_rows_equal_the_python_loaders_rows() {
         ("unc/unc_val.pth", DatasetKey::Unc, Container::Zip),
         ("unc/unc_testA.pth", DatasetKey::Unc, Container::Legacy),
         ("flickr/flickr_test.pth", DatasetKey::Flickr, Container::Zip),
-        ("flickr/flickr_val.pth", DatasetKey::Flickr, Container::Legacy),
-        ("referit/referit_test.pth", DatasetKey::Referit, Container::Zip),
+        (
+            "flickr/flickr_val.pth",
+            DatasetKey::Flickr,
+            Container::Legacy,
+        ),
+        (
+            "referit/referit_test.pth",
+            DatasetKey::Referit,
+            Container::Zip,
+        ),
         ("hivg/unc_train.pth", DatasetKey::Unc, Container::Zip),
         ("mixup/mixup_train.pth", DatasetKey::Mixup, Container::Zip),
     ];
@@ -54,13 +66,27 @@ fn pth_rows_equal_the_python_loaders_rows() {
             let raw: Vec<f64> = serde_json::from_value(r.extra["bbox_raw"].clone()).unwrap();
             // serde_json's float parsing is not always correctly rounded: 1e-12 relative.
             for (a, b) in raw.iter().zip(f64s(&w["bbox_raw"])) {
-                assert!((a - b).abs() <= 1e-12 * b.abs().max(1.0), "{at}: {raw:?} vs {}", w["bbox_raw"]);
+                assert!(
+                    (a - b).abs() <= 1e-12 * b.abs().max(1.0),
+                    "{at}: {raw:?} vs {}",
+                    w["bbox_raw"]
+                );
             }
             for (a, b) in r.bbox_xyxy.iter().zip(f64s(&w["bbox_xyxy"])) {
-                assert!((f64::from(*a) - b).abs() <= 1e-4 * b.abs().max(1.0), "{at}: {:?} vs {}", r.bbox_xyxy, w["bbox_xyxy"]);
+                assert!(
+                    (f64::from(*a) - b).abs() <= 1e-4 * b.abs().max(1.0),
+                    "{at}: {:?} vs {}",
+                    r.bbox_xyxy,
+                    w["bbox_xyxy"]
+                );
             }
-            let int = published::transvg_int_box(raw.clone().try_into().unwrap(), r.bbox_src == "xywh");
-            assert_eq!(int.to_vec(), f64s(&w["bbox_int_xyxy"]), "{at}: TransVG's int box");
+            let int =
+                published::transvg_int_box(raw.clone().try_into().unwrap(), r.bbox_src == "xywh");
+            assert_eq!(
+                int.to_vec(),
+                f64s(&w["bbox_int_xyxy"]),
+                "{at}: TransVG's int box"
+            );
             if let Some(src) = w.get("source") {
                 assert_eq!(r.extra["source"], *src, "{at}");
                 let root = match src.as_str().unwrap() {
@@ -95,7 +121,10 @@ fn refer_rows_equal_the_refer_api_rows() {
         }
         // One split only.
         let val = refer::read(&src, Some("val"), false).unwrap();
-        assert_eq!(val.records.len(), want.iter().filter(|w| w["split"] == "val").count());
+        assert_eq!(
+            val.records.len(),
+            want.iter().filter(|w| w["split"] == "val").count()
+        );
     }
 }
 
@@ -103,7 +132,9 @@ fn err(file: &str, key: DatasetKey) -> DataError {
     let path = fixtures().join("hostile").join(file);
     match pth::read(&path) {
         Err(e) => e,
-        Ok((v, _)) => published::convert_split_list(&v, key, "val", &path, false, 0).expect_err(file),
+        Ok((v, _)) => {
+            published::convert_split_list(&v, key, "val", &path, false, 0).expect_err(file)
+        }
     }
 }
 
@@ -114,7 +145,10 @@ fn hostile_files_are_clear_errors() {
         ("legacy_truncated.pth", "truncated"),
         ("bad_magic.pth", "not a torch .pth file"),
         ("evil_global.pth", "global `posix.system` is not allowed"),
-        ("evil_stack_global.pth", "global `posix.system` is not allowed"),
+        (
+            "evil_stack_global.pth",
+            "global `posix.system` is not allowed",
+        ),
         ("bad_arity.pth", "row 1: has 4 items"),
         ("nan_box.pth", "row 1: box"),
         ("negative_box.pth", "row 2: xywh box"),
@@ -132,22 +166,42 @@ fn hostile_files_are_clear_errors() {
     assert!(!conv.records.is_empty());
     // A ref without sentences.
     let dir = fixtures().join("refer/refcoco");
-    let src = ReferSource { refs: fixtures().join("hostile/bad_refs.p"), ..ReferSource::in_dir(&dir, "unc") };
+    let src = ReferSource {
+        refs: fixtures().join("hostile/bad_refs.p"),
+        ..ReferSource::in_dir(&dir, "unc")
+    };
     let e = refer::read(&src, None, false).unwrap_err().to_string();
-    assert!(e.contains("bad_refs.p") && e.contains("row 1") && e.contains("sentences"), "{e}");
+    assert!(
+        e.contains("bad_refs.p") && e.contains("row 1") && e.contains("sentences"),
+        "{e}"
+    );
 }
 
 /// Mutated fixtures (bit flips, byte runs, truncations, splices) must give a value or an
 /// error, never a panic or a hang. `GK_FUZZ_ITERS` runs it longer.
 #[test]
 fn mutated_split_files_never_panic() {
-    let iters: usize = std::env::var("GK_FUZZ_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(3000);
-    let seeds: Vec<Vec<u8>> = ["unc/unc_val.pth", "unc/unc_testA.pth", "flickr/flickr_test.pth", "flickr/flickr_val.pth", "mixup/mixup_train.pth", "refer/refcocog/refs(umd).p"]
-        .iter()
-        .map(|f| std::fs::read(fixtures().join(f)).unwrap())
-        .collect();
+    let iters: usize = std::env::var("GK_FUZZ_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3000);
+    let seeds: Vec<Vec<u8>> = [
+        "unc/unc_val.pth",
+        "unc/unc_testA.pth",
+        "flickr/flickr_test.pth",
+        "flickr/flickr_val.pth",
+        "mixup/mixup_train.pth",
+        "refer/refcocog/refs(umd).p",
+    ]
+    .iter()
+    .map(|f| std::fs::read(fixtures().join(f)).unwrap())
+    .collect();
     // The pickles alone too (data.pkl of a zip file is not reached by most zip mutations).
-    let mut pickles: Vec<Vec<u8>> = seeds.iter().filter(|s| !s.starts_with(b"PK")).cloned().collect();
+    let mut pickles: Vec<Vec<u8>> = seeds
+        .iter()
+        .filter(|s| !s.starts_with(b"PK"))
+        .cloned()
+        .collect();
     pickles.push(std::fs::read(fixtures().join("refer/refcoco/refs(unc).p")).unwrap());
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let (mut ok, mut errs) = (0usize, 0usize);
@@ -186,7 +240,16 @@ fn mutated_split_files_never_panic() {
                 }
             }
         }
-        let res = if i % 2 == 0 { pth::decode(&d, Path::new("fuzz.pth")).map(|_| ()) } else { pickle::loads(&d).map(|_| ()).map_err(|e: PickleError| DataError::Format { path: "fuzz".into(), msg: e.to_string() }) };
+        let res = if i % 2 == 0 {
+            pth::decode(&d, Path::new("fuzz.pth")).map(|_| ())
+        } else {
+            pickle::loads(&d)
+                .map(|_| ())
+                .map_err(|e: PickleError| DataError::Format {
+                    path: "fuzz".into(),
+                    msg: e.to_string(),
+                })
+        };
         match res {
             Ok(()) => ok += 1,
             Err(_) => errs += 1,

@@ -101,16 +101,28 @@ fn roi_rows(cfg: &RoiAlignConfig, (h, w): (usize, usize), b: [f32; 4]) -> Vec<f3
 
 /// Pools `rois` from `features: [B, H * W, C]` (channels-last, grid `(H, W)`); returns
 /// `[R, PH * PW, C]` in the order of `rois`.
-pub fn roi_align(features: &Tensor, grid: (usize, usize), rois: &[Roi], cfg: &RoiAlignConfig) -> Result<Tensor> {
+pub fn roi_align(
+    features: &Tensor,
+    grid: (usize, usize),
+    rois: &[Roi],
+    cfg: &RoiAlignConfig,
+) -> Result<Tensor> {
     let (b, hw, c) = features.dims3()?;
     if hw != grid.0 * grid.1 {
-        candle_core::bail!("roi_align: {hw} feature positions for a {}x{} grid", grid.0, grid.1);
+        candle_core::bail!(
+            "roi_align: {hw} feature positions for a {}x{} grid",
+            grid.0,
+            grid.1
+        );
     }
     let bins = cfg.output.0 * cfg.output.1;
     if rois.is_empty() {
         return Tensor::zeros((0, bins, c), features.dtype(), features.device());
     }
-    if let Some(r) = rois.iter().find(|r| r.batch >= b || r.xyxy.iter().any(|v| !v.is_finite())) {
+    if let Some(r) = rois
+        .iter()
+        .find(|r| r.batch >= b || r.xyxy.iter().any(|v| !v.is_finite()))
+    {
         candle_core::bail!("roi_align: bad region {r:?} for a batch of {b}");
     }
     // Per image: one matmul of its regions' rows with its features.
@@ -128,7 +140,8 @@ pub fn roi_align(features: &Tensor, grid: (usize, usize), rois: &[Roi], cfg: &Ro
             order[i] = next;
             next += 1;
         }
-        let m = Tensor::from_vec(rows, (mine.len() * bins, hw), features.device())?.to_dtype(features.dtype())?;
+        let m = Tensor::from_vec(rows, (mine.len() * bins, hw), features.device())?
+            .to_dtype(features.dtype())?;
         let pooled = m.matmul(&features.get(img)?)?; // [r * bins, C]
         parts.push(pooled.reshape((mine.len(), bins, c))?);
     }
@@ -141,9 +154,19 @@ pub fn roi_align(features: &Tensor, grid: (usize, usize), rois: &[Roi], cfg: &Ro
 pub fn rois_from_tensor(batch: &[usize], boxes: &Tensor) -> Result<Vec<Roi>> {
     let v = boxes.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     if v.len() != batch.len() {
-        candle_core::bail!("rois_from_tensor: {} batch indices for {} boxes", batch.len(), v.len());
+        candle_core::bail!(
+            "rois_from_tensor: {} batch indices for {} boxes",
+            batch.len(),
+            v.len()
+        );
     }
-    Ok(v.iter().zip(batch).map(|(b, &i)| Roi { batch: i, xyxy: [b[0], b[1], b[2], b[3]] }).collect())
+    Ok(v.iter()
+        .zip(batch)
+        .map(|(b, &i)| Roi {
+            batch: i,
+            xyxy: [b[0], b[1], b[2], b[3]],
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -154,18 +177,52 @@ mod tests {
     #[test]
     fn a_bin_covering_one_pixel_centre_reads_that_pixel() {
         // 3x3 map of values 0..9, one channel; aligned box around pixel (1, 2).
-        let f = Tensor::arange(0f32, 9.0, &Device::Cpu).unwrap().reshape((1, 9, 1)).unwrap();
-        let cfg = RoiAlignConfig { output: (1, 1), spatial_scale: 1.0, sampling_ratio: 1, aligned: true };
-        let out = roi_align(&f, (3, 3), &[Roi { batch: 0, xyxy: [2.0, 1.0, 3.0, 2.0] }], &cfg).unwrap();
-        assert_eq!(out.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![5.0]);
+        let f = Tensor::arange(0f32, 9.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 9, 1))
+            .unwrap();
+        let cfg = RoiAlignConfig {
+            output: (1, 1),
+            spatial_scale: 1.0,
+            sampling_ratio: 1,
+            aligned: true,
+        };
+        let out = roi_align(
+            &f,
+            (3, 3),
+            &[Roi {
+                batch: 0,
+                xyxy: [2.0, 1.0, 3.0, 2.0],
+            }],
+            &cfg,
+        )
+        .unwrap();
+        assert_eq!(
+            out.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![5.0]
+        );
     }
 
     #[test]
     fn output_follows_roi_order_across_images() {
-        let f = Tensor::arange(0f32, 2.0 * 4.0, &Device::Cpu).unwrap().reshape((2, 4, 1)).unwrap();
-        let cfg = RoiAlignConfig { output: (1, 1), spatial_scale: 1.0, sampling_ratio: 1, aligned: true };
-        let r = |batch, x: f32| Roi { batch, xyxy: [x, 0.0, x + 1.0, 1.0] };
+        let f = Tensor::arange(0f32, 2.0 * 4.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 4, 1))
+            .unwrap();
+        let cfg = RoiAlignConfig {
+            output: (1, 1),
+            spatial_scale: 1.0,
+            sampling_ratio: 1,
+            aligned: true,
+        };
+        let r = |batch, x: f32| Roi {
+            batch,
+            xyxy: [x, 0.0, x + 1.0, 1.0],
+        };
         let out = roi_align(&f, (2, 2), &[r(1, 0.0), r(0, 1.0), r(1, 1.0)], &cfg).unwrap();
-        assert_eq!(out.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![4.0, 1.0, 5.0]);
+        assert_eq!(
+            out.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![4.0, 1.0, 5.0]
+        );
     }
 }

@@ -161,36 +161,75 @@ fn bert_loads_with_prefix_and_gamma_beta_names() {
 #[test]
 fn roi_align_matches_torchvision_forward_and_backward() {
     use gk_models::roi_align::{roi_align, Roi, RoiAlignConfig};
-    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/roi/golden.safetensors");
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/roi/golden.safetensors");
     let g = candle_core::safetensors::load(p, &Device::Cpu).unwrap();
     let feats = &g["features"]; // [B, C, H, W]
     let (b, c, h, w) = feats.dims4().unwrap();
     // channels-last [B, H*W, C], as a Var for the gradient
-    let x = candle_core::Var::from_tensor(&feats.permute((0, 2, 3, 1)).unwrap().reshape((b, h * w, c)).unwrap()).unwrap();
+    let x = candle_core::Var::from_tensor(
+        &feats
+            .permute((0, 2, 3, 1))
+            .unwrap()
+            .reshape((b, h * w, c))
+            .unwrap(),
+    )
+    .unwrap();
     let rois: Vec<Roi> = g["rois"]
         .to_vec2::<f32>()
         .unwrap()
         .iter()
-        .map(|r| Roi { batch: r[0] as usize, xyxy: [r[1], r[2], r[3], r[4]] })
+        .map(|r| Roi {
+            batch: r[0] as usize,
+            xyxy: [r[1], r[2], r[3], r[4]],
+        })
         .collect();
-    let configs = [("a", (2, 2), 1.0, 2, true), ("b", (3, 2), 0.5, 0, false), ("c", (2, 3), 1.0, -1, true), ("d", (1, 1), 0.25, 0, true)];
+    let configs = [
+        ("a", (2, 2), 1.0, 2, true),
+        ("b", (3, 2), 0.5, 0, false),
+        ("c", (2, 3), 1.0, -1, true),
+        ("d", (1, 1), 0.25, 0, true),
+    ];
     let mut worst = (0f32, 0f32);
     for (name, output, spatial_scale, sampling_ratio, aligned) in configs {
-        let cfg = RoiAlignConfig { output, spatial_scale, sampling_ratio, aligned };
+        let cfg = RoiAlignConfig {
+            output,
+            spatial_scale,
+            sampling_ratio,
+            aligned,
+        };
         let out = roi_align(x.as_tensor(), (h, w), &rois, &cfg).unwrap(); // [R, PH*PW, C]
         let (ph, pw) = output;
         let r = rois.len();
         // torchvision's [R, C, PH, PW]
-        let ours = out.reshape((r, ph, pw, c)).unwrap().permute((0, 3, 1, 2)).unwrap().contiguous().unwrap();
+        let ours = out
+            .reshape((r, ph, pw, c))
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap()
+            .contiguous()
+            .unwrap();
         let e = max_err(&ours, &g[&format!("{name}_out")]);
         let weight = &g[&format!("{name}_weight")];
         let loss = (ours * weight).unwrap().sum_all().unwrap();
         let grad = loss.backward().unwrap().get(&x).unwrap().clone();
-        let grad = grad.reshape((b, h, w, c)).unwrap().permute((0, 3, 1, 2)).unwrap().contiguous().unwrap();
+        let grad = grad
+            .reshape((b, h, w, c))
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap()
+            .contiguous()
+            .unwrap();
         let eg = max_err(&grad, &g[&format!("{name}_grad")]);
         println!("roi_align {name}: forward {e:.2e}, backward {eg:.2e}");
-        assert!(e <= 1e-4 && eg <= 1e-4, "{name}: forward {e}, backward {eg}");
+        assert!(
+            e <= 1e-4 && eg <= 1e-4,
+            "{name}: forward {e}, backward {eg}"
+        );
         worst = (worst.0.max(e), worst.1.max(eg));
     }
-    println!("roi_align max abs error: forward {:.2e}, backward {:.2e}", worst.0, worst.1);
+    println!(
+        "roi_align max abs error: forward {:.2e}, backward {:.2e}",
+        worst.0, worst.1
+    );
 }

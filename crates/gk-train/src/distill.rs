@@ -19,7 +19,11 @@ use serde::{Deserialize, Serialize};
 
 /// Rows scaled to unit L2 norm (`eps` keeps zero rows finite).
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::MAX)?;
     Ok(x.broadcast_div(&norm)?)
 }
 
@@ -31,13 +35,17 @@ fn log_softmax(x: &Tensor) -> Result<Tensor> {
 fn diagonal_ce(logits: &Tensor) -> Result<Tensor> {
     let n = logits.dim(0)?;
     let eye = Tensor::eye(n, DType::F32, logits.device())?.to_dtype(logits.dtype())?;
-    Ok((log_softmax(logits)? * eye)?.sum_all()?.affine(-1.0 / n as f64, 0.0)?)
+    Ok((log_softmax(logits)? * eye)?
+        .sum_all()?
+        .affine(-1.0 / n as f64, 0.0)?)
 }
 
 /// Symmetric InfoNCE of paired rows `a, b: [N, D]` (normalised here) with logits
 /// `scale · cos`: the mean of the a→b and b→a cross-entropies.
 pub fn info_nce(a: &Tensor, b: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    let logits = l2_normalize(a)?.matmul(&l2_normalize(b)?.t()?)?.broadcast_mul(scale)?; // [N, N]
+    let logits = l2_normalize(a)?
+        .matmul(&l2_normalize(b)?.t()?)?
+        .broadcast_mul(scale)?; // [N, N]
     Ok(((diagonal_ce(&logits)? + diagonal_ce(&logits.t()?)?)? * 0.5)?)
 }
 
@@ -55,7 +63,11 @@ fn kl_rows(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor> {
 pub fn similarity_kl(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
     let teacher = teacher.detach();
     let rows = kl_rows(student, &teacher, temperature)?;
-    let cols = kl_rows(&student.t()?.contiguous()?, &teacher.t()?.contiguous()?, temperature)?;
+    let cols = kl_rows(
+        &student.t()?.contiguous()?,
+        &teacher.t()?.contiguous()?,
+        temperature,
+    )?;
     Ok(((rows + cols)? * 0.5)?)
 }
 
@@ -85,7 +97,12 @@ pub fn feature_loss(student: &Tensor, teacher: &Tensor, kind: FeatureLoss) -> Re
 /// Region contrast: `anchor: [N, D]` against `candidates: [N, K, D]`, `positive: [N, K]`
 /// (1 = positive, 0 = negative; every row needs a positive), temperature `tau`; cosine
 /// similarities; mean over anchors of `-log Σ_pos e^{s/τ} / Σ_all e^{s/τ}`.
-pub fn region_info_nce(anchor: &Tensor, candidates: &Tensor, positive: &Tensor, tau: f64) -> Result<Tensor> {
+pub fn region_info_nce(
+    anchor: &Tensor,
+    candidates: &Tensor,
+    positive: &Tensor,
+    tau: f64,
+) -> Result<Tensor> {
     let n = anchor.dim(0)?;
     let a = l2_normalize(anchor)?.unsqueeze(2)?; // [N, D, 1]
     let s = (l2_normalize(candidates)?.matmul(&a)?.squeeze(2)? / tau)?; // [N, K]
@@ -150,7 +167,12 @@ pub struct DistillHeads {
 }
 
 impl DistillHeads {
-    pub fn new(vb: candle_nn::VarBuilder, visual_dim: usize, text_dim: usize, teacher_dim: usize) -> Result<Self> {
+    pub fn new(
+        vb: candle_nn::VarBuilder,
+        visual_dim: usize,
+        text_dim: usize,
+        teacher_dim: usize,
+    ) -> Result<Self> {
         Ok(Self {
             visual: candle_nn::linear(visual_dim, teacher_dim, vb.pp("visual"))?,
             text: candle_nn::linear(text_dim, teacher_dim, vb.pp("text"))?,
@@ -162,7 +184,9 @@ impl DistillHeads {
 /// Masked mean over tokens: `x [B, N, C]`, `mask [B, N]` -> `[B, C]`.
 fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let m = mask.to_dtype(x.dtype())?.unsqueeze(2)?;
-    Ok(x.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?.clamp(1.0, f64::MAX)?)?)
+    Ok(x.broadcast_mul(&m)?
+        .sum(1)?
+        .broadcast_div(&m.sum(1)?.clamp(1.0, f64::MAX)?)?)
 }
 
 /// The teacher's embeddings of one batch (L2-normalised `[B, P]`) and its logit scale.
@@ -185,17 +209,33 @@ pub fn epmvg_losses(
     parts: &mut crate::losses::LossParts,
 ) -> Result<()> {
     use candle_core::Module;
-    let v = heads.visual.forward(&masked_mean(&out.visual.tokens, &out.visual.mask)?)?; // [B, P]
-    let t = heads.text.forward(&masked_mean(&out.text.tokens, text_mask)?)?; // [B, P]
+    let v = heads
+        .visual
+        .forward(&masked_mean(&out.visual.tokens, &out.visual.mask)?)?; // [B, P]
+    let t = heads
+        .text
+        .forward(&masked_mean(&out.text.tokens, text_mask)?)?; // [B, P]
     if cfg.feature > 0.0 {
-        parts.push("kd_visual", cfg.feature, feature_loss(&v, &teacher.image, cfg.feature_kind)?);
-        parts.push("kd_text", cfg.feature, feature_loss(&t, &teacher.text, cfg.feature_kind)?);
+        parts.push(
+            "kd_visual",
+            cfg.feature,
+            feature_loss(&v, &teacher.image, cfg.feature_kind)?,
+        );
+        parts.push(
+            "kd_text",
+            cfg.feature,
+            feature_loss(&t, &teacher.text, cfg.feature_kind)?,
+        );
     }
     if cfg.cross > 0.0 {
         // Both similarity matrices on the teacher's logit scale, so T softens them alike.
         let student = (l2_normalize(&v)?.matmul(&l2_normalize(&t)?.t()?)? * teacher.scale)?;
         let teach = (teacher.image.matmul(&teacher.text.t()?)? * teacher.scale)?;
-        parts.push("kd_cross", cfg.cross, similarity_kl(&student, &teach, cfg.temperature)?);
+        parts.push(
+            "kd_cross",
+            cfg.cross,
+            similarity_kl(&student, &teach, cfg.temperature)?,
+        );
     }
     Ok(())
 }
@@ -226,16 +266,39 @@ pub fn duet_teacher_losses(
         .enumerate()
         .map(|(i, t)| {
             let [x1, y1, x2, y2] = gk_box::cxcywh_to_xyxy([t[0], t[1], t[2], t[3]]);
-            Roi { batch: i, xyxy: [x1 * gw as f32, y1 * gh as f32, x2 * gw as f32, y2 * gh as f32] }
+            Roi {
+                batch: i,
+                xyxy: [
+                    x1 * gw as f32,
+                    y1 * gh as f32,
+                    x2 * gw as f32,
+                    y2 * gh as f32,
+                ],
+            }
         })
         .collect();
-    let roi_cfg = RoiAlignConfig { output: (2, 2), spatial_scale: 1.0, sampling_ratio: 2, aligned: true };
+    let roi_cfg = RoiAlignConfig {
+        output: (2, 2),
+        spatial_scale: 1.0,
+        sampling_ratio: 2,
+        aligned: true,
+    };
     let region = roi_align(&cells, (gh, gw), &rois, &roi_cfg)?.mean(1)?; // [B, Cv]
     let zr = heads.region.forward(&region)?; // [B, P]
-    let zt = heads.text.forward(&masked_mean(&out.text.tokens, text_mask)?)?;
+    let zt = heads
+        .text
+        .forward(&masked_mean(&out.text.tokens, text_mask)?)?;
     if cfg.duet_region > 0.0 {
-        parts.push("kd_region", cfg.duet_region, feature_loss(&zr, &teacher.region, FeatureLoss::Cosine)?);
-        parts.push("kd_dtext", cfg.duet_region, feature_loss(&zt, &teacher.text, FeatureLoss::Cosine)?);
+        parts.push(
+            "kd_region",
+            cfg.duet_region,
+            feature_loss(&zr, &teacher.region, FeatureLoss::Cosine)?,
+        );
+        parts.push(
+            "kd_dtext",
+            cfg.duet_region,
+            feature_loss(&zt, &teacher.text, FeatureLoss::Cosine)?,
+        );
     }
     if cfg.duet_align > 0.0 {
         let scale = Tensor::new(teacher.scale as f32, zr.device())?;

@@ -305,9 +305,20 @@ pub struct Bars {
 
 /// Grouped bars from 0 with a whisker of +-spread, group labels under the axis, a title
 /// and a legend.
-pub fn bar_chart(title: &str, groups: &[String], series: &[Bars], width: u32, height: u32) -> RgbImage {
+pub fn bar_chart(
+    title: &str,
+    groups: &[String],
+    series: &[Bars],
+    width: u32,
+    height: u32,
+) -> RgbImage {
     let mut img = RgbImage::from_pixel(width, height, WHITE);
-    let (left, right, top, bottom) = (48i64, 12i64, 22i64 + 12 * series.len().div_ceil(4) as i64, 30i64);
+    let (left, right, top, bottom) = (
+        48i64,
+        12i64,
+        22i64 + 12 * series.len().div_ceil(4) as i64,
+        30i64,
+    );
     let (pw, ph) = (width as i64 - left - right, height as i64 - top - bottom);
     let y1 = series
         .iter()
@@ -318,14 +329,23 @@ pub fn bar_chart(title: &str, groups: &[String], series: &[Bars], width: u32, he
     for t in nice_ticks(0.0, y1, 5) {
         line(&mut img, (left, py(t)), (left + pw, py(t)), GREY, 1);
         let s = fmt_tick(t);
-        text(&mut img, left - 4 - text_width(&s, 1) as i64, py(t) - 5, &s, BLACK, 1);
+        text(
+            &mut img,
+            left - 4 - text_width(&s, 1) as i64,
+            py(t) - 5,
+            &s,
+            BLACK,
+            1,
+        );
     }
     let gw = pw / groups.len().max(1) as i64;
     let bw = ((gw - 8) / series.len().max(1) as i64).max(1);
     for (g, name) in groups.iter().enumerate() {
         let gx = left + g as i64 * gw + 4;
         for (k, s) in series.iter().enumerate() {
-            let Some(&(m, e)) = s.values.get(g) else { continue };
+            let Some(&(m, e)) = s.values.get(g) else {
+                continue;
+            };
             if !m.is_finite() {
                 continue;
             }
@@ -338,7 +358,14 @@ pub fn bar_chart(title: &str, groups: &[String], series: &[Bars], width: u32, he
             line(&mut img, (xc - 2, py(m + e)), (xc + 2, py(m + e)), BLACK, 1);
             line(&mut img, (xc - 2, py(m - e)), (xc + 2, py(m - e)), BLACK, 1);
         }
-        text(&mut img, gx + (gw - 8 - text_width(name, 1) as i64) / 2, top + ph + 6, name, BLACK, 1);
+        text(
+            &mut img,
+            gx + (gw - 8 - text_width(name, 1) as i64) / 2,
+            top + ph + 6,
+            name,
+            BLACK,
+            1,
+        );
     }
     line(&mut img, (left, top), (left, top + ph), BLACK, 1);
     line(&mut img, (left, top + ph), (left + pw, top + ph), BLACK, 1);

@@ -56,7 +56,10 @@ pub struct Teacher {
 
 impl std::fmt::Debug for Teacher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Teacher").field("id", &self.id).field("dim", &self.dim).finish()
+        f.debug_struct("Teacher")
+            .field("id", &self.id)
+            .field("dim", &self.dim)
+            .finish()
     }
 }
 
@@ -68,8 +71,10 @@ impl Teacher {
     pub fn open(dir: &Path, dev: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
-        let cfg: ClipConfig = serde_json::from_str(&text)
-            .map_err(|e| TrainError::Format { path: cfg_path.clone(), msg: format!("not a CLIP config: {e}") })?;
+        let cfg: ClipConfig = serde_json::from_str(&text).map_err(|e| TrainError::Format {
+            path: cfg_path.clone(),
+            msg: format!("not a CLIP config: {e}"),
+        })?;
         let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
         if tok.vocab_size() > cfg.text_config.vocab_size {
             return Err(TrainError::Config(format!(
@@ -84,11 +89,17 @@ impl Teacher {
         let id = gk_data::sha256::hex(&bytes);
         let tensors = read_safetensors(&weights, dev)?;
         let model = ClipModel::new(VarBuilder::from_tensors(tensors, DType::F32, dev), &cfg)
-            .map_err(|e| TrainError::Format { path: weights.clone(), msg: format!("weights do not fit config.json: {e}") })?;
+            .map_err(|e| TrainError::Format {
+                path: weights.clone(),
+                msg: format!("weights do not fit config.json: {e}"),
+            })?;
         let meta_path = dir.join("teacher.json");
         let meta = if meta_path.is_file() {
             let text = std::fs::read_to_string(&meta_path).map_err(io_err(&meta_path))?;
-            serde_json::from_str(&text).map_err(|e| TrainError::Format { path: meta_path.clone(), msg: e.to_string() })?
+            serde_json::from_str(&text).map_err(|e| TrainError::Format {
+                path: meta_path.clone(),
+                msg: e.to_string(),
+            })?
         } else {
             TeacherMeta {
                 image_size: cfg.vision_config.image_size,
@@ -98,11 +109,22 @@ impl Teacher {
                 retrieval: None,
             }
         };
-        Ok(Self { dim: cfg.projection_dim, model, tok, cfg, id, meta, dev: dev.clone() })
+        Ok(Self {
+            dim: cfg.projection_dim,
+            model,
+            tok,
+            cfg,
+            id,
+            meta,
+            dev: dev.clone(),
+        })
     }
 
     fn norm(&self) -> Normalize {
-        Normalize { mean: self.meta.mean, std: self.meta.std }
+        Normalize {
+            mean: self.meta.mean,
+            std: self.meta.std,
+        }
     }
 
     /// `[N, 3, S, S]` teacher input of whole images (CLIP's resize and centre crop).
@@ -110,7 +132,9 @@ impl Teacher {
         let s = self.meta.image_size as u32;
         let t: Vec<Tensor> = images
             .iter()
-            .map(|im| image_io::to_tensor(&image_io::clip_resize_crop(im, s), &self.norm(), &self.dev))
+            .map(|im| {
+                image_io::to_tensor(&image_io::clip_resize_crop(im, s), &self.norm(), &self.dev)
+            })
             .collect::<std::result::Result<_, _>>()?;
         Ok(Tensor::stack(&t, 0)?)
     }
@@ -119,7 +143,9 @@ impl Teacher {
     pub fn image_embeds(&self, images: &[RgbImage]) -> Result<Tensor> {
         let mut out = Vec::new();
         for chunk in images.chunks(CHUNK) {
-            out.push(l2_normalize(&self.model.encode_image(&self.pixels(chunk)?)?.embeds)?);
+            out.push(l2_normalize(
+                &self.model.encode_image(&self.pixels(chunk)?)?.embeds,
+            )?);
         }
         Ok(Tensor::cat(&out, 0)?.detach())
     }
@@ -133,13 +159,19 @@ impl Teacher {
     /// `[N, L]` ids and mask of texts.
     fn encode(&self, texts: &[&str]) -> Result<(Tensor, Tensor)> {
         let l = self.meta.max_text_len;
-        let (mut ids, mut mask) = (Vec::with_capacity(texts.len() * l), Vec::with_capacity(texts.len() * l));
+        let (mut ids, mut mask) = (
+            Vec::with_capacity(texts.len() * l),
+            Vec::with_capacity(texts.len() * l),
+        );
         for t in texts {
             let e = self.tok.encode(t, l)?;
             ids.extend(e.ids);
             mask.extend(e.mask);
         }
-        Ok((Tensor::from_vec(ids, (texts.len(), l), &self.dev)?, Tensor::from_vec(mask, (texts.len(), l), &self.dev)?))
+        Ok((
+            Tensor::from_vec(ids, (texts.len(), l), &self.dev)?,
+            Tensor::from_vec(mask, (texts.len(), l), &self.dev)?,
+        ))
     }
 
     /// L2-normalised text embeddings `[N, dim]`.
@@ -147,7 +179,9 @@ impl Teacher {
         let mut out = Vec::new();
         for chunk in texts.chunks(CHUNK) {
             let (ids, mask) = self.encode(chunk)?;
-            out.push(l2_normalize(&self.model.encode_text(&ids, Some(&mask))?.embeds)?);
+            out.push(l2_normalize(
+                &self.model.encode_text(&ids, Some(&mask))?.embeds,
+            )?);
         }
         Ok(Tensor::cat(&out, 0)?.detach())
     }
@@ -271,7 +305,12 @@ fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| TrainError::Format { path: path.to_path_buf(), msg: format!("line {}: {e}", i + 1) }))
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| TrainError::Format {
+                path: path.to_path_buf(),
+                msg: format!("line {}: {e}", i + 1),
+            })
+        })
         .collect()
 }
 
@@ -279,29 +318,63 @@ fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
 fn describe(o: &serde_json::Value) -> Option<String> {
     let f = |k: &str| o.get(k).and_then(|v| v.as_str());
     let texture = f("texture").filter(|t| *t != "plain");
-    Some([Some("a"), f("size"), Some(f("colour")?), texture, Some(f("shape")?)].into_iter().flatten().collect::<Vec<_>>().join(" "))
+    Some(
+        [
+            Some("a"),
+            f("size"),
+            Some(f("colour")?),
+            texture,
+            Some(f("shape")?),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" "),
+    )
 }
 
 /// Scene pairs and object-crop pairs of one split (`train` or `val`).
-fn load_pairs(data: &Path, split: &str, crops: bool, image_size: u32) -> Result<(Vec<Pair>, Vec<Pair>)> {
+fn load_pairs(
+    data: &Path,
+    split: &str,
+    crops: bool,
+    image_size: u32,
+) -> Result<(Vec<Pair>, Vec<Pair>)> {
     let prefix = format!("images/{split}/");
     let small = |im: &RgbImage| image_io::clip_resize_crop(im, image_size);
     let mut scenes = Vec::new();
     for c in read_jsonl(&data.join("captions.jsonl"))? {
-        let (Some(img), Some(text)) = (c["image"].as_str(), c["caption"].as_str()) else { continue };
-        if c["split"].as_str() == Some(split) || (c.get("split").is_none() && img.starts_with(&prefix)) {
-            scenes.push(Pair { image: small(&image_io::load_rgb(&data.join(img))?), text: text.to_string() });
+        let (Some(img), Some(text)) = (c["image"].as_str(), c["caption"].as_str()) else {
+            continue;
+        };
+        if c["split"].as_str() == Some(split)
+            || (c.get("split").is_none() && img.starts_with(&prefix))
+        {
+            scenes.push(Pair {
+                image: small(&image_io::load_rgb(&data.join(img))?),
+                text: text.to_string(),
+            });
         }
     }
     let mut objects = Vec::new();
     if crops {
         for row in read_jsonl(&data.join("objects.jsonl"))? {
-            let Some(img) = row["image"].as_str().filter(|i| i.starts_with(&prefix)) else { continue };
+            let Some(img) = row["image"].as_str().filter(|i| i.starts_with(&prefix)) else {
+                continue;
+            };
             let image = image_io::load_rgb(&data.join(img))?;
             for o in row["objects"].as_array().into_iter().flatten() {
-                let b: Option<Vec<f32>> = o["bbox_xyxy"].as_array().map(|v| v.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect());
+                let b: Option<Vec<f32>> = o["bbox_xyxy"].as_array().map(|v| {
+                    v.iter()
+                        .filter_map(|x| x.as_f64())
+                        .map(|x| x as f32)
+                        .collect()
+                });
                 if let (Some(text), Some(&[x1, y1, x2, y2])) = (describe(o), b.as_deref()) {
-                    objects.push(Pair { image: small(&region_crop(&image, [x1, y1, x2, y2])), text });
+                    objects.push(Pair {
+                        image: small(&region_crop(&image, [x1, y1, x2, y2])),
+                        text,
+                    });
                 }
             }
         }
@@ -312,13 +385,23 @@ fn load_pairs(data: &Path, split: &str, crops: bool, image_size: u32) -> Result<
 /// Trains a teacher on `data` (a folder written by `groundkit synth`) and writes it to
 /// `out` in the Hugging Face CLIP layout plus `teacher.json`. `progress(step, total,
 /// loss)` is called after every step.
-pub fn pretrain(data: &Path, out: &Path, cfg: &PretrainConfig, dev: &Device, mut progress: impl FnMut(usize, usize, f32)) -> Result<RetrievalReport> {
+pub fn pretrain(
+    data: &Path,
+    out: &Path,
+    cfg: &PretrainConfig,
+    dev: &Device,
+    mut progress: impl FnMut(usize, usize, f32),
+) -> Result<RetrievalReport> {
     let size = cfg.image_size as u32;
     let (scenes, objects) = load_pairs(data, "train", cfg.object_crops, size)?;
     let (val_scenes, val_objects) = load_pairs(data, "val", true, size)?;
     let train: Vec<&Pair> = scenes.iter().chain(&objects).collect();
     if train.len() < cfg.batch_size {
-        return Err(TrainError::Config(format!("{}: {} training pairs, fewer than a batch", data.display(), train.len())));
+        return Err(TrainError::Config(format!(
+            "{}: {} training pairs, fewer than a batch",
+            data.display(),
+            train.len()
+        )));
     }
     // Vocabulary: every caption and label word, and the grounding expressions' words so the
     // teacher can read expressions too (words it never trained on keep random embeddings).
@@ -326,24 +409,42 @@ pub fn pretrain(data: &Path, out: &Path, cfg: &PretrainConfig, dev: &Device, mut
     for split in ["train", "val"] {
         let path = data.join(format!("{split}.jsonl"));
         if path.is_file() {
-            texts.extend(read_jsonl(&path)?.iter().filter_map(|r| r["expr"].as_str().map(str::to_string)));
+            texts.extend(
+                read_jsonl(&path)?
+                    .iter()
+                    .filter_map(|r| r["expr"].as_str().map(str::to_string)),
+            );
         }
     }
     let tok = tokenize::word_level(texts.iter().map(String::as_str))?;
     let clip = cfg.clip(tok.vocab_size());
     let map = VarMap::new();
     let model = ClipModel::new(seeded_var_builder(&map, cfg.seed, dev), &clip)?;
-    let meta = TeacherMeta { image_size: cfg.image_size, max_text_len: cfg.max_text_len, mean: Normalize::CLIP.mean, std: Normalize::CLIP.std, retrieval: None };
-    let norm = Normalize { mean: meta.mean, std: meta.std };
+    let meta = TeacherMeta {
+        image_size: cfg.image_size,
+        max_text_len: cfg.max_text_len,
+        mean: Normalize::CLIP.mean,
+        std: Normalize::CLIP.std,
+        retrieval: None,
+    };
+    let norm = Normalize {
+        mean: meta.mean,
+        std: meta.std,
+    };
     let mut opt = AdamW::new(&map, &[], cfg.weight_decay)?;
     let per_epoch = train.len() / cfg.batch_size;
     let total = per_epoch * cfg.epochs;
     let mut step = 0;
     for epoch in 0..cfg.epochs {
         let mut order: Vec<usize> = (0..train.len()).collect();
-        order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(gk_data::batch::mix_seed(&[cfg.seed, epoch as u64])));
+        order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
+            gk_data::batch::mix_seed(&[cfg.seed, epoch as u64]),
+        ));
         for batch in order.chunks_exact(cfg.batch_size) {
-            let pix: Vec<Tensor> = batch.iter().map(|&i| image_io::to_tensor(&train[i].image, &norm, dev)).collect::<std::result::Result<_, _>>()?;
+            let pix: Vec<Tensor> = batch
+                .iter()
+                .map(|&i| image_io::to_tensor(&train[i].image, &norm, dev))
+                .collect::<std::result::Result<_, _>>()?;
             let (mut ids, mut mask) = (Vec::new(), Vec::new());
             for &i in batch {
                 let e = tok.encode(&train[i].text, cfg.max_text_len)?;
@@ -359,25 +460,63 @@ pub fn pretrain(data: &Path, out: &Path, cfg: &PretrainConfig, dev: &Device, mut
             let loss = info_nce(&img, &txt, &scale)?;
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
-                return Err(TrainError::NonFinite { step, parts: format!("info_nce {value}") });
+                return Err(TrainError::NonFinite {
+                    step,
+                    parts: format!("info_nce {value}"),
+                });
             }
             let mut grads = loss.backward()?;
             opt.clip_grad_norm(&mut grads, 1.0)?;
-            opt.step(&grads, cfg.lr * lr_factor(Schedule::Cosine { min_ratio: 0.02 }, step, total, cfg.warmup_steps))?;
+            opt.step(
+                &grads,
+                cfg.lr
+                    * lr_factor(
+                        Schedule::Cosine { min_ratio: 0.02 },
+                        step,
+                        total,
+                        cfg.warmup_steps,
+                    ),
+            )?;
             step += 1;
             progress(step, total, value);
         }
     }
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     save_atomic(&map, &out.join("model.safetensors"))?;
-    write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&clip).expect("config serialises").as_bytes())?;
-    tok.inner().save(out.join("tokenizer.json"), false).map_err(|e| TrainError::Format { path: out.join("tokenizer.json"), msg: e.to_string() })?;
+    write_atomic(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&clip)
+            .expect("config serialises")
+            .as_bytes(),
+    )?;
+    tok.inner()
+        .save(out.join("tokenizer.json"), false)
+        .map_err(|e| TrainError::Format {
+            path: out.join("tokenizer.json"),
+            msg: e.to_string(),
+        })?;
     // Evaluate through the saved folder: what users of the teacher will load.
-    write_atomic(&out.join("teacher.json"), serde_json::to_string_pretty(&meta).expect("meta serialises").as_bytes())?;
+    write_atomic(
+        &out.join("teacher.json"),
+        serde_json::to_string_pretty(&meta)
+            .expect("meta serialises")
+            .as_bytes(),
+    )?;
     let teacher = Teacher::open(out, dev)?;
-    let report = RetrievalReport { scenes: retrieval(&teacher, &val_scenes)?, objects: retrieval(&teacher, &val_objects)? };
-    let meta = TeacherMeta { retrieval: Some(report.clone()), ..meta };
-    write_atomic(&out.join("teacher.json"), serde_json::to_string_pretty(&meta).expect("meta serialises").as_bytes())?;
+    let report = RetrievalReport {
+        scenes: retrieval(&teacher, &val_scenes)?,
+        objects: retrieval(&teacher, &val_objects)?,
+    };
+    let meta = TeacherMeta {
+        retrieval: Some(report.clone()),
+        ..meta
+    };
+    write_atomic(
+        &out.join("teacher.json"),
+        serde_json::to_string_pretty(&meta)
+            .expect("meta serialises")
+            .as_bytes(),
+    )?;
     Ok(report)
 }
 
@@ -390,7 +529,10 @@ fn retrieval(t: &Teacher, pairs: &[Pair]) -> Result<Recall> {
     }
     let images: Vec<RgbImage> = pairs.iter().map(|p| p.image.clone()).collect();
     let texts: Vec<&str> = pairs.iter().map(|p| p.text.as_str()).collect();
-    let sim = t.image_embeds(&images)?.matmul(&t.text_embeds(&texts)?.t()?)?.to_vec2::<f32>()?; // [N, N]
+    let sim = t
+        .image_embeds(&images)?
+        .matmul(&t.text_embeds(&texts)?.t()?)?
+        .to_vec2::<f32>()?; // [N, N]
     let rank_hits = |scores: Vec<(usize, f32)>, want: &str| -> (bool, bool) {
         let mut s = scores;
         s.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -407,7 +549,13 @@ fn retrieval(t: &Teacher, pairs: &[Pair]) -> Result<Recall> {
         t5 += usize::from(b);
     }
     let pct = |k: usize| 100.0 * k as f64 / n as f64;
-    Ok(Recall { n, image_to_text_r1: pct(i1), image_to_text_r5: pct(i5), text_to_image_r1: pct(t1), text_to_image_r5: pct(t5) })
+    Ok(Recall {
+        n,
+        image_to_text_r1: pct(i1),
+        image_to_text_r5: pct(i5),
+        text_to_image_r1: pct(t1),
+        text_to_image_r5: pct(t5),
+    })
 }
 
 /// The teacher's embeddings of every record of a training set, kept on disk beside the
@@ -456,32 +604,75 @@ pub fn records_key(ds: &gk_data::dataset::Dataset) -> String {
 
 impl FeatureCache {
     /// Loads the cache of `ds` for `teacher`, or computes and writes it.
-    pub fn load_or_build(teacher: &Teacher, teacher_dir: &Path, ds: &gk_data::dataset::Dataset, mut progress: impl FnMut(usize, usize)) -> Result<(Self, CacheStatus)> {
+    pub fn load_or_build(
+        teacher: &Teacher,
+        teacher_dir: &Path,
+        ds: &gk_data::dataset::Dataset,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<(Self, CacheStatus)> {
         let key = records_key(ds);
         let dir = teacher_dir.join("cache");
-        let (tensors_path, meta_path) = (dir.join(format!("{}.safetensors", &key[..16])), dir.join(format!("{}.json", &key[..16])));
+        let (tensors_path, meta_path) = (
+            dir.join(format!("{}.safetensors", &key[..16])),
+            dir.join(format!("{}.json", &key[..16])),
+        );
         let scale = f64::from(teacher.model.logit_scale()?.to_scalar::<f32>()?);
         let mut status = CacheStatus::Built;
         if meta_path.is_file() && tensors_path.is_file() {
             let text = std::fs::read_to_string(&meta_path).map_err(io_err(&meta_path))?;
-            let meta: CacheMeta = serde_json::from_str(&text).map_err(|e| TrainError::Format { path: meta_path.clone(), msg: e.to_string() })?;
+            let meta: CacheMeta = serde_json::from_str(&text).map_err(|e| TrainError::Format {
+                path: meta_path.clone(),
+                msg: e.to_string(),
+            })?;
             if meta.version != CACHE_VERSION {
-                status = CacheStatus::Rebuilt(format!("cache format {} is not {CACHE_VERSION}", meta.version));
+                status = CacheStatus::Rebuilt(format!(
+                    "cache format {} is not {CACHE_VERSION}",
+                    meta.version
+                ));
             } else if meta.teacher_id != teacher.id {
                 status = CacheStatus::Rebuilt("the teacher's weights changed".into());
             } else if meta.records_key != key {
                 status = CacheStatus::Rebuilt("the training records changed".into());
             } else {
                 let t = read_safetensors(&tensors_path, &teacher.dev)?;
-                let (Some(image), Some(text), Some(region)) = (t.get("image"), t.get("text"), t.get("region")) else {
-                    return Err(TrainError::Format { path: tensors_path, msg: "teacher cache without `image`/`text`/`region` tensors".into() });
+                let (Some(image), Some(text), Some(region)) =
+                    (t.get("image"), t.get("text"), t.get("region"))
+                else {
+                    return Err(TrainError::Format {
+                        path: tensors_path,
+                        msg: "teacher cache without `image`/`text`/`region` tensors".into(),
+                    });
                 };
                 let want = [meta.ids.len(), teacher.dim];
                 if image.dims() != want || text.dims() != want || region.dims() != want {
-                    return Err(TrainError::Format { path: tensors_path, msg: format!("teacher cache shapes {:?}/{:?}/{:?} do not fit {} rows of size {}", image.dims(), text.dims(), region.dims(), meta.ids.len(), teacher.dim) });
+                    return Err(TrainError::Format {
+                        path: tensors_path,
+                        msg: format!(
+                            "teacher cache shapes {:?}/{:?}/{:?} do not fit {} rows of size {}",
+                            image.dims(),
+                            text.dims(),
+                            region.dims(),
+                            meta.ids.len(),
+                            teacher.dim
+                        ),
+                    });
                 }
-                let rows = meta.ids.into_iter().enumerate().map(|(i, id)| (id, i)).collect();
-                return Ok((Self { image: image.clone(), text: text.clone(), region: region.clone(), rows, scale }, CacheStatus::Hit));
+                let rows = meta
+                    .ids
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, id)| (id, i))
+                    .collect();
+                return Ok((
+                    Self {
+                        image: image.clone(),
+                        text: text.clone(),
+                        region: region.clone(),
+                        rows,
+                        scale,
+                    },
+                    CacheStatus::Hit,
+                ));
             }
         }
         // Image embeddings once per distinct image, text embeddings per record.
@@ -499,7 +690,10 @@ impl FeatureCache {
         let mut embeds = Vec::new();
         let mut regions = vec![None; n];
         for (c, chunk) in images.chunks(CHUNK).enumerate() {
-            let decoded: Vec<RgbImage> = chunk.iter().map(|&i| ds.get(i).map(|s| s.image)).collect::<std::result::Result<_, _>>()?;
+            let decoded: Vec<RgbImage> = chunk
+                .iter()
+                .map(|&i| ds.get(i).map(|s| s.image))
+                .collect::<std::result::Result<_, _>>()?;
             embeds.push(teacher.image_embeds(&decoded)?);
             // the target regions of every record on these images
             for (k, img) in decoded.iter().enumerate() {
@@ -513,8 +707,15 @@ impl FeatureCache {
             }
             progress((c + 1) * CHUNK.min(chunk.len()), images.len() + n);
         }
-        let image = Tensor::cat(&embeds, 0)?.index_select(&Tensor::from_vec(which, n, &teacher.dev)?, 0)?;
-        let region = Tensor::stack(&regions.into_iter().map(|r| r.expect("every record's image was embedded")).collect::<Vec<_>>(), 0)?;
+        let image =
+            Tensor::cat(&embeds, 0)?.index_select(&Tensor::from_vec(which, n, &teacher.dev)?, 0)?;
+        let region = Tensor::stack(
+            &regions
+                .into_iter()
+                .map(|r| r.expect("every record's image was embedded"))
+                .collect::<Vec<_>>(),
+            0,
+        )?;
         let mut texts = Vec::new();
         for (c, chunk) in ds.records.chunks(CHUNK).enumerate() {
             let t: Vec<&str> = chunk.iter().map(|r| r.expr.as_str()).collect();
@@ -525,23 +726,54 @@ impl FeatureCache {
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let tmp = tensors_path.with_extension("safetensors.tmp");
         candle_core::safetensors::save(
-            &std::collections::HashMap::from([("image".to_string(), image.clone()), ("text".to_string(), text.clone()), ("region".to_string(), region.clone())]),
+            &std::collections::HashMap::from([
+                ("image".to_string(), image.clone()),
+                ("text".to_string(), text.clone()),
+                ("region".to_string(), region.clone()),
+            ]),
             &tmp,
         )?;
         std::fs::rename(&tmp, &tensors_path).map_err(io_err(&tensors_path))?;
         let ids: Vec<String> = ds.records.iter().map(|r| r.id.clone()).collect();
-        let meta = CacheMeta { version: CACHE_VERSION, teacher_id: teacher.id.clone(), records_key: key, ids: ids.clone() };
-        write_atomic(&meta_path, serde_json::to_string(&meta).expect("meta serialises").as_bytes())?;
+        let meta = CacheMeta {
+            version: CACHE_VERSION,
+            teacher_id: teacher.id.clone(),
+            records_key: key,
+            ids: ids.clone(),
+        };
+        write_atomic(
+            &meta_path,
+            serde_json::to_string(&meta)
+                .expect("meta serialises")
+                .as_bytes(),
+        )?;
         let rows = ids.into_iter().enumerate().map(|(i, id)| (id, i)).collect();
-        Ok((Self { image, text, region, rows, scale }, status))
+        Ok((
+            Self {
+                image,
+                text,
+                region,
+                rows,
+                scale,
+            },
+            status,
+        ))
     }
 
     /// The cached embeddings of dataset records `indices`.
-    pub fn batch(&self, ds: &gk_data::dataset::Dataset, indices: &[usize]) -> Result<crate::distill::TeacherBatch> {
+    pub fn batch(
+        &self,
+        ds: &gk_data::dataset::Dataset,
+        indices: &[usize],
+    ) -> Result<crate::distill::TeacherBatch> {
         let mut rows = Vec::with_capacity(indices.len());
         for &i in indices {
             let id = &ds.records[i].id;
-            let r = self.rows.get(id).ok_or_else(|| TrainError::Config(format!("the teacher cache has no entry for record {id}: it was built from other data")))?;
+            let r = self.rows.get(id).ok_or_else(|| {
+                TrainError::Config(format!(
+                    "the teacher cache has no entry for record {id}: it was built from other data"
+                ))
+            })?;
             rows.push(*r as u32);
         }
         let idx = Tensor::from_vec(rows, indices.len(), self.image.device())?;

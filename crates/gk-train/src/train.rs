@@ -218,10 +218,11 @@ pub fn prepare(dir: &std::path::Path, mut cfg: RunConfig) -> Result<RunDir> {
         // The student-side projections are sized by the teacher: read it now, check it at training.
         let p = d.teacher.join("config.json");
         let text = std::fs::read_to_string(&p).map_err(io_err(&p))?;
-        let clip: gk_models::clip::ClipConfig = serde_json::from_str(&text).map_err(|e| TrainError::Format {
-            path: p.clone(),
-            msg: format!("not a CLIP config: {e}"),
-        })?;
+        let clip: gk_models::clip::ClipConfig =
+            serde_json::from_str(&text).map_err(|e| TrainError::Format {
+                path: p.clone(),
+                msg: format!("not a CLIP config: {e}"),
+            })?;
         d.teacher_dim = clip.projection_dim;
     }
     tok.inner()
@@ -464,7 +465,15 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
             if let Some((d, heads, cache)) = &distill {
                 let teacher = cache.batch(train_loader.dataset(), &batch.indices)?;
                 epmvg_losses(d, heads, &out, &batch.text_mask, &teacher, &mut parts)?;
-                duet_teacher_losses(d, heads, &out, &batch.text_mask, &batch.target, &teacher, &mut parts)?;
+                duet_teacher_losses(
+                    d,
+                    heads,
+                    &out,
+                    &batch.text_mask,
+                    &batch.target,
+                    &teacher,
+                    &mut parts,
+                )?;
             }
             let loss = parts.total()?;
             let loss_v = loss.to_scalar::<f32>()?;

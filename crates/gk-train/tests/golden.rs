@@ -92,17 +92,38 @@ fn weights_of_zero_drop_a_part_and_all_zero_is_an_error() {
 #[test]
 fn distillation_losses_match_torch() {
     use gk_train::distill::{feature_loss, info_nce, region_info_nce, similarity_kl, FeatureLoss};
-    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/distill/golden.safetensors");
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/distill/golden.safetensors");
     let g = candle_core::safetensors::load(p, &Device::Cpu).unwrap();
     let temp = f64::from(g["temp"].to_scalar::<f32>().unwrap());
     let tau = f64::from(g["tau"].to_scalar::<f32>().unwrap());
     type LossFn<'a> = Box<dyn Fn(&Tensor) -> Tensor + 'a>;
     let cases: Vec<(&str, &str, LossFn)> = vec![
-        ("info_nce", "a", Box::new(|x| info_nce(x, &g["b"], &g["scale"]).unwrap())),
-        ("sim_kl", "student_sim", Box::new(|x| similarity_kl(x, &g["teacher_sim"], temp).unwrap())),
-        ("cos", "a", Box::new(|x| feature_loss(x, &g["feat_t"], FeatureLoss::Cosine).unwrap())),
-        ("mse", "a", Box::new(|x| feature_loss(x, &g["feat_t"], FeatureLoss::Mse).unwrap())),
-        ("region", "anchor", Box::new(|x| region_info_nce(x, &g["cands"], &g["pos"], tau).unwrap())),
+        (
+            "info_nce",
+            "a",
+            Box::new(|x| info_nce(x, &g["b"], &g["scale"]).unwrap()),
+        ),
+        (
+            "sim_kl",
+            "student_sim",
+            Box::new(|x| similarity_kl(x, &g["teacher_sim"], temp).unwrap()),
+        ),
+        (
+            "cos",
+            "a",
+            Box::new(|x| feature_loss(x, &g["feat_t"], FeatureLoss::Cosine).unwrap()),
+        ),
+        (
+            "mse",
+            "a",
+            Box::new(|x| feature_loss(x, &g["feat_t"], FeatureLoss::Mse).unwrap()),
+        ),
+        (
+            "region",
+            "anchor",
+            Box::new(|x| region_info_nce(x, &g["cands"], &g["pos"], tau).unwrap()),
+        ),
     ];
     let mut worst = (0f32, 0f32);
     for (name, input, f) in cases {
@@ -111,11 +132,26 @@ fn distillation_losses_match_torch() {
         let want = g[&format!("{name}_loss")].to_scalar::<f32>().unwrap();
         let got = loss.to_scalar::<f32>().unwrap();
         let grad = loss.backward().unwrap().get(&x).unwrap().clone();
-        let eg = (grad - &g[&format!("{name}_grad")]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let eg = (grad - &g[&format!("{name}_grad")])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let e = (got - want).abs();
         println!("{name}: {got} vs {want} (|diff| {e:.1e}), grad max |diff| {eg:.1e}");
-        assert!(e <= 1e-5 * want.abs().max(1.0) && eg <= 1e-5, "{name}: value {e}, grad {eg}");
+        assert!(
+            e <= 1e-5 * want.abs().max(1.0) && eg <= 1e-5,
+            "{name}: value {e}, grad {eg}"
+        );
         worst = (worst.0.max(e), worst.1.max(eg));
     }
-    println!("distillation losses max abs error: value {:.1e}, gradient {:.1e}", worst.0, worst.1);
+    println!(
+        "distillation losses max abs error: value {:.1e}, gradient {:.1e}",
+        worst.0, worst.1
+    );
 }

@@ -180,22 +180,44 @@ fn teacher_pretrains_loads_and_embeds() {
     let mut losses = Vec::new();
     let out = dir.path().join("teacher");
     let report = pretrain(&data, &out, &cfg, &Device::Cpu, |_, _, l| losses.push(l)).unwrap();
-    let (first, last) = (losses[..3].iter().sum::<f32>() / 3.0, losses[losses.len() - 3..].iter().sum::<f32>() / 3.0);
+    let (first, last) = (
+        losses[..3].iter().sum::<f32>() / 3.0,
+        losses[losses.len() - 3..].iter().sum::<f32>() / 3.0,
+    );
     assert!(last < first, "InfoNCE did not fall: {first} -> {last}");
     for r in [&report.scenes, &report.objects] {
-        assert!(r.n > 0 && (0.0..=100.0).contains(&r.image_to_text_r5) && r.image_to_text_r1 <= r.image_to_text_r5);
+        assert!(
+            r.n > 0
+                && (0.0..=100.0).contains(&r.image_to_text_r5)
+                && r.image_to_text_r1 <= r.image_to_text_r5
+        );
     }
     let t = Teacher::open(&out, &Device::Cpu).unwrap();
     assert_eq!(t.id.len(), 64);
-    let e = t.text_embeds(&["the red circle", "a small blue star"]).unwrap();
+    let e = t
+        .text_embeds(&["the red circle", "a small blue star"])
+        .unwrap();
     let norms = e.sqr().unwrap().sum(1).unwrap().to_vec1::<f32>().unwrap();
     assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-4), "{norms:?}");
-    let img = gk_data::image_io::load_rgb(&data.join("images/val").read_dir().unwrap().next().unwrap().unwrap().path()).unwrap();
-    let r = t.region_embeds(&img, &[[2.0, 2.0, 12.0, 14.0], [20.0, 5.0, 30.0, 30.0]]).unwrap();
+    let img = gk_data::image_io::load_rgb(
+        &data
+            .join("images/val")
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path(),
+    )
+    .unwrap();
+    let r = t
+        .region_embeds(&img, &[[2.0, 2.0, 12.0, 14.0], [20.0, 5.0, 30.0, 30.0]])
+        .unwrap();
     assert_eq!(r.dims(), &[2, 16]);
     // A tokenizer from another model is refused by name.
     let cfg_path = out.join("config.json");
-    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     c["text_config"]["vocab_size"] = 5.into();
     std::fs::write(&cfg_path, c.to_string()).unwrap();
     let e = Teacher::open(&out, &Device::Cpu).unwrap_err().to_string();
@@ -213,22 +235,54 @@ fn epmvg_distillation_trains_from_a_cached_teacher() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     generate(&SynthConfig::tiny(), &data, &mut |_, _| {}).unwrap();
-    let tcfg = PretrainConfig { image_size: 32, max_text_len: 24, hidden: 32, vision_layers: 1, text_layers: 1, projection_dim: 16, epochs: 1, batch_size: 16, ..PretrainConfig::synth() };
+    let tcfg = PretrainConfig {
+        image_size: 32,
+        max_text_len: 24,
+        hidden: 32,
+        vision_layers: 1,
+        text_layers: 1,
+        projection_dim: 16,
+        epochs: 1,
+        batch_size: 16,
+        ..PretrainConfig::synth()
+    };
     let teacher = dir.path().join("teacher");
     pretrain(&data, &teacher, &tcfg, &Device::Cpu, |_, _, _| {}).unwrap();
     let mut cfg = tiny_config(&data);
     cfg.optim.epochs = 1;
-    cfg.distill = Some(DistillConfig { teacher: teacher.clone(), teacher_dim: 0, feature: 1.0, feature_kind: Default::default(), cross: 1.0, temperature: 2.0, duet_region: 1.0, duet_align: 1.0 });
+    cfg.distill = Some(DistillConfig {
+        teacher: teacher.clone(),
+        teacher_dim: 0,
+        feature: 1.0,
+        feature_kind: Default::default(),
+        cross: 1.0,
+        temperature: 2.0,
+        duet_region: 1.0,
+        duet_align: 1.0,
+    });
     let run = train::prepare(&dir.path().join("run"), cfg.clone()).unwrap();
     let prepared: gk_train::train::RunConfig = run.load_config().unwrap();
     assert_eq!(prepared.distill.as_ref().unwrap().teacher_dim, 16);
-    let opts = TrainOptions { stop_after: Some(2), ..TrainOptions::default() };
+    let opts = TrainOptions {
+        stop_after: Some(2),
+        ..TrainOptions::default()
+    };
     train::train(&run, &opts).unwrap();
-    assert!(teacher.join("cache").read_dir().unwrap().count() == 2, "cache tensors + meta");
+    assert!(
+        teacher.join("cache").read_dir().unwrap().count() == 2,
+        "cache tensors + meta"
+    );
     // resume to the end: strict loads of the checkpoint include distill.*
     train::train(&run, &TrainOptions::default()).unwrap();
     let metrics = std::fs::read_to_string(run.file("metrics.jsonl")).unwrap();
-    for kd in ["kd_visual", "kd_text", "kd_cross", "kd_region", "kd_dtext", "kd_align"] {
+    for kd in [
+        "kd_visual",
+        "kd_text",
+        "kd_cross",
+        "kd_region",
+        "kd_dtext",
+        "kd_align",
+    ] {
         assert!(metrics.contains(&format!("\"{kd}\"")), "{kd} not logged");
     }
     // evaluation and prediction load the distilled run
@@ -240,16 +294,35 @@ fn epmvg_distillation_trains_from_a_cached_teacher() {
     t.insert("logit_scale".into(), s);
     candle_core::safetensors::save(&t, &w).unwrap();
     let t2 = gk_train::teacher::Teacher::open(&teacher, &Device::Cpu).unwrap();
-    let ds = gk_data::dataset::Dataset::load(&data.join("train.jsonl"), None, &Default::default()).unwrap();
-    let (_, status) = gk_train::teacher::FeatureCache::load_or_build(&t2, &teacher, &ds, |_, _| {}).unwrap();
-    assert!(matches!(status, gk_train::teacher::CacheStatus::Rebuilt(ref why) if why.contains("teacher")), "{status:?}");
-    let (_, status) = gk_train::teacher::FeatureCache::load_or_build(&t2, &teacher, &ds, |_, _| {}).unwrap();
+    let ds = gk_data::dataset::Dataset::load(&data.join("train.jsonl"), None, &Default::default())
+        .unwrap();
+    let (_, status) =
+        gk_train::teacher::FeatureCache::load_or_build(&t2, &teacher, &ds, |_, _| {}).unwrap();
+    assert!(
+        matches!(status, gk_train::teacher::CacheStatus::Rebuilt(ref why) if why.contains("teacher")),
+        "{status:?}"
+    );
+    let (_, status) =
+        gk_train::teacher::FeatureCache::load_or_build(&t2, &teacher, &ds, |_, _| {}).unwrap();
     assert_eq!(status, gk_train::teacher::CacheStatus::Hit);
-    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(teacher.join("config.json")).unwrap()).unwrap();
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(teacher.join("config.json")).unwrap())
+            .unwrap();
     c["projection_dim"] = 8.into();
     std::fs::write(teacher.join("config.json"), c.to_string()).unwrap();
     let run2 = train::prepare(&dir.path().join("run2"), cfg).unwrap();
-    std::fs::write(teacher.join("config.json"), std::fs::read_to_string(teacher.join("config.json")).unwrap().replace("\"projection_dim\":8", "\"projection_dim\":16")).unwrap();
-    let e = train::train(&run2, &TrainOptions::default()).unwrap_err().to_string();
-    assert!(e.contains("embeds in 16 dimensions, the run was prepared for 8"), "{e}");
+    std::fs::write(
+        teacher.join("config.json"),
+        std::fs::read_to_string(teacher.join("config.json"))
+            .unwrap()
+            .replace("\"projection_dim\":8", "\"projection_dim\":16"),
+    )
+    .unwrap();
+    let e = train::train(&run2, &TrainOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("embeds in 16 dimensions, the run was prepared for 8"),
+        "{e}"
+    );
 }
