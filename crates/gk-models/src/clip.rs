@@ -10,7 +10,7 @@
 //! a tiny random model in `tests/clip_parity.rs`.
 
 use crate::nn::{self, Activation, LayerNorm};
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -661,13 +661,8 @@ impl ClipModel {
 
     /// `logits_per_image [B_img, B_txt]` = scale * cos(image, text).
     pub fn logits_per_image(&self, image_embeds: &Tensor, text_embeds: &Tensor) -> Result<Tensor> {
-        let i = l2_normalize(image_embeds)?;
-        let t = l2_normalize(text_embeds)?;
+        let i = nn::l2_normalize(image_embeds)?;
+        let t = nn::l2_normalize(text_embeds)?;
         i.matmul(&t.t()?)?.broadcast_mul(&self.logit_scale()?)
     }
-}
-
-/// L2-normalise the last dimension.
-pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
 }

@@ -70,6 +70,26 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax(x, D::Minus1)
 }
 
+/// Rows scaled to unit L2 norm over the last dimension (the norm is clamped at 1e-12 so a
+/// zero row stays finite).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::MAX)?;
+    x.broadcast_div(&norm)
+}
+
+/// Mean over the tokens a mask keeps: `x [B, N, C]`, `mask [B, N]` (1 = keep) -> `[B, C]`
+/// (an all-zero mask gives zeros).
+pub fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(x.dtype())?.unsqueeze(2)?; // [B, N, 1]
+    x.broadcast_mul(&m)?
+        .sum(1)?
+        .broadcast_div(&m.sum(1)?.clamp(1.0, f64::MAX)?)
+}
+
 /// Logistic sigmoid as `0.5 * (1 + tanh(x / 2))`: finite gradient for any finite input.
 pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
     ((x * 0.5)?.tanh()? + 1.0)? * 0.5

@@ -15,17 +15,8 @@
 
 use crate::error::Result;
 use candle_core::{DType, Tensor, D};
+use gk_models::nn::{l2_normalize, masked_mean};
 use serde::{Deserialize, Serialize};
-
-/// Rows scaled to unit L2 norm (`eps` keeps zero rows finite).
-pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = x
-        .sqr()?
-        .sum_keepdim(D::Minus1)?
-        .sqrt()?
-        .clamp(1e-12, f64::MAX)?;
-    Ok(x.broadcast_div(&norm)?)
-}
 
 fn log_softmax(x: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::log_softmax(x, D::Minus1)?)
@@ -181,14 +172,6 @@ impl DistillHeads {
     }
 }
 
-/// Masked mean over tokens: `x [B, N, C]`, `mask [B, N]` -> `[B, C]`.
-fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let m = mask.to_dtype(x.dtype())?.unsqueeze(2)?;
-    Ok(x.broadcast_mul(&m)?
-        .sum(1)?
-        .broadcast_div(&m.sum(1)?.clamp(1.0, f64::MAX)?)?)
-}
-
 /// The teacher's embeddings of one batch (L2-normalised `[B, P]`) and its logit scale.
 #[derive(Debug, Clone)]
 pub struct TeacherBatch {
@@ -199,12 +182,44 @@ pub struct TeacherBatch {
     pub scale: f64,
 }
 
-/// EpmVG's losses for one batch, pushed into `parts` as `kd_visual`, `kd_text`, `kd_cross`.
-pub fn epmvg_losses(
+/// The distillation losses of one batch that `cfg` turns on, pushed into `parts`:
+/// EpmVG's `kd_visual`, `kd_text`, `kd_cross` and DUET's `kd_region`, `kd_dtext`,
+/// `kd_align`. `target: [B, 4]` is the normalised cxcywh box in the model frame. The
+/// student's projected expression feature is shared by both methods.
+pub fn distill_losses(
     cfg: &DistillConfig,
     heads: &DistillHeads,
     out: &gk_models::grounder::GrounderOutput,
     text_mask: &Tensor,
+    target: &Tensor,
+    teacher: &TeacherBatch,
+    parts: &mut crate::losses::LossParts,
+) -> Result<()> {
+    use candle_core::Module;
+    let epmvg = cfg.feature > 0.0 || cfg.cross > 0.0;
+    let duet = cfg.duet_region > 0.0 || cfg.duet_align > 0.0;
+    if !epmvg && !duet {
+        return Ok(());
+    }
+    let t = heads
+        .text
+        .forward(&masked_mean(&out.text.tokens, text_mask)?)?; // [B, P]
+    if epmvg {
+        epmvg_terms(cfg, heads, out, &t, teacher, parts)?;
+    }
+    if duet {
+        duet_teacher_terms(cfg, heads, out, &t, target, teacher, parts)?;
+    }
+    Ok(())
+}
+
+/// EpmVG (ours): pooled backbone feature to the teacher's image embedding, expression
+/// feature `t` to its text embedding, and the in-batch similarity KL.
+fn epmvg_terms(
+    cfg: &DistillConfig,
+    heads: &DistillHeads,
+    out: &gk_models::grounder::GrounderOutput,
+    t: &Tensor,
     teacher: &TeacherBatch,
     parts: &mut crate::losses::LossParts,
 ) -> Result<()> {
@@ -212,9 +227,6 @@ pub fn epmvg_losses(
     let v = heads
         .visual
         .forward(&masked_mean(&out.visual.tokens, &out.visual.mask)?)?; // [B, P]
-    let t = heads
-        .text
-        .forward(&masked_mean(&out.text.tokens, text_mask)?)?; // [B, P]
     if cfg.feature > 0.0 {
         parts.push(
             "kd_visual",
@@ -224,12 +236,12 @@ pub fn epmvg_losses(
         parts.push(
             "kd_text",
             cfg.feature,
-            feature_loss(&t, &teacher.text, cfg.feature_kind)?,
+            feature_loss(t, &teacher.text, cfg.feature_kind)?,
         );
     }
     if cfg.cross > 0.0 {
         // Both similarity matrices on the teacher's logit scale, so T softens them alike.
-        let student = (l2_normalize(&v)?.matmul(&l2_normalize(&t)?.t()?)? * teacher.scale)?;
+        let student = (l2_normalize(&v)?.matmul(&l2_normalize(t)?.t()?)? * teacher.scale)?;
         let teach = (teacher.image.matmul(&teacher.text.t()?)? * teacher.scale)?;
         parts.push(
             "kd_cross",
@@ -240,23 +252,19 @@ pub fn epmvg_losses(
     Ok(())
 }
 
-/// DUET's teacher semantic distillation (see [`DistillConfig::duet_region`]) for one
-/// batch; `target: [B, 4]` normalised cxcywh in the model frame. Pushes `kd_region`,
-/// `kd_dtext` and `kd_align`.
-pub fn duet_teacher_losses(
+/// DUET's teacher semantic distillation (see [`DistillConfig::duet_region`]): the
+/// RoIAlign feature of the target region and the expression feature `zt` in one space.
+fn duet_teacher_terms(
     cfg: &DistillConfig,
     heads: &DistillHeads,
     out: &gk_models::grounder::GrounderOutput,
-    text_mask: &Tensor,
+    zt: &Tensor,
     target: &Tensor,
     teacher: &TeacherBatch,
     parts: &mut crate::losses::LossParts,
 ) -> Result<()> {
     use candle_core::Module;
     use gk_models::roi_align::{roi_align, Roi, RoiAlignConfig};
-    if cfg.duet_region <= 0.0 && cfg.duet_align <= 0.0 {
-        return Ok(());
-    }
     let (gh, gw) = out.visual.grid;
     let n = out.visual.tokens.dim(1)?;
     let cells = out.visual.tokens.narrow(1, n - gh * gw, gh * gw)?; // [B, gh*gw, Cv] (no CLS)
@@ -285,9 +293,6 @@ pub fn duet_teacher_losses(
     };
     let region = roi_align(&cells, (gh, gw), &rois, &roi_cfg)?.mean(1)?; // [B, Cv]
     let zr = heads.region.forward(&region)?; // [B, P]
-    let zt = heads
-        .text
-        .forward(&masked_mean(&out.text.tokens, text_mask)?)?;
     if cfg.duet_region > 0.0 {
         parts.push(
             "kd_region",
@@ -297,12 +302,12 @@ pub fn duet_teacher_losses(
         parts.push(
             "kd_dtext",
             cfg.duet_region,
-            feature_loss(&zt, &teacher.text, FeatureLoss::Cosine)?,
+            feature_loss(zt, &teacher.text, FeatureLoss::Cosine)?,
         );
     }
     if cfg.duet_align > 0.0 {
         let scale = Tensor::new(teacher.scale as f32, zr.device())?;
-        parts.push("kd_align", cfg.duet_align, info_nce(&zr, &zt, &scale)?);
+        parts.push("kd_align", cfg.duet_align, info_nce(&zr, zt, &scale)?);
     }
     Ok(())
 }

@@ -12,7 +12,7 @@
 //! crops described by their labels (`objects.jsonl`), then reports zero-shot retrieval
 //! R@1/R@5 on the validation split.
 
-use crate::distill::{info_nce, l2_normalize};
+use crate::distill::info_nce;
 use crate::error::{io_err, Result, TrainError};
 use crate::init::seeded_var_builder;
 use crate::optim::{lr_factor, AdamW, Schedule};
@@ -23,7 +23,7 @@ use gk_box::Box4;
 use gk_data::image_io::{self, Normalize};
 use gk_data::tokenize::{self, TextTokenizer};
 use gk_models::clip::{ClipConfig, ClipModel, ClipTextConfig, ClipVisionConfig};
-use gk_models::nn::Activation;
+use gk_models::nn::{l2_normalize, Activation};
 use image::RgbImage;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;

@@ -6,7 +6,7 @@
 //! optimiser moments and `trainer_state.json` atomically, so `train` on an interrupted
 //! run continues exactly where the last checkpoint left off.
 
-use crate::distill::{duet_teacher_losses, epmvg_losses, DistillConfig, DistillHeads};
+use crate::distill::{distill_losses, DistillConfig, DistillHeads};
 use crate::error::{io_err, Result, TrainError};
 use crate::eval::{evaluate, EvalReport, GtBoxes};
 use crate::init::seeded_var_builder;
@@ -464,8 +464,7 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
             let mut parts = criterion(&cfg, &out, &batch.target)?;
             if let Some((d, heads, cache)) = &distill {
                 let teacher = cache.batch(train_loader.dataset(), &batch.indices)?;
-                epmvg_losses(d, heads, &out, &batch.text_mask, &teacher, &mut parts)?;
-                duet_teacher_losses(
+                distill_losses(
                     d,
                     heads,
                     &out,
