@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use gk_data::dataset::{check_record, resolve_image, Dataset, LoadOptions, Skipped};
-use gk_data::published::{self, Converted, DatasetKey};
+use gk_data::published::{self, Converted, DatasetKey, SourceFile};
 use gk_data::record::Record;
 use gk_data::refer::{self, ReferSource};
 use gk_data::{pth, sha256};
@@ -62,7 +62,6 @@ fn key(s: &str) -> Result<DatasetKey> {
 
 pub fn convert(a: ConvertArgs) -> Result<()> {
     let key = key(&a.dataset)?;
-    let mut sources = Vec::new();
     let mut conv = Converted::default();
     match a.from {
         SourceFormat::Transvg => {
@@ -102,7 +101,7 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
                 );
                 conv.records.extend(part.records);
                 conv.skipped.extend(part.skipped);
-                sources.push((f.clone(), sha256::hex(&bytes), bytes.len()));
+                conv.sources.push(SourceFile::of(f, &bytes));
             }
         }
         SourceFormat::Refer => {
@@ -117,10 +116,6 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
             let src = ReferSource::in_dir(&a.input, &split_by);
             let split = (a.split != "all").then_some(a.split.as_str());
             conv = refer::read(&src, split, a.skip_bad)?;
-            for f in [&src.refs, &src.instances] {
-                let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-                sources.push((f.clone(), sha256::hex(&bytes), bytes.len()));
-            }
         }
     }
     validate(&mut conv, a.skip_bad)?;
@@ -143,10 +138,10 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         "from": format!("{:?}", a.from).to_lowercase(),
         "dataset": key.key(),
         "split": a.split,
-        "sources": sources.iter().map(|(p, h, n)| serde_json::json!({"path": p, "sha256": h, "bytes": n})).collect::<Vec<_>>(),
+        "sources": conv.sources.iter().map(|f| serde_json::json!({"path": f.path, "sha256": f.sha256, "bytes": f.bytes})).collect::<Vec<_>>(),
         "rows": conv.records.len(),
         "skipped": conv.skipped.len(),
-        "skipped_rows": conv.skipped.iter().take(50).map(|s| serde_json::json!({"row": s.line, "reason": s.reason})).collect::<Vec<_>>(),
+        "skipped_rows": conv.skipped.iter().take(50).map(|s| serde_json::json!({"row": (s.line != NO_ROW).then_some(s.line), "reason": s.reason})).collect::<Vec<_>>(),
         "output_sha256": sha256::hex(text.as_bytes()),
         "groundkit": env!("CARGO_PKG_VERSION"),
     });
@@ -166,23 +161,24 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
     Ok(())
 }
 
+/// `Skipped::line` of a row dropped after conversion (a record, not a source row):
+/// written as `null` in the `.meta.json`.
+const NO_ROW: usize = usize::MAX;
+
 /// The canonical loader's checks (box inside a known image size, ...) on every row.
 fn validate(conv: &mut Converted, skip_bad: bool) -> Result<()> {
-    let mut bad = Vec::new();
-    for r in &conv.records {
-        if let Err(msg) = check_record(r, Path::new(""), false) {
-            if !skip_bad {
-                bail!("record {}: {msg}", r.id);
-            }
-            bad.push(Skipped {
-                line: usize::MAX,
+    let mut kept = Vec::with_capacity(conv.records.len());
+    for r in std::mem::take(&mut conv.records) {
+        match check_record(&r, Path::new(""), false) {
+            Ok(_) => kept.push(r),
+            Err(msg) if skip_bad => conv.skipped.push(Skipped {
+                line: NO_ROW,
                 reason: format!("record {}: {msg}", r.id),
-            });
+            }),
+            Err(msg) => bail!("record {}: {msg}", r.id),
         }
     }
-    conv.records
-        .retain(|r| check_record(r, Path::new(""), false).is_ok());
-    conv.skipped.extend(bad);
+    conv.records = kept;
     Ok(())
 }
 
@@ -213,7 +209,7 @@ fn check_images(conv: &mut Converted, root: &Path, skip_bad: bool) -> Result<()>
         );
     }
     conv.skipped.extend(missing.iter().map(|m| Skipped {
-        line: usize::MAX,
+        line: NO_ROW,
         reason: format!("image {m} is missing"),
     }));
     Ok(())

@@ -133,20 +133,18 @@ impl Value {
             Value::Bytes(b) => J::String(b.iter().map(|&c| char::from(c)).collect()),
             Value::List(v) | Value::Tuple(v) => J::Array(v.iter().map(Value::to_json).collect()),
             Value::Dict(items) => {
-                if items.iter().all(|(k, _)| k.as_str().is_some()) {
-                    J::Object(
-                        items
-                            .iter()
-                            .map(|(k, v)| (k.as_str().unwrap().to_string(), v.to_json()))
-                            .collect(),
-                    )
-                } else {
-                    J::Array(
+                let object: Option<serde_json::Map<String, J>> = items
+                    .iter()
+                    .map(|(k, v)| Some((k.as_str()?.to_string(), v.to_json())))
+                    .collect();
+                match object {
+                    Some(o) => J::Object(o),
+                    None => J::Array(
                         items
                             .iter()
                             .map(|(k, v)| J::Array(vec![k.to_json(), v.to_json()]))
                             .collect(),
-                    )
+                    ),
                 }
             }
             Value::Array(a) => array_json(&a.shape, &a.data),

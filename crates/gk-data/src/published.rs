@@ -144,12 +144,32 @@ impl DatasetKey {
     }
 }
 
-/// What one `.pth` list converted to.
+/// A file a conversion read, for its provenance record.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    pub path: std::path::PathBuf,
+    pub sha256: String,
+    pub bytes: usize,
+}
+
+impl SourceFile {
+    pub fn of(path: &Path, bytes: &[u8]) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            sha256: crate::sha256::hex(bytes),
+            bytes: bytes.len(),
+        }
+    }
+}
+
+/// What a conversion produced.
 #[derive(Debug, Default)]
 pub struct Converted {
     pub records: Vec<Record>,
     /// Rows skipped with `skip_bad` (row index and reason).
     pub skipped: Vec<Skipped>,
+    /// The files read (the reader hashes what it already holds in memory).
+    pub sources: Vec<SourceFile>,
 }
 
 /// Convert a decoded split list to records. `first_row` offsets the ids when several
@@ -277,10 +297,7 @@ fn convert_row(
     let xywh = source.xywh() || key == DatasetKey::Mixup;
     let raw = box_numbers(bbox)?;
     let xyxy = to_xyxy(raw, xywh)?;
-    extra.insert(
-        "bbox_raw".into(),
-        serde_json::to_value(raw).expect("finite numbers"),
-    );
+    extra.insert("bbox_raw".into(), serde_json::json!(raw));
     if key == DatasetKey::Mixup {
         extra.entry("source").or_insert_with(|| "coco".into());
     }
@@ -299,7 +316,7 @@ fn convert_row(
     })
 }
 
-/// Four finite numbers from a list, tuple or numpy array.
+/// Four numbers from a list, tuple or numpy array (checked by [`to_xyxy`]).
 pub fn box_numbers(v: &Value) -> std::result::Result<[f64; 4], String> {
     let nums: Vec<f64> = match v {
         Value::Array(a) => a.data.clone(),
@@ -314,18 +331,17 @@ pub fn box_numbers(v: &Value) -> std::result::Result<[f64; 4], String> {
             None => return Err(format!("box is a {}, not 4 numbers", v.type_name())),
         },
     };
-    let b: [f64; 4] = nums
-        .as_slice()
+    nums.as_slice()
         .try_into()
-        .map_err(|_| format!("box has {} numbers, not 4", nums.len()))?;
+        .map_err(|_| format!("box has {} numbers, not 4", nums.len()))
+}
+
+/// A source box to pixel xyxy (x2 = x + w, no +1), rejecting non-finite, negative or
+/// empty boxes: the one check of every published box.
+pub fn to_xyxy(b: [f64; 4], xywh: bool) -> std::result::Result<[f64; 4], String> {
     if b.iter().any(|c| !c.is_finite()) {
         return Err(format!("box {b:?} is not finite"));
     }
-    Ok(b)
-}
-
-/// A source box to pixel xyxy (x2 = x + w, no +1), rejecting negative or empty boxes.
-pub fn to_xyxy(b: [f64; 4], xywh: bool) -> std::result::Result<[f64; 4], String> {
     let xyxy = if xywh {
         [b[0], b[1], b[0] + b[2], b[1] + b[3]]
     } else {

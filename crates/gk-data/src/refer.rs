@@ -8,7 +8,7 @@
 use crate::dataset::Skipped;
 use crate::error::{DataError, Result};
 use crate::pickle::{self, Value};
-use crate::published::{box_numbers, to_xyxy, Converted};
+use crate::published::{to_xyxy, Converted, SourceFile};
 use crate::record::Record;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -53,10 +53,6 @@ struct Image {
     height: Option<u32>,
 }
 
-struct Ann {
-    bbox: [f64; 4],
-}
-
 fn json_err(path: &Path, msg: impl Into<String>) -> DataError {
     DataError::Format {
         path: path.to_path_buf(),
@@ -64,13 +60,11 @@ fn json_err(path: &Path, msg: impl Into<String>) -> DataError {
     }
 }
 
-fn load_instances(path: &Path) -> Result<(HashMap<i64, Image>, HashMap<i64, Ann>)> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+type Instances = (HashMap<i64, Image>, HashMap<i64, [f64; 4]>);
+
+fn load_instances(path: &Path, text: &str) -> Result<Instances> {
     let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| json_err(path, format!("not JSON: {e}")))?;
+        serde_json::from_str(text).map_err(|e| json_err(path, format!("not JSON: {e}")))?;
     let list = |k: &str| {
         v.get(k)
             .and_then(|x| x.as_array())
@@ -116,18 +110,24 @@ fn load_instances(path: &Path) -> Result<(HashMap<i64, Image>, HashMap<i64, Ann>
                 format!("annotations[{i}] (id {id}) has no 4-number bbox"),
             )
         })?;
-        anns.insert(id, Ann { bbox });
+        anns.insert(id, bbox);
     }
     Ok((images, anns))
 }
 
 /// Read one `split_by` of a refer folder; `split` keeps only that split (`None`: all).
 pub fn read(src: &ReferSource, split: Option<&str>, skip_bad: bool) -> Result<Converted> {
-    let (images, anns) = load_instances(&src.instances)?;
-    let bytes = std::fs::read(&src.refs).map_err(|source| DataError::Io {
-        path: src.refs.clone(),
-        source,
-    })?;
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| DataError::Io {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let instances = read(&src.instances)?;
+    let text =
+        std::str::from_utf8(&instances).map_err(|_| json_err(&src.instances, "not UTF-8 text"))?;
+    let (images, anns) = load_instances(&src.instances, text)?;
+    let bytes = read(&src.refs)?;
     let refs = pickle::loads(&bytes).map_err(|e| json_err(&src.refs, e.to_string()))?;
     let Some(refs) = refs.as_seq() else {
         return Err(json_err(
@@ -135,7 +135,13 @@ pub fn read(src: &ReferSource, split: Option<&str>, skip_bad: bool) -> Result<Co
             format!("holds a {}, not a list of refs", refs.type_name()),
         ));
     };
-    let mut out = Converted::default();
+    let mut out = Converted {
+        sources: vec![
+            SourceFile::of(&src.refs, &bytes),
+            SourceFile::of(&src.instances, &instances),
+        ],
+        ..Converted::default()
+    };
     for (i, r) in refs.iter().enumerate() {
         let rows = match ref_records(src, r, &images, &anns, split) {
             Ok(rows) => rows,
@@ -163,7 +169,7 @@ fn ref_records(
     src: &ReferSource,
     r: &Value,
     images: &HashMap<i64, Image>,
-    anns: &HashMap<i64, Ann>,
+    anns: &HashMap<i64, [f64; 4]>,
     want: Option<&str>,
 ) -> std::result::Result<Vec<Record>, String> {
     let int = |k: &str| match r.get(k) {
@@ -186,9 +192,7 @@ fn ref_records(
     let ann = anns
         .get(&ann_id)
         .ok_or_else(|| format!("ann_id {ann_id} is not in instances.json"))?;
-    let raw = box_numbers(&Value::List(
-        ann.bbox.iter().map(|&c| Value::Float(c)).collect(),
-    ))?;
+    let raw = *ann;
     let xyxy = to_xyxy(raw, true).map_err(|e| format!("ann_id {ann_id}: {e}"))?;
     let sentences = r
         .get("sentences")
@@ -215,10 +219,7 @@ fn ref_records(
         if let Some(c) = category_id {
             extra.insert("category_id".into(), c.into());
         }
-        extra.insert(
-            "bbox_raw".into(),
-            serde_json::to_value(raw).expect("finite numbers"),
-        );
+        extra.insert("bbox_raw".into(), serde_json::json!(raw));
         out.push(Record {
             id: format!("{}_{}/{split}/{sent_id}", src.dataset, src.split_by),
             dataset: src.dataset.clone(),

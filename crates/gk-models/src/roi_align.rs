@@ -31,35 +31,29 @@ pub struct Roi {
 }
 
 /// Bilinear weights of one sample point, torchvision's `bilinear_interpolate`.
-fn bilinear(h: usize, w: usize, mut y: f32, mut x: f32, weight: f32, row: &mut [f32]) {
-    let (hf, wf) = (h as f32, w as f32);
-    if y < -1.0 || y > hf || x < -1.0 || x > wf {
+fn bilinear(h: usize, w: usize, y: f32, x: f32, weight: f32, row: &mut [f32]) {
+    if y < -1.0 || y > h as f32 || x < -1.0 || x > w as f32 {
         return;
     }
-    y = y.max(0.0);
-    x = x.max(0.0);
-    let (mut y_low, mut x_low) = (y as usize, x as usize);
-    let (y_high, x_high);
-    if y_low >= h - 1 {
-        y_low = h - 1;
-        y_high = h - 1;
-        y = y_low as f32;
-    } else {
-        y_high = y_low + 1;
-    }
-    if x_low >= w - 1 {
-        x_low = w - 1;
-        x_high = w - 1;
-        x = x_low as f32;
-    } else {
-        x_high = x_low + 1;
-    }
-    let (ly, lx) = (y - y_low as f32, x - x_low as f32);
+    let (y_low, y_high, ly) = axis(y, h);
+    let (x_low, x_high, lx) = axis(x, w);
     let (hy, hx) = (1.0 - ly, 1.0 - lx);
     row[y_low * w + x_low] += weight * hy * hx;
     row[y_low * w + x_high] += weight * hy * lx;
     row[y_high * w + x_low] += weight * ly * hx;
     row[y_high * w + x_high] += weight * ly * lx;
+}
+
+/// One axis of torchvision's interpolation: the two neighbours of `v` (clamped into
+/// `0..size`, both the last index past the end) and the weight of the upper one.
+fn axis(v: f32, size: usize) -> (usize, usize, f32) {
+    let v = v.max(0.0);
+    let low = v as usize;
+    if low >= size - 1 {
+        (size - 1, size - 1, 0.0)
+    } else {
+        (low, low + 1, v - low as f32)
+    }
 }
 
 /// The interpolation rows of one box: `[PH * PW, H * W]`, row-major bins.

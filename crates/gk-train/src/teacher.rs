@@ -41,6 +41,16 @@ pub struct TeacherMeta {
     pub retrieval: Option<RetrievalReport>,
 }
 
+/// The `config.json` of a teacher folder.
+pub fn read_config(dir: &Path) -> Result<ClipConfig> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    serde_json::from_str(&text).map_err(|e| TrainError::Format {
+        path,
+        msg: format!("not a CLIP config: {e}"),
+    })
+}
+
 /// A frozen CLIP-style dual encoder.
 pub struct Teacher {
     pub model: ClipModel,
@@ -69,12 +79,7 @@ const CHUNK: usize = 64;
 impl Teacher {
     /// Loads a teacher folder (a Hugging Face CLIP folder, or one written by [`pretrain`]).
     pub fn open(dir: &Path, dev: &Device) -> Result<Self> {
-        let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
-        let cfg: ClipConfig = serde_json::from_str(&text).map_err(|e| TrainError::Format {
-            path: cfg_path.clone(),
-            msg: format!("not a CLIP config: {e}"),
-        })?;
+        let cfg = read_config(dir)?;
         let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
         if tok.vocab_size() > cfg.text_config.vocab_size {
             return Err(TrainError::Config(format!(
@@ -678,49 +683,46 @@ impl FeatureCache {
         // Image embeddings once per distinct image, text embeddings per record.
         let n = ds.records.len();
         let mut image_row = std::collections::HashMap::new();
-        let mut images = Vec::new();
+        let mut images: Vec<Vec<usize>> = Vec::new(); // records per distinct image
         let mut which = Vec::with_capacity(n);
         for (i, r) in ds.records.iter().enumerate() {
             let k = *image_row.entry(r.image.clone()).or_insert_with(|| {
-                images.push(i);
+                images.push(Vec::new());
                 images.len() - 1
             });
+            images[k].push(i);
             which.push(k as u32);
         }
-        let mut embeds = Vec::new();
-        let mut regions = vec![None; n];
+        let total = images.len() + n;
+        let (mut embeds, mut region_parts) = (Vec::new(), Vec::new());
+        let mut region_row = vec![0u32; n]; // record -> row of the concatenated regions
+        let mut next = 0u32;
         for (c, chunk) in images.chunks(CHUNK).enumerate() {
             let decoded: Vec<RgbImage> = chunk
                 .iter()
-                .map(|&i| ds.get(i).map(|s| s.image))
+                .map(|recs| ds.get(recs[0]).map(|s| s.image))
                 .collect::<std::result::Result<_, _>>()?;
             embeds.push(teacher.image_embeds(&decoded)?);
-            // the target regions of every record on these images
-            for (k, img) in decoded.iter().enumerate() {
-                let img_row = (c * CHUNK + k) as u32;
-                let recs: Vec<usize> = (0..n).filter(|&i| which[i] == img_row).collect();
+            // the target region of every record on these images
+            for (img, recs) in decoded.iter().zip(chunk) {
                 let boxes: Vec<Box4> = recs.iter().map(|&i| ds.records[i].bbox_xyxy).collect();
-                let e = teacher.region_embeds(img, &boxes)?;
-                for (j, &i) in recs.iter().enumerate() {
-                    regions[i] = Some(e.get(j)?);
+                region_parts.push(teacher.region_embeds(img, &boxes)?);
+                for &i in recs {
+                    region_row[i] = next;
+                    next += 1;
                 }
             }
-            progress((c + 1) * CHUNK.min(chunk.len()), images.len() + n);
+            progress(c * CHUNK + chunk.len(), total);
         }
         let image =
             Tensor::cat(&embeds, 0)?.index_select(&Tensor::from_vec(which, n, &teacher.dev)?, 0)?;
-        let region = Tensor::stack(
-            &regions
-                .into_iter()
-                .map(|r| r.expect("every record's image was embedded"))
-                .collect::<Vec<_>>(),
-            0,
-        )?;
+        let region = Tensor::cat(&region_parts, 0)?
+            .index_select(&Tensor::from_vec(region_row, n, &teacher.dev)?, 0)?;
         let mut texts = Vec::new();
         for (c, chunk) in ds.records.chunks(CHUNK).enumerate() {
             let t: Vec<&str> = chunk.iter().map(|r| r.expr.as_str()).collect();
             texts.push(teacher.text_embeds(&t)?);
-            progress(images.len() + (c * CHUNK + chunk.len()), images.len() + n);
+            progress(images.len() + c * CHUNK + chunk.len(), total);
         }
         let text = Tensor::cat(&texts, 0)?;
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;

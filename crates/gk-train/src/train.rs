@@ -7,7 +7,7 @@
 //! run continues exactly where the last checkpoint left off.
 
 use crate::distill::{distill_losses, DistillConfig, DistillHeads};
-use crate::error::{io_err, Result, TrainError};
+use crate::error::{Result, TrainError};
 use crate::eval::{evaluate, EvalReport, GtBoxes};
 use crate::init::seeded_var_builder;
 use crate::losses::{box_losses, dense_losses, BoxLossConfig, LossParts};
@@ -216,13 +216,7 @@ pub fn prepare(dir: &std::path::Path, mut cfg: RunConfig) -> Result<RunDir> {
     }
     if let Some(d) = &mut cfg.distill {
         // The student-side projections are sized by the teacher: read it now, check it at training.
-        let p = d.teacher.join("config.json");
-        let text = std::fs::read_to_string(&p).map_err(io_err(&p))?;
-        let clip: gk_models::clip::ClipConfig =
-            serde_json::from_str(&text).map_err(|e| TrainError::Format {
-                path: p.clone(),
-                msg: format!("not a CLIP config: {e}"),
-            })?;
+        let clip = crate::teacher::read_config(&d.teacher)?;
         d.teacher_dim = clip.projection_dim;
     }
     tok.inner()
