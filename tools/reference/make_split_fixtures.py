@@ -399,7 +399,7 @@ def _rect_poly(x, y, w, h):
 
 
 HIVG_TRAIN = [
-    ("COCO_train2014_000000000839.jpg", {"height": 480, "width": 640}, [303.58, 69.03, 293.29, 425.79],
+    ("COCO_train2014_000000000839.jpg", {"height": 500, "width": 640}, [303.58, 69.03, 293.29, 425.79],
      "guy flopping around on the right",
      [[310.5, 72.1, 590.3, 75.6, 596.8, 490.2, 305.0, 494.8, 303.58, 300.0]]),
     ("COCO_train2014_000000581857.jpg", {"height": 480, "width": 640}, [10.9, 20.9, 30.9, 40.9],
@@ -411,7 +411,7 @@ HIVG_TRAIN = [
 ]
 
 MIXUP_TRAIN = [  # stored order is shuffled across sources, as in HiVG's ref_data_shuffled
-    ("COCO_train2014_000000000839.jpg", {"height": 480, "width": 640}, [303.58, 69.03, 293.29, 425.79],
+    ("COCO_train2014_000000000839.jpg", {"height": 500, "width": 640}, [303.58, 69.03, 293.29, 425.79],
      "guy flopping around on the right", [_rect_poly(303.58, 69.03, 293.29, 425.79)]),
     ("1000092795.jpg", "flickr", np.array([12.5, 34.25, 144.2, 244.65], np.float32), "two young guys", None),
     ("12345.jpg", "referit", [10, 20, 100, 200], "man on left", []),
@@ -450,7 +450,7 @@ REFCOCO_REFS = [
 REFCOCO_INSTANCES = {
     "images": [
         {"id": 581857, "file_name": COCO_NAME % 581857, "height": 480, "width": 640},
-        {"id": 839, "file_name": COCO_NAME % 839, "height": 480, "width": 640},
+        {"id": 839, "file_name": COCO_NAME % 839, "height": 500, "width": 640},
         {"id": 123456, "file_name": COCO_NAME % 123456, "height": 640, "width": 480},
         {"id": 42, "file_name": COCO_NAME % 42, "height": 375, "width": 500},  # no ref uses it
     ],

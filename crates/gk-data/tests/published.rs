@@ -61,6 +61,9 @@ fn pth_rows_equal_the_python_loaders_rows() {
         assert_eq!(conv.records.len(), want.len(), "{file}");
         for (r, w) in conv.records.iter().zip(&want) {
             let at = format!("{file} row {}", w["row"]);
+            // what convert writes must load: the canonical loader's checks pass
+            gk_data::dataset::check_record(r, Path::new(""), false)
+                .unwrap_or_else(|e| panic!("{at}: {e}"));
             assert_eq!(strip_root(&r.image), w["image"].as_str().unwrap(), "{at}");
             assert_eq!(r.expr, w["expr"].as_str().unwrap(), "{at}");
             let raw: Vec<f64> = serde_json::from_value(r.extra["bbox_raw"].clone()).unwrap();
@@ -108,6 +111,8 @@ fn refer_rows_equal_the_refer_api_rows() {
         let want = expected(&src.refs);
         assert_eq!(conv.records.len(), want.len(), "{dir}");
         for (r, w) in conv.records.iter().zip(&want) {
+            gk_data::dataset::check_record(r, Path::new(""), false)
+                .unwrap_or_else(|e| panic!("{dir} {}: {e}", r.id));
             assert_eq!(strip_root(&r.image), w["image"].as_str().unwrap());
             assert_eq!(r.expr, w["expr"].as_str().unwrap());
             assert_eq!(r.split, w["split"].as_str().unwrap());
