@@ -3,7 +3,7 @@
 
 Run with the reference venv (see tools/reference/README.md):
 
-    .venv-ref/bin/python tools/reference/gen_fixtures.py [--only clip,bert,box,tok,roi,distill]
+    .venv-ref/bin/python tools/reference/gen_fixtures.py [--only clip,bert,box,tok,roi,distill,lora]
 
 Deterministic: every section re-seeds torch/numpy/random with 0 before it starts,
 so sections can be regenerated independently and give the same bytes.
@@ -565,8 +565,87 @@ def gen_distill() -> None:
     print("distill: ok " + " ".join(f"{k}={v.item():.5f}" for k, v in io.items() if k.endswith("_loss")))
 
 
+# --------------------------------------------------------------------------
+# LoRA on the tiny CLIP (HiVG's HiLoRA: stacked sets)
+# --------------------------------------------------------------------------
+class LoraLinear(torch.nn.Module):
+    """A base nn.Linear plus stacked LoRA sets: y = W x + b + sum_s (alpha_s / r_s) B_s A_s x
+    (peft's LoraLayer without dropout, the inference path)."""
+
+    def __init__(self, base: torch.nn.Linear):
+        super().__init__()
+        self.base = base
+        self.sets = []  # (name, A [r, in], B [out, r], scale)
+
+    def forward(self, x):
+        y = self.base(x)
+        for _, a, b, scale in self.sets:
+            y = y + scale * F.linear(F.linear(x, a), b)
+        return y
+
+
+def gen_clip_lora() -> None:
+    """Two LoRA sets on the tiny CLIP of clip_tiny/ (which must exist): s1 (rank 4, alpha 8)
+    on q_proj and v_proj, s2 (rank 2, alpha 6) on k_proj, self_attn.out_proj and fc1, in
+    both towers; B non-zero so that the sets matter. Writes clip_lora/lora.safetensors
+    (peft-style keys `<path>.lora_A.<set>.weight`), sets.json and io.safetensors."""
+    from transformers import CLIPModel
+
+    seed_everything(0)
+    model = CLIPModel.from_pretrained(str(FIXTURES / "clip_tiny"), attn_implementation="eager").eval()
+    sets = [dict(name="s1", rank=4, alpha=8.0, dropout=0.1, targets=["q_proj", "v_proj"]),
+            dict(name="s2", rank=2, alpha=6.0, dropout=0.0,
+                 targets=["k_proj", "self_attn.out_proj", "fc1"])]
+
+    def matches(path, targets):
+        return any(path == t or path.endswith("." + t) for t in targets)
+
+    g = torch.Generator().manual_seed(3)
+    lora_sd = {}
+    wrapped = 0
+    for path, mod in list(model.named_modules()):
+        if not isinstance(mod, torch.nn.Linear) or not path.split(".")[0] in ("vision_model", "text_model"):
+            continue
+        lin = LoraLinear(mod)
+        for c in sets:
+            if matches(path, c["targets"]):
+                a = torch.randn(c["rank"], mod.in_features, generator=g) * 0.3
+                b = torch.randn(mod.out_features, c["rank"], generator=g) * 0.3
+                lin.sets.append((c["name"], a, b, c["alpha"] / c["rank"]))
+                lora_sd[f"{path}.lora_A.{c['name']}.weight"] = a
+                lora_sd[f"{path}.lora_B.{c['name']}.weight"] = b
+        if lin.sets:
+            parent = model.get_submodule(path.rsplit(".", 1)[0])
+            setattr(parent, path.rsplit(".", 1)[1], lin)
+            wrapped += 1
+    assert wrapped == 2 * 2 * 5, wrapped  # 2 towers x 2 layers x (q, v, k, out, fc1)
+    io_in = load_io(FIXTURES / "clip_tiny" / "io.safetensors")
+    io = {}
+    with torch.no_grad():
+        vo = model.vision_model(pixel_values=io_in["pixel_values"])
+        to = model.text_model(input_ids=io_in["input_ids"], attention_mask=io_in["attention_mask"])
+        io["vision_last"] = vo.last_hidden_state
+        io["image_embeds"] = model.visual_projection(vo.pooler_output)
+        io["text_last"] = to.last_hidden_state
+        io["text_embeds"] = model.text_projection(to.pooler_output)
+        assert (io["image_embeds"] - io_in["image_embeds"]).abs().max() > 0.1, "LoRA changes nothing"
+    out = FIXTURES / "clip_lora"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in lora_sd.items()}, str(out / "lora.safetensors"),
+              metadata={"format": "pt"})
+    write_json(out / "sets.json", sets)
+    save_io(io, out / "io.safetensors")
+    print("clip_lora: ok", rel(out), len(lora_sd), "LoRA tensors")
+
+
+def load_io(path: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
 SECTIONS = {"clip": gen_clip_tiny, "bert": gen_bert_tiny, "box": gen_box,
-            "tok": gen_tokenizers, "roi": gen_roi, "distill": gen_distill}
+            "tok": gen_tokenizers, "roi": gen_roi, "distill": gen_distill,
+            "lora": gen_clip_lora}
 
 
 def main():

@@ -6,7 +6,7 @@
 
 use crate::report;
 use anyhow::{bail, Context, Result};
-use gk_train::distill::{DistillConfig, FeatureLoss};
+use gk_train::distill::{DistillConfig, FeatureLoss, SlaConfig};
 use gk_train::draw::{self, Bars};
 use gk_train::eval::GtBoxes;
 use gk_train::run::RunDir;
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Recipe {
-    /// Baseline vs EpmVG's terms (feature, cross-modal, both) and DUET's teacher term.
+    /// Baseline vs EpmVG's terms (feature, cross-modal, both) and DUET's (teacher, self, both).
     Distill,
 }
 
@@ -41,8 +41,8 @@ pub struct AblateArgs {
     /// Epochs at full data; a fraction f trains epochs / f epochs (the same number of steps).
     #[arg(long, default_value_t = 4)]
     pub epochs: usize,
-    /// Variants: baseline, epmvg-feature, epmvg-cross, epmvg, duet-teacher, epmvg+duet-teacher
-    /// (DUET's self-distillation is not in the trainer yet).
+    /// Variants: baseline, epmvg-feature, epmvg-cross, epmvg, duet-teacher, duet-self, duet
+    /// (teacher + self), epmvg+duet-teacher, epmvg+duet.
     #[arg(
         long,
         value_delimiter = ',',
@@ -51,27 +51,43 @@ pub struct AblateArgs {
     pub variants: Vec<String>,
 }
 
+/// The variants and what they turn on: EpmVG's feature and cross-modal terms, DUET's
+/// teacher terms (region + shared space) and its self-distillation (SLA region contrast).
+const VARIANTS: &[(&str, [f64; 4])] = &[
+    ("baseline", [0.0; 4]),
+    ("epmvg-feature", [1.0, 0.0, 0.0, 0.0]),
+    ("epmvg-cross", [0.0, 1.0, 0.0, 0.0]),
+    ("epmvg", [1.0, 1.0, 0.0, 0.0]),
+    ("duet-teacher", [0.0, 0.0, 1.0, 0.0]),
+    ("duet-self", [0.0, 0.0, 0.0, 1.0]),
+    ("duet", [0.0, 0.0, 1.0, 1.0]),
+    ("epmvg+duet-teacher", [1.0, 1.0, 1.0, 0.0]),
+    ("epmvg+duet", [1.0, 1.0, 1.0, 1.0]),
+];
+
 fn distill_for(variant: &str, teacher: &Path) -> Result<Option<DistillConfig>> {
-    let d = |feature: f64, cross: f64, duet: f64| DistillConfig {
+    let Some((_, [feature, cross, duet_teacher, duet_self])) =
+        VARIANTS.iter().find(|(name, _)| *name == variant)
+    else {
+        let names: Vec<&str> = VARIANTS.iter().map(|(n, _)| *n).collect();
+        bail!("unknown variant {variant} ({})", names.join(", "));
+    };
+    if variant == "baseline" {
+        return Ok(None);
+    }
+    Ok(Some(DistillConfig {
         teacher: teacher.to_path_buf(),
         teacher_dim: 0,
-        feature,
+        feature: *feature,
         feature_kind: FeatureLoss::Cosine,
-        cross,
+        cross: *cross,
         temperature: 2.0,
-        duet_region: duet,
-        duet_align: duet,
-    };
-    Ok(match variant {
-        "baseline" => None,
-        "epmvg-feature" => Some(d(1.0, 0.0, 0.0)),
-        "epmvg-cross" => Some(d(0.0, 1.0, 0.0)),
-        "epmvg" => Some(d(1.0, 1.0, 0.0)),
-        "duet-teacher" => Some(d(0.0, 0.0, 1.0)),
-        "epmvg+duet-teacher" => Some(d(1.0, 1.0, 1.0)),
-        v if v.starts_with("duet") => bail!("variant {v}: DUET's self-distillation (region contrast with SLA sampling) is not wired into the trainer yet (its RoIAlign and region loss are; see docs/methods.md)"),
-        v => bail!("unknown variant {v} (baseline, epmvg-feature, epmvg-cross, epmvg, duet-teacher, epmvg+duet-teacher)"),
-    })
+        duet_region: *duet_teacher,
+        duet_align: *duet_teacher,
+        duet_self: *duet_self,
+        sla: SlaConfig::default(),
+        live: false,
+    }))
 }
 
 /// Val and test splits of a run, Acc@0.5 per split name.

@@ -416,13 +416,14 @@ fn pretrain_teacher_and_ablate_distill() {
             variants,
         ])
     };
-    assert_clean_failure(&args("baseline,duet"), "DUET");
     assert_clean_failure(&args("baseline,nonsense"), "unknown variant");
-    let o = args("baseline,epmvg");
+    let o = args("baseline,epmvg,duet");
     assert!(o.status.success(), "{}", stderr(&o));
     let table = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert!(
-        table.contains("| 1 | baseline |") && table.contains("| 1 | epmvg |"),
+        table.contains("| 1 | baseline |")
+            && table.contains("| 1 | epmvg |")
+            && table.contains("| 1 | duet |"),
         "{table}"
     );
     assert!(out.join("ablation.png").is_file() && out.join("results.json").is_file());

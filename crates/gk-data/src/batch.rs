@@ -31,6 +31,10 @@ pub struct Batch {
     pub frames: Vec<Letterbox>,
     /// Dataset indices of the samples.
     pub indices: Vec<usize>,
+    /// The expressions as tokenised (after the transform's left/right swap).
+    pub exprs: Vec<String>,
+    /// Whether each sample's image was mirrored.
+    pub flipped: Vec<bool>,
 }
 
 impl Batch {
@@ -56,6 +60,7 @@ pub fn collate(
     let mut target = Vec::with_capacity(b * 4);
     let (mut pix, mut pm, mut frames, mut indices) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut exprs, mut flipped) = (Vec::with_capacity(b), Vec::with_capacity(b));
     for (i, p) in items {
         let enc = tok
             .encode(&p.expr, max_len)
@@ -67,6 +72,8 @@ pub fn collate(
         pm.push(p.mask);
         frames.push(p.frame);
         indices.push(i);
+        flipped.push(p.flipped);
+        exprs.push(p.expr);
     }
     let dev = pix
         .first()
@@ -80,6 +87,8 @@ pub fn collate(
         target: Tensor::from_vec(target, (b, 4), &dev)?,
         frames,
         indices,
+        exprs,
+        flipped,
     })
 }
 

@@ -82,7 +82,10 @@ pub struct Prepared {
     pub target: Box4,
     /// Maps model boxes back to the pixels of the image the transform received.
     pub frame: Letterbox,
+    /// The expression as the model sees it (left/right swapped when flipped).
     pub expr: String,
+    /// Whether the image was mirrored (region offsets defined on the original mirror too).
+    pub flipped: bool,
 }
 
 const SPATIAL: &[&str] = &[
@@ -211,7 +214,8 @@ pub fn apply(
     dev: &Device,
 ) -> Result<Prepared> {
     let mut s = sample;
-    if train && rng.random::<f32>() < cfg.flip {
+    let flipped = train && rng.random::<f32>() < cfg.flip;
+    if flipped {
         s = hflip(s);
     }
     if train && !has_spatial_words(&s.expr) && rng.random::<f32>() < cfg.crop {
@@ -255,6 +259,7 @@ pub fn apply(
         target,
         frame,
         expr: s.expr,
+        flipped,
     })
 }
 

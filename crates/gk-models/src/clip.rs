@@ -9,6 +9,7 @@
 //! layer's hidden state (HiVG reads intermediate layers). Checked against transformers on
 //! a tiny random model in `tests/clip_parity.rs`.
 
+use crate::lora::{self, LoraConfig, LoraLinear};
 use crate::nn::{self, Activation, LayerNorm};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
@@ -27,6 +28,9 @@ pub struct ClipVisionConfig {
     pub patch_size: usize,
     pub hidden_act: Activation,
     pub layer_norm_eps: f64,
+    /// LoRA sets on the tower's linear layers (ours; absent from Hugging Face configs).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lora: Vec<LoraConfig>,
 }
 
 impl Default for ClipVisionConfig {
@@ -47,6 +51,7 @@ impl ClipVisionConfig {
             patch_size: 32,
             hidden_act: Activation::QuickGelu,
             layer_norm_eps: 1e-5,
+            lora: Vec::new(),
         }
     }
     pub fn vit_base_patch16() -> Self {
@@ -98,6 +103,9 @@ pub struct ClipTextConfig {
     pub pad_token_id: u32,
     pub bos_token_id: u32,
     pub eos_token_id: u32,
+    /// LoRA sets on the tower's linear layers (ours; absent from Hugging Face configs).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lora: Vec<LoraConfig>,
 }
 
 impl Default for ClipTextConfig {
@@ -121,6 +129,7 @@ impl ClipTextConfig {
             pad_token_id: 1,
             bos_token_id: 49406,
             eos_token_id: 49407,
+            lora: Vec::new(),
         }
     }
     /// The text tower of ViT-L/14.
@@ -190,24 +199,35 @@ impl ClipConfig {
     }
 }
 
-/// `CLIPAttention`: q/k/v/out projections with bias.
+/// `CLIPAttention`: q/k/v/out projections with bias (each with the LoRA sets that target it).
 #[derive(Debug, Clone)]
 pub struct ClipAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    out_proj: LoraLinear,
     heads: usize,
 }
 
 impl ClipAttention {
-    pub fn new(vb: VarBuilder, dim: usize, heads: usize) -> Result<Self> {
+    pub fn new(vb: VarBuilder, dim: usize, heads: usize, lora: &[LoraConfig]) -> Result<Self> {
         Ok(Self {
-            q_proj: candle_nn::linear(dim, dim, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(dim, dim, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(dim, dim, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(dim, dim, vb.pp("out_proj"))?,
+            q_proj: lora::linear(dim, dim, vb.pp("q_proj"), lora)?,
+            k_proj: lora::linear(dim, dim, vb.pp("k_proj"), lora)?,
+            v_proj: lora::linear(dim, dim, vb.pp("v_proj"), lora)?,
+            out_proj: lora::linear(dim, dim, vb.pp("out_proj"), lora)?,
             heads,
+        })
+    }
+
+    /// LoRA folded into the projections.
+    pub fn merge_lora(&self) -> Result<Self> {
+        Ok(Self {
+            q_proj: self.q_proj.merge()?,
+            k_proj: self.k_proj.merge()?,
+            v_proj: self.v_proj.merge()?,
+            out_proj: self.out_proj.merge()?,
+            heads: self.heads,
         })
     }
 
@@ -226,17 +246,32 @@ impl ClipAttention {
 /// `CLIPMLP`: fc1 -> activation -> fc2.
 #[derive(Debug, Clone)]
 pub struct ClipMlp {
-    fc1: Linear,
-    fc2: Linear,
+    fc1: LoraLinear,
+    fc2: LoraLinear,
     act: Activation,
 }
 
 impl ClipMlp {
-    pub fn new(vb: VarBuilder, dim: usize, hidden: usize, act: Activation) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        dim: usize,
+        hidden: usize,
+        act: Activation,
+        lora: &[LoraConfig],
+    ) -> Result<Self> {
         Ok(Self {
-            fc1: candle_nn::linear(dim, hidden, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(hidden, dim, vb.pp("fc2"))?,
+            fc1: lora::linear(dim, hidden, vb.pp("fc1"), lora)?,
+            fc2: lora::linear(hidden, dim, vb.pp("fc2"), lora)?,
             act,
+        })
+    }
+
+    /// LoRA folded into the layers.
+    pub fn merge_lora(&self) -> Result<Self> {
+        Ok(Self {
+            fc1: self.fc1.merge()?,
+            fc2: self.fc2.merge()?,
+            act: self.act,
         })
     }
 }
@@ -265,12 +300,23 @@ impl ClipEncoderLayer {
         hidden: usize,
         act: Activation,
         eps: f64,
+        lora: &[LoraConfig],
     ) -> Result<Self> {
         Ok(Self {
-            self_attn: ClipAttention::new(vb.pp("self_attn"), dim, heads)?,
+            self_attn: ClipAttention::new(vb.pp("self_attn"), dim, heads, lora)?,
             layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), dim, eps)?,
-            mlp: ClipMlp::new(vb.pp("mlp"), dim, hidden, act)?,
+            mlp: ClipMlp::new(vb.pp("mlp"), dim, hidden, act, lora)?,
             layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), dim, eps)?,
+        })
+    }
+
+    /// The layer with its LoRA sets folded into the base weights.
+    pub fn merge_lora(&self) -> Result<Self> {
+        Ok(Self {
+            self_attn: self.self_attn.merge_lora()?,
+            layer_norm1: self.layer_norm1.clone(),
+            mlp: self.mlp.merge_lora()?,
+            layer_norm2: self.layer_norm2.clone(),
         })
     }
 
@@ -299,6 +345,7 @@ fn encoder_layers(
     hidden: usize,
     act: Activation,
     eps: f64,
+    lora: &[LoraConfig],
 ) -> Result<Vec<ClipEncoderLayer>> {
     (0..n)
         .map(|i| {
@@ -309,9 +356,15 @@ fn encoder_layers(
                 hidden,
                 act,
                 eps,
+                lora,
             )
         })
         .collect()
+}
+
+/// Every layer with its LoRA sets folded in (the config keeps no sets).
+fn merge_layers(layers: &[ClipEncoderLayer]) -> Result<Vec<ClipEncoderLayer>> {
+    layers.iter().map(ClipEncoderLayer::merge_lora).collect()
 }
 
 /// What a CLIP tower returns.
@@ -381,9 +434,23 @@ impl ClipVisionTransformer {
                 cfg.intermediate_size,
                 cfg.hidden_act,
                 cfg.layer_norm_eps,
+                &cfg.lora,
             )?,
             post_layernorm: LayerNorm::new(vb.pp("post_layernorm"), c, cfg.layer_norm_eps)?,
             cfg: cfg.clone(),
+        })
+    }
+
+    /// The tower with its LoRA sets folded into the base weights: the same outputs, the
+    /// cost of a plain CLIP.
+    pub fn merge_lora(&self) -> Result<Self> {
+        Ok(Self {
+            layers: merge_layers(&self.layers)?,
+            cfg: ClipVisionConfig {
+                lora: Vec::new(),
+                ..self.cfg.clone()
+            },
+            ..self.clone()
         })
     }
 
@@ -515,9 +582,22 @@ impl ClipTextTransformer {
                 cfg.intermediate_size,
                 cfg.hidden_act,
                 cfg.layer_norm_eps,
+                &cfg.lora,
             )?,
             final_layer_norm: LayerNorm::new(vb.pp("final_layer_norm"), c, cfg.layer_norm_eps)?,
             cfg: cfg.clone(),
+        })
+    }
+
+    /// The tower with its LoRA sets folded into the base weights.
+    pub fn merge_lora(&self) -> Result<Self> {
+        Ok(Self {
+            layers: merge_layers(&self.layers)?,
+            cfg: ClipTextConfig {
+                lora: Vec::new(),
+                ..self.cfg.clone()
+            },
+            ..self.clone()
         })
     }
 
@@ -631,6 +711,15 @@ impl ClipModel {
                 false,
             )?,
             logit_scale: vb.get_with_hints((), "logit_scale", candle_nn::Init::Const(2.6592))?,
+        })
+    }
+
+    /// Both towers with their LoRA sets folded into the base weights.
+    pub fn merge_lora(&self) -> Result<Self> {
+        Ok(Self {
+            vision: self.vision.merge_lora()?,
+            text: self.text.merge_lora()?,
+            ..self.clone()
         })
     }
 

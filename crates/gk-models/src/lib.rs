@@ -7,5 +7,6 @@ pub mod clip;
 pub mod convnet;
 pub mod fused;
 pub mod grounder;
+pub mod lora;
 pub mod nn;
 pub mod roi_align;

@@ -233,3 +233,56 @@ fn roi_align_matches_torchvision_forward_and_backward() {
         worst.0, worst.1
     );
 }
+
+/// The tiny CLIP with two stacked LoRA sets (`gen_fixtures.py --only lora`: s1 on q/v, s2 on
+/// k, the attention output and fc1, in both towers, B non-zero) against the same sets
+/// applied in torch; then the merged model (sets folded into the weights) against both.
+#[test]
+fn clip_with_stacked_lora_matches_torch_and_merges() {
+    let mut cfg: ClipConfig =
+        serde_json::from_str(&std::fs::read_to_string(fixture("clip_tiny/config.json")).unwrap())
+            .unwrap();
+    let sets: Vec<gk_models::lora::LoraConfig> =
+        serde_json::from_str(&std::fs::read_to_string(fixture("clip_lora/sets.json")).unwrap())
+            .unwrap();
+    cfg.vision_config.lora = sets.clone();
+    cfg.text_config.lora = sets;
+    let mut tensors = load("clip_tiny/model.safetensors");
+    let lora = load("clip_lora/lora.safetensors");
+    assert_eq!(lora.len(), 2 * 2 * 2 * 5, "A and B per targeted layer");
+    tensors.extend(lora);
+    let model = ClipModel::new(
+        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+        &cfg,
+    )
+    .unwrap();
+    let io = load("clip_tiny/io.safetensors");
+    let want = load("clip_lora/io.safetensors");
+    let ids = io["input_ids"].to_dtype(DType::U32).unwrap();
+    let run = |m: &ClipModel, tag: &str| {
+        let img = m.encode_image(&io["pixel_values"]).unwrap();
+        let txt = m.encode_text(&ids, Some(&io["attention_mask"])).unwrap();
+        check(
+            &format!("{tag} vision_last"),
+            &img.tower.last_hidden_state,
+            &want["vision_last"],
+        );
+        check(
+            &format!("{tag} image_embeds"),
+            &img.embeds,
+            &want["image_embeds"],
+        );
+        check(
+            &format!("{tag} text_last"),
+            &txt.tower.last_hidden_state,
+            &want["text_last"],
+        );
+        check(
+            &format!("{tag} text_embeds"),
+            &txt.embeds,
+            &want["text_embeds"],
+        );
+    };
+    run(&model, "lora");
+    run(&model.merge_lora().unwrap(), "merged");
+}

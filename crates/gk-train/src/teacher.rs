@@ -12,7 +12,9 @@
 //! crops described by their labels (`objects.jsonl`), then reports zero-shot retrieval
 //! R@1/R@5 on the validation split.
 
-use crate::distill::info_nce;
+use crate::distill::{
+    apply_offset, info_nce, mirror, sla_offsets, Offset, SlaBatch, TeacherBatch, SLA_CANDIDATES,
+};
 use crate::error::{io_err, Result, TrainError};
 use crate::init::seeded_var_builder;
 use crate::optim::{lr_factor, AdamW, Schedule};
@@ -161,6 +163,99 @@ impl Teacher {
         self.image_embeds(&crops)
     }
 
+    /// For records on one image (`targets` pixel xyxy, `texts` their text embeddings
+    /// `[R, P]`): the target regions' embeddings `[R, P]` and, when `offsets` are given (one
+    /// list per record), the teacher's `[R, 1 + K]` scores of the target crop (column 0) and
+    /// of each SLA candidate's crop against the record's expression.
+    pub fn regions_and_sla(
+        &self,
+        image: &RgbImage,
+        targets: &[Box4],
+        offsets: Option<&[Vec<Offset>]>,
+        texts: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let Some(offsets) = offsets else {
+            return Ok((self.region_embeds(image, targets)?, None));
+        };
+        let k = offsets.first().map_or(0, Vec::len);
+        let mut boxes = Vec::with_capacity(targets.len() * (k + 1));
+        for (t, offs) in targets.iter().zip(offsets) {
+            boxes.push(*t);
+            let c = gk_box::xyxy_to_cxcywh(*t);
+            boxes.extend(
+                offs.iter()
+                    .map(|&o| gk_box::cxcywh_to_xyxy(apply_offset(c, o))),
+            );
+        }
+        let r = targets.len();
+        let e = self
+            .region_embeds(image, &boxes)?
+            .reshape((r, k + 1, self.dim))?;
+        let scores = e.broadcast_mul(&texts.unsqueeze(1)?)?.sum(2)?; // [R, 1 + K]
+        Ok((e.narrow(1, 0, 1)?.squeeze(1)?, Some(scores)))
+    }
+
+    /// The teacher's embeddings of a training batch as the student sees it (augmented,
+    /// letterboxed, expressions after the flip's word swap): the live alternative to
+    /// [`FeatureCache`]. `pixels` were normalised with `norm`; `ids` are the records' ids
+    /// (they seed the SLA candidates when `sla`).
+    pub fn live_batch(
+        &self,
+        batch: &gk_data::batch::Batch,
+        ids: &[&str],
+        norm: &Normalize,
+        sla: bool,
+    ) -> Result<TeacherBatch> {
+        let images = unnormalize(&batch.pixels, norm)?;
+        let side = images.first().map_or(1, |im| im.width()) as f32;
+        let texts: Vec<&str> = batch.exprs.iter().map(String::as_str).collect();
+        let text = self.text_embeds(&texts)?;
+        let image = self.image_embeds(&images)?;
+        let targets = batch.target.to_vec2::<f32>()?;
+        let (mut regions, mut score_rows) = (Vec::new(), Vec::new());
+        let mut sla_batch = SlaBatch {
+            offsets: Vec::new(),
+            scores: Vec::new(),
+            target: Vec::new(),
+        };
+        for (i, im) in images.iter().enumerate() {
+            let t = gk_box::cxcywh_to_xyxy([
+                targets[i][0],
+                targets[i][1],
+                targets[i][2],
+                targets[i][3],
+            ]);
+            let t = [t[0] * side, t[1] * side, t[2] * side, t[3] * side];
+            let offs = vec![sla_offsets(ids[i])];
+            let (region, scores) = self.regions_and_sla(
+                im,
+                &[t],
+                sla.then_some(offs.as_slice()),
+                &text.narrow(0, i, 1)?,
+            )?;
+            regions.push(region);
+            if let Some(sc) = scores {
+                score_rows.push(sc);
+                sla_batch.offsets.extend(offs);
+            }
+        }
+        let sla = if sla {
+            let scores = Tensor::cat(&score_rows, 0)?.to_vec2::<f32>()?;
+            sla_batch.target = scores.iter().map(|r| r[0]).collect();
+            sla_batch.scores = scores.into_iter().map(|r| r[1..].to_vec()).collect();
+            Some(sla_batch)
+        } else {
+            None
+        };
+        Ok(TeacherBatch {
+            image,
+            text,
+            region: Tensor::cat(&regions, 0)?,
+            scale: f64::from(self.model.logit_scale()?.to_scalar::<f32>()?),
+            sla,
+        })
+    }
+
     /// `[N, L]` ids and mask of texts.
     fn encode(&self, texts: &[&str]) -> Result<(Tensor, Tensor)> {
         let l = self.meta.max_text_len;
@@ -190,6 +285,25 @@ impl Teacher {
         }
         Ok(Tensor::cat(&out, 0)?.detach())
     }
+}
+
+/// `[B, 3, S, S]` normalised pixels back to 8-bit images.
+fn unnormalize(pixels: &Tensor, norm: &Normalize) -> Result<Vec<RgbImage>> {
+    let (b, _, h, w) = pixels.dims4()?;
+    let mut out = Vec::with_capacity(b);
+    for i in 0..b {
+        let v = pixels.get(i)?.flatten_all()?.to_vec1::<f32>()?; // [3 * h * w], planar
+        let plane = h * w;
+        out.push(RgbImage::from_fn(w as u32, h as u32, |x, y| {
+            let at = y as usize * w + x as usize;
+            image::Rgb(std::array::from_fn(|c| {
+                ((v[c * plane + at] * norm.std[c] + norm.mean[c]) * 255.0)
+                    .round()
+                    .clamp(0.0, 255.0) as u8
+            }))
+        }));
+    }
+    Ok(out)
 }
 
 /// A square crop centred on `b` with a quarter of margin, grey outside the image: what the
@@ -262,6 +376,7 @@ impl PretrainConfig {
                 patch_size: 8,
                 hidden_act: Activation::QuickGelu,
                 layer_norm_eps: 1e-5,
+                lora: Vec::new(),
             },
             text_config: ClipTextConfig {
                 vocab_size,
@@ -276,6 +391,7 @@ impl PretrainConfig {
                 pad_token_id: 0,
                 bos_token_id: 2,
                 eos_token_id: 3,
+                lora: Vec::new(),
             },
             projection_dim: self.projection_dim,
         }
@@ -566,13 +682,16 @@ fn retrieval(t: &Teacher, pairs: &[Pair]) -> Result<Recall> {
 /// The teacher's embeddings of every record of a training set, kept on disk beside the
 /// teacher (`<teacher>/cache/<records key>.safetensors` + `.json`) so runs over the same
 /// data (seeds, ablations) compute them once. Whole, unaugmented images and the
-/// expressions as written; a cache made by another teacher or from other records is
-/// rebuilt, never used.
+/// expressions as written; with SLA, the teacher's scores of every record's candidate
+/// crops ([`sla_offsets`]) too. A cache made by another teacher or from other records is
+/// rebuilt, never used; one without SLA scores is rebuilt when they are needed.
 #[derive(Debug)]
 pub struct FeatureCache {
     image: Tensor,
     text: Tensor,
     region: Tensor,
+    /// `[N, 1 + K]`: target crop score, then the candidates' (present when built with SLA).
+    sla: Option<Tensor>,
     rows: std::collections::HashMap<String, usize>,
     /// The teacher's logit scale (`exp(logit_scale)`).
     pub scale: f64,
@@ -586,8 +705,8 @@ pub enum CacheStatus {
     Rebuilt(String),
 }
 
-/// Bumped when the cached tensors change (2: + target regions).
-const CACHE_VERSION: u32 = 2;
+/// Bumped when the cached tensors change (2: + target regions; 3: + SLA scores).
+const CACHE_VERSION: u32 = 3;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct CacheMeta {
@@ -595,6 +714,8 @@ struct CacheMeta {
     version: u32,
     teacher_id: String,
     records_key: String,
+    #[serde(default)]
+    sla: bool,
     ids: Vec<String>,
 }
 
@@ -608,12 +729,14 @@ pub fn records_key(ds: &gk_data::dataset::Dataset) -> String {
 }
 
 impl FeatureCache {
-    /// Loads the cache of `ds` for `teacher`, or computes and writes it.
+    /// Loads the cache of `ds` for `teacher`, or computes and writes it; `sla` asks for the
+    /// SLA candidate scores too.
     pub fn load_or_build(
         teacher: &Teacher,
         teacher_dir: &Path,
         ds: &gk_data::dataset::Dataset,
-        mut progress: impl FnMut(usize, usize),
+        sla: bool,
+        progress: impl FnMut(usize, usize),
     ) -> Result<(Self, CacheStatus)> {
         let key = records_key(ds);
         let dir = teacher_dir.join("cache");
@@ -622,65 +745,130 @@ impl FeatureCache {
             dir.join(format!("{}.json", &key[..16])),
         );
         let scale = f64::from(teacher.model.logit_scale()?.to_scalar::<f32>()?);
-        let mut status = CacheStatus::Built;
-        if meta_path.is_file() && tensors_path.is_file() {
-            let text = std::fs::read_to_string(&meta_path).map_err(io_err(&meta_path))?;
-            let meta: CacheMeta = serde_json::from_str(&text).map_err(|e| TrainError::Format {
-                path: meta_path.clone(),
-                msg: e.to_string(),
-            })?;
-            if meta.version != CACHE_VERSION {
-                status = CacheStatus::Rebuilt(format!(
-                    "cache format {} is not {CACHE_VERSION}",
-                    meta.version
-                ));
-            } else if meta.teacher_id != teacher.id {
-                status = CacheStatus::Rebuilt("the teacher's weights changed".into());
-            } else if meta.records_key != key {
-                status = CacheStatus::Rebuilt("the training records changed".into());
-            } else {
-                let t = read_safetensors(&tensors_path, &teacher.dev)?;
-                let (Some(image), Some(text), Some(region)) =
-                    (t.get("image"), t.get("text"), t.get("region"))
-                else {
-                    return Err(TrainError::Format {
-                        path: tensors_path,
-                        msg: "teacher cache without `image`/`text`/`region` tensors".into(),
-                    });
-                };
-                let want = [meta.ids.len(), teacher.dim];
-                if image.dims() != want || text.dims() != want || region.dims() != want {
-                    return Err(TrainError::Format {
-                        path: tensors_path,
-                        msg: format!(
-                            "teacher cache shapes {:?}/{:?}/{:?} do not fit {} rows of size {}",
-                            image.dims(),
-                            text.dims(),
-                            region.dims(),
-                            meta.ids.len(),
-                            teacher.dim
-                        ),
-                    });
-                }
-                let rows = meta
-                    .ids
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, id)| (id, i))
-                    .collect();
-                return Ok((
-                    Self {
-                        image: image.clone(),
-                        text: text.clone(),
-                        region: region.clone(),
-                        rows,
-                        scale,
-                    },
-                    CacheStatus::Hit,
-                ));
-            }
+        let status = match Self::read(teacher, &tensors_path, &meta_path, &key, sla, scale)? {
+            Ok(cache) => return Ok((cache, CacheStatus::Hit)),
+            Err(None) => CacheStatus::Built,
+            Err(Some(why)) => CacheStatus::Rebuilt(why),
+        };
+        let cache = Self::build(teacher, ds, sla, scale, progress)?;
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let tmp = tensors_path.with_extension("safetensors.tmp");
+        let mut tensors = std::collections::HashMap::from([
+            ("image".to_string(), cache.image.clone()),
+            ("text".to_string(), cache.text.clone()),
+            ("region".to_string(), cache.region.clone()),
+        ]);
+        if let Some(t) = &cache.sla {
+            tensors.insert("sla".to_string(), t.clone());
         }
-        // Image embeddings once per distinct image, text embeddings per record.
+        candle_core::safetensors::save(&tensors, &tmp)?;
+        std::fs::rename(&tmp, &tensors_path).map_err(io_err(&tensors_path))?;
+        let meta = CacheMeta {
+            version: CACHE_VERSION,
+            teacher_id: teacher.id.clone(),
+            records_key: key,
+            sla,
+            ids: ds.records.iter().map(|r| r.id.clone()).collect(),
+        };
+        write_atomic(
+            &meta_path,
+            serde_json::to_string(&meta)
+                .expect("meta serialises")
+                .as_bytes(),
+        )?;
+        Ok((cache, status))
+    }
+
+    /// The cache on disk if it is usable (`Ok`), else why not (`Err(None)`: there is none).
+    fn read(
+        teacher: &Teacher,
+        tensors_path: &Path,
+        meta_path: &Path,
+        key: &str,
+        sla: bool,
+        scale: f64,
+    ) -> Result<std::result::Result<Self, Option<String>>> {
+        if !(meta_path.is_file() && tensors_path.is_file()) {
+            return Ok(Err(None));
+        }
+        let text = std::fs::read_to_string(meta_path).map_err(io_err(meta_path))?;
+        let meta: CacheMeta = serde_json::from_str(&text).map_err(|e| TrainError::Format {
+            path: meta_path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        let why = if meta.version != CACHE_VERSION {
+            format!("cache format {} is not {CACHE_VERSION}", meta.version)
+        } else if meta.teacher_id != teacher.id {
+            "the teacher's weights changed".into()
+        } else if meta.records_key != key {
+            "the training records changed".into()
+        } else if sla && !meta.sla {
+            "the cache has no SLA scores".into()
+        } else {
+            String::new()
+        };
+        if !why.is_empty() {
+            return Ok(Err(Some(why)));
+        }
+        let t = read_safetensors(tensors_path, &teacher.dev)?;
+        let bad = |msg: String| TrainError::Format {
+            path: tensors_path.to_path_buf(),
+            msg,
+        };
+        let (Some(image), Some(text), Some(region)) =
+            (t.get("image"), t.get("text"), t.get("region"))
+        else {
+            return Err(bad(
+                "teacher cache without `image`/`text`/`region` tensors".into()
+            ));
+        };
+        let want = [meta.ids.len(), teacher.dim];
+        if image.dims() != want || text.dims() != want || region.dims() != want {
+            return Err(bad(format!(
+                "teacher cache shapes {:?}/{:?}/{:?} do not fit {} rows of size {}",
+                image.dims(),
+                text.dims(),
+                region.dims(),
+                meta.ids.len(),
+                teacher.dim
+            )));
+        }
+        let sla_t = match (meta.sla, t.get("sla")) {
+            (false, _) => None,
+            (true, Some(s)) if s.dims() == [meta.ids.len(), 1 + SLA_CANDIDATES] => Some(s.clone()),
+            (true, s) => {
+                return Err(bad(format!(
+                    "teacher cache SLA scores {:?} do not fit {} rows of {} candidates",
+                    s.map(|s| s.dims().to_vec()),
+                    meta.ids.len(),
+                    SLA_CANDIDATES
+                )))
+            }
+        };
+        Ok(Ok(Self {
+            image: image.clone(),
+            text: text.clone(),
+            region: region.clone(),
+            sla: sla_t,
+            rows: meta
+                .ids
+                .into_iter()
+                .enumerate()
+                .map(|(i, id)| (id, i))
+                .collect(),
+            scale,
+        }))
+    }
+
+    /// Computes the embeddings: text per record, image once per distinct image, target
+    /// regions (and SLA scores) per record on its image.
+    fn build(
+        teacher: &Teacher,
+        ds: &gk_data::dataset::Dataset,
+        sla: bool,
+        scale: f64,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
         let n = ds.records.len();
         let mut image_row = std::collections::HashMap::new();
         let mut images: Vec<Vec<usize>> = Vec::new(); // records per distinct image
@@ -694,7 +882,14 @@ impl FeatureCache {
             which.push(k as u32);
         }
         let total = images.len() + n;
-        let (mut embeds, mut region_parts) = (Vec::new(), Vec::new());
+        let mut texts = Vec::new();
+        for (c, chunk) in ds.records.chunks(CHUNK).enumerate() {
+            let t: Vec<&str> = chunk.iter().map(|r| r.expr.as_str()).collect();
+            texts.push(teacher.text_embeds(&t)?);
+            progress(c * CHUNK + chunk.len(), total);
+        }
+        let text = Tensor::cat(&texts, 0)?;
+        let (mut embeds, mut region_parts, mut sla_parts) = (Vec::new(), Vec::new(), Vec::new());
         let mut region_row = vec![0u32; n]; // record -> row of the concatenated regions
         let mut next = 0u32;
         for (c, chunk) in images.chunks(CHUNK).enumerate() {
@@ -703,71 +898,61 @@ impl FeatureCache {
                 .map(|recs| ds.get(recs[0]).map(|s| s.image))
                 .collect::<std::result::Result<_, _>>()?;
             embeds.push(teacher.image_embeds(&decoded)?);
-            // the target region of every record on these images
             for (img, recs) in decoded.iter().zip(chunk) {
                 let boxes: Vec<Box4> = recs.iter().map(|&i| ds.records[i].bbox_xyxy).collect();
-                region_parts.push(teacher.region_embeds(img, &boxes)?);
+                let offsets: Vec<Vec<Offset>> = recs
+                    .iter()
+                    .map(|&i| sla_offsets(&ds.records[i].id))
+                    .collect();
+                let idx: Vec<u32> = recs.iter().map(|&i| i as u32).collect();
+                let rec_text = text.index_select(&Tensor::new(idx.as_slice(), &teacher.dev)?, 0)?;
+                let (region, scores) = teacher.regions_and_sla(
+                    img,
+                    &boxes,
+                    sla.then_some(offsets.as_slice()),
+                    &rec_text,
+                )?;
+                region_parts.push(region);
+                sla_parts.extend(scores);
                 for &i in recs {
                     region_row[i] = next;
                     next += 1;
                 }
             }
-            progress(c * CHUNK + chunk.len(), total);
+            progress(n + c * CHUNK + chunk.len(), total);
         }
         let image =
             Tensor::cat(&embeds, 0)?.index_select(&Tensor::from_vec(which, n, &teacher.dev)?, 0)?;
-        let region = Tensor::cat(&region_parts, 0)?
-            .index_select(&Tensor::from_vec(region_row, n, &teacher.dev)?, 0)?;
-        let mut texts = Vec::new();
-        for (c, chunk) in ds.records.chunks(CHUNK).enumerate() {
-            let t: Vec<&str> = chunk.iter().map(|r| r.expr.as_str()).collect();
-            texts.push(teacher.text_embeds(&t)?);
-            progress(images.len() + c * CHUNK + chunk.len(), total);
-        }
-        let text = Tensor::cat(&texts, 0)?;
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let tmp = tensors_path.with_extension("safetensors.tmp");
-        candle_core::safetensors::save(
-            &std::collections::HashMap::from([
-                ("image".to_string(), image.clone()),
-                ("text".to_string(), text.clone()),
-                ("region".to_string(), region.clone()),
-            ]),
-            &tmp,
-        )?;
-        std::fs::rename(&tmp, &tensors_path).map_err(io_err(&tensors_path))?;
-        let ids: Vec<String> = ds.records.iter().map(|r| r.id.clone()).collect();
-        let meta = CacheMeta {
-            version: CACHE_VERSION,
-            teacher_id: teacher.id.clone(),
-            records_key: key,
-            ids: ids.clone(),
+        let rows = Tensor::from_vec(region_row, n, &teacher.dev)?;
+        let region = Tensor::cat(&region_parts, 0)?.index_select(&rows, 0)?;
+        let sla = if sla {
+            Some(Tensor::cat(&sla_parts, 0)?.index_select(&rows, 0)?)
+        } else {
+            None
         };
-        write_atomic(
-            &meta_path,
-            serde_json::to_string(&meta)
-                .expect("meta serialises")
-                .as_bytes(),
-        )?;
-        let rows = ids.into_iter().enumerate().map(|(i, id)| (id, i)).collect();
-        Ok((
-            Self {
-                image,
-                text,
-                region,
-                rows,
-                scale,
-            },
-            status,
-        ))
+        Ok(Self {
+            image,
+            text,
+            region,
+            sla,
+            rows: ds
+                .records
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.id.clone(), i))
+                .collect(),
+            scale,
+        })
     }
 
-    /// The cached embeddings of dataset records `indices`.
+    /// The cached embeddings of dataset records `indices`; `flipped` (per sample, when the
+    /// run uses SLA) mirrors the candidates' offsets to the frame the student sees.
     pub fn batch(
         &self,
         ds: &gk_data::dataset::Dataset,
         indices: &[usize],
-    ) -> Result<crate::distill::TeacherBatch> {
+        flipped: Option<&[bool]>,
+    ) -> Result<TeacherBatch> {
         let mut rows = Vec::with_capacity(indices.len());
         for &i in indices {
             let id = &ds.records[i].id;
@@ -779,11 +964,69 @@ impl FeatureCache {
             rows.push(*r as u32);
         }
         let idx = Tensor::from_vec(rows, indices.len(), self.image.device())?;
-        Ok(crate::distill::TeacherBatch {
+        let sla = match (flipped, &self.sla) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(TrainError::Config(
+                    "the teacher cache was built without SLA scores".into(),
+                ))
+            }
+            (Some(flipped), Some(sla)) => {
+                let scores = sla.index_select(&idx, 0)?.to_vec2::<f32>()?;
+                Some(SlaBatch {
+                    offsets: indices
+                        .iter()
+                        .zip(flipped)
+                        .map(|(&i, &f)| {
+                            let o = sla_offsets(&ds.records[i].id);
+                            if f {
+                                o.into_iter().map(mirror).collect()
+                            } else {
+                                o
+                            }
+                        })
+                        .collect(),
+                    target: scores.iter().map(|r| r[0]).collect(),
+                    scores: scores.into_iter().map(|r| r[1..].to_vec()).collect(),
+                })
+            }
+        };
+        Ok(TeacherBatch {
             image: self.image.index_select(&idx, 0)?,
             text: self.text.index_select(&idx, 0)?,
             region: self.region.index_select(&idx, 0)?,
             scale: self.scale,
+            sla,
         })
+    }
+}
+
+/// Where a run's teacher embeddings come from: the feature cache of the unaugmented data,
+/// or the teacher itself on every augmented batch (`[distill] live = true`).
+#[derive(Debug)]
+pub enum TeacherFeatures {
+    Cached(FeatureCache),
+    Live { teacher: Teacher, norm: Normalize },
+}
+
+impl TeacherFeatures {
+    /// The teacher's side of one training batch; `sla` asks for the SLA inputs.
+    pub fn batch(
+        &self,
+        ds: &gk_data::dataset::Dataset,
+        batch: &gk_data::batch::Batch,
+        sla: bool,
+    ) -> Result<TeacherBatch> {
+        match self {
+            Self::Cached(c) => c.batch(ds, &batch.indices, sla.then_some(batch.flipped.as_slice())),
+            Self::Live { teacher, norm } => {
+                let ids: Vec<&str> = batch
+                    .indices
+                    .iter()
+                    .map(|&i| ds.records[i].id.as_str())
+                    .collect();
+                teacher.live_batch(batch, &ids, norm, sla)
+            }
+        }
     }
 }

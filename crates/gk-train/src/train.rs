@@ -13,7 +13,7 @@ use crate::init::seeded_var_builder;
 use crate::losses::{box_losses, dense_losses, BoxLossConfig, LossParts};
 use crate::optim::{lr_factor, AdamW, ParamGroup, Schedule};
 use crate::run::RunDir;
-use crate::teacher::{CacheStatus, FeatureCache, Teacher};
+use crate::teacher::{CacheStatus, FeatureCache, Teacher, TeacherFeatures};
 use candle_core::Device;
 use candle_nn::VarMap;
 use gk_data::batch::{Loader, LoaderConfig};
@@ -252,6 +252,7 @@ pub fn load_run(run: &RunDir, weights: Option<&str>, dev: &Device) -> Result<Loa
             vb.pp("distill"),
             cfg.model.visual_dim(),
             cfg.model.text_dim(),
+            cfg.model.fusion.hidden,
             d.teacher_dim,
         )?),
         None => None,
@@ -379,12 +380,25 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
                     d.teacher_dim
                 )));
             }
-            let (cache, status) =
-                FeatureCache::load_or_build(&teacher, &d.teacher, &train_ds, |_, _| {})?;
-            if opts.progress || matches!(status, CacheStatus::Rebuilt(_)) {
-                eprintln!("teacher features of the training set: {status:?}");
-            }
-            Some((d.clone(), heads, cache))
+            let features = if d.live {
+                TeacherFeatures::Live {
+                    teacher,
+                    norm: cfg.optim.augment.normalize,
+                }
+            } else {
+                let (cache, status) = FeatureCache::load_or_build(
+                    &teacher,
+                    &d.teacher,
+                    &train_ds,
+                    d.duet_self > 0.0,
+                    |_, _| {},
+                )?;
+                if opts.progress || matches!(status, CacheStatus::Rebuilt(_)) {
+                    eprintln!("teacher features of the training set: {status:?}");
+                }
+                TeacherFeatures::Cached(cache)
+            };
+            Some((d.clone(), heads, features))
         }
         _ => None,
     };
@@ -456,8 +470,8 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
                 });
             }
             let mut parts = criterion(&cfg, &out, &batch.target)?;
-            if let Some((d, heads, cache)) = &distill {
-                let teacher = cache.batch(train_loader.dataset(), &batch.indices)?;
+            if let Some((d, heads, features)) = &distill {
+                let teacher = features.batch(train_loader.dataset(), &batch, d.duet_self > 0.0)?;
                 distill_losses(
                     d,
                     heads,

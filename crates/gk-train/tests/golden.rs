@@ -122,7 +122,7 @@ fn distillation_losses_match_torch() {
         (
             "region",
             "anchor",
-            Box::new(|x| region_info_nce(x, &g["cands"], &g["pos"], tau).unwrap()),
+            Box::new(|x| region_info_nce(x, &g["cands"], &g["pos"], None, tau).unwrap()),
         ),
     ];
     let mut worst = (0f32, 0f32);

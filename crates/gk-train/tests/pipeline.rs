@@ -229,7 +229,7 @@ fn teacher_pretrains_loads_and_embeds() {
 /// reuses the cache, rebuilds it when the teacher changes, and refuses a teacher whose
 /// embedding size differs from the one the run was prepared for.
 #[test]
-fn epmvg_distillation_trains_from_a_cached_teacher() {
+fn distillation_trains_from_a_cached_and_a_live_teacher() {
     use gk_train::distill::DistillConfig;
     use gk_train::teacher::{pretrain, PretrainConfig};
     let dir = tempfile::tempdir().unwrap();
@@ -259,6 +259,9 @@ fn epmvg_distillation_trains_from_a_cached_teacher() {
         temperature: 2.0,
         duet_region: 1.0,
         duet_align: 1.0,
+        duet_self: 1.0,
+        sla: Default::default(),
+        live: false,
     });
     let run = train::prepare(&dir.path().join("run"), cfg.clone()).unwrap();
     let prepared: gk_train::train::RunConfig = run.load_config().unwrap();
@@ -275,16 +278,16 @@ fn epmvg_distillation_trains_from_a_cached_teacher() {
     // resume to the end: strict loads of the checkpoint include distill.*
     train::train(&run, &TrainOptions::default()).unwrap();
     let metrics = std::fs::read_to_string(run.file("metrics.jsonl")).unwrap();
-    for kd in [
-        "kd_visual",
-        "kd_text",
-        "kd_cross",
-        "kd_region",
-        "kd_dtext",
-        "kd_align",
-    ] {
+    for kd in gk_train::distill::TERMS {
         assert!(metrics.contains(&format!("\"{kd}\"")), "{kd} not logged");
     }
+    // the live teacher (embeddings of the augmented batch, no cache) trains the same terms
+    let mut live = cfg.clone();
+    live.distill.as_mut().unwrap().live = true;
+    let run_live = train::prepare(&dir.path().join("run_live"), live).unwrap();
+    train::train(&run_live, &TrainOptions::default()).unwrap();
+    let metrics = std::fs::read_to_string(run_live.file("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"kd_self\"") && metrics.contains("\"kd_region\""));
     // evaluation and prediction load the distilled run
     gk_train::train::load_run(&run, Some("best.safetensors"), &Device::Cpu).unwrap();
     // a changed teacher: its cache is rebuilt (the run itself refuses a new embedding size)
@@ -297,13 +300,27 @@ fn epmvg_distillation_trains_from_a_cached_teacher() {
     let ds = gk_data::dataset::Dataset::load(&data.join("train.jsonl"), None, &Default::default())
         .unwrap();
     let (_, status) =
-        gk_train::teacher::FeatureCache::load_or_build(&t2, &teacher, &ds, |_, _| {}).unwrap();
+        gk_train::teacher::FeatureCache::load_or_build(&t2, &teacher, &ds, false, |_, _| {})
+            .unwrap();
     assert!(
         matches!(status, gk_train::teacher::CacheStatus::Rebuilt(ref why) if why.contains("teacher")),
         "{status:?}"
     );
     let (_, status) =
-        gk_train::teacher::FeatureCache::load_or_build(&t2, &teacher, &ds, |_, _| {}).unwrap();
+        gk_train::teacher::FeatureCache::load_or_build(&t2, &teacher, &ds, false, |_, _| {})
+            .unwrap();
+    assert_eq!(status, gk_train::teacher::CacheStatus::Hit);
+    // a cache without SLA scores is rebuilt when they are needed; one with them serves both
+    let (_, status) =
+        gk_train::teacher::FeatureCache::load_or_build(&t2, &teacher, &ds, true, |_, _| {})
+            .unwrap();
+    assert!(
+        matches!(status, gk_train::teacher::CacheStatus::Rebuilt(ref why) if why.contains("SLA")),
+        "{status:?}"
+    );
+    let (_, status) =
+        gk_train::teacher::FeatureCache::load_or_build(&t2, &teacher, &ds, false, |_, _| {})
+            .unwrap();
     assert_eq!(status, gk_train::teacher::CacheStatus::Hit);
     let mut c: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(teacher.join("config.json")).unwrap())
