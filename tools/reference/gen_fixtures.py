@@ -3,7 +3,7 @@
 
 Run with the reference venv (see tools/reference/README.md):
 
-    .venv-ref/bin/python tools/reference/gen_fixtures.py [--only clip,bert,box,tok,roi,distill,lora]
+    .venv-ref/bin/python tools/reference/gen_fixtures.py [--only clip,bert,box,tok,roi,distill,lora,swin]
 
 Deterministic: every section re-seeds torch/numpy/random with 0 before it starts,
 so sections can be regenerated independently and give the same bytes.
@@ -638,6 +638,66 @@ def gen_clip_lora() -> None:
     print("clip_lora: ok", rel(out), len(lora_sd), "LoRA tensors")
 
 
+# --------------------------------------------------------------------------
+# tiny Swin (QRNet's backbone), saved in the Hub's classic key layout
+# --------------------------------------------------------------------------
+SWIN_CLASSIC = [  # transformers-5 name fragment -> the name in Hub checkpoints
+    (".attention.q_proj.", ".attention.self.query."),
+    (".attention.k_proj.", ".attention.self.key."),
+    (".attention.v_proj.", ".attention.self.value."),
+    (".attention.o_proj.", ".attention.output.dense."),
+    (".attention.relative_position_bias.relative_position_bias_table",
+     ".attention.self.relative_position_bias_table"),
+    (".mlp.fc1.", ".intermediate.dense."),
+    (".mlp.fc2.", ".output.dense."),
+]
+
+
+def gen_swin_tiny() -> None:
+    """A 3-stage Swin (embed 12, depths 2/2/2, heads 2/3/6, MLP ratio 2, window 4, patch 4) on 56x56
+    (grids 14, 7, 4: padded and shifted windows, an odd merge, a stage of one window) and on
+    50x60 (the patch embedding pads too). Writes swin_tiny/{config.json, model.safetensors,
+    io.safetensors}: every stage's output before merging ([B, H*W, C]), the final
+    layer-normed sequence and the pooled output."""
+    from transformers import SwinConfig, SwinModel
+
+    seed_everything(0)
+    cfg = SwinConfig(image_size=56, patch_size=4, num_channels=3, embed_dim=12, depths=[2, 2, 2],
+                     num_heads=[2, 3, 6], window_size=4, mlp_ratio=2.0, qkv_bias=True,
+                     hidden_act="gelu", layer_norm_eps=1e-5, drop_path_rate=0.0)
+    cfg._attn_implementation = "eager"
+    model = SwinModel(cfg).eval()
+    big_init(model)
+    out_dir = FIXTURES / "swin_tiny"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.to_json_file(str(out_dir / "config.json"))
+    sd = {}
+    for k, v in model.state_dict().items():
+        for new, old in SWIN_CLASSIC:
+            k = k.replace(new, old)
+        sd[k] = v.detach().contiguous().clone()
+    assert not any("q_proj" in k or "o_proj" in k or ".mlp." in k for k in sd), sorted(sd)
+    save_file(sd, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+
+    g = torch.Generator().manual_seed(5)
+    io = {}
+    with torch.no_grad():
+        for tag, (h, w) in (("", (56, 56)), ("_odd", (50, 60))):
+            pv = torch.randn(2, 3, h, w, generator=g)
+            io[f"pixel_values{tag}"] = pv
+            emb, dims = model.embeddings(pv)
+            enc = model.encoder(emb, dims, output_hidden_states=True,
+                                output_hidden_states_before_downsampling=True)
+            for i, st in enumerate(enc.reshaped_hidden_states[1:]):
+                io[f"stage{i}{tag}"] = st.flatten(2).transpose(1, 2)  # [B, H*W, C]
+            full = model(pixel_values=pv)
+            io[f"last{tag}"] = full.last_hidden_state
+            io[f"pooled{tag}"] = full.pooler_output
+            assert close(model.layernorm(enc.last_hidden_state), full.last_hidden_state)
+    save_io(io, out_dir / "io.safetensors")
+    print("swin_tiny: ok", rel(out_dir), {k: tuple(v.shape) for k, v in io.items() if k.startswith("stage")})
+
+
 def load_io(path: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(path))
@@ -645,7 +705,7 @@ def load_io(path: Path) -> dict:
 
 SECTIONS = {"clip": gen_clip_tiny, "bert": gen_bert_tiny, "box": gen_box,
             "tok": gen_tokenizers, "roi": gen_roi, "distill": gen_distill,
-            "lora": gen_clip_lora}
+            "lora": gen_clip_lora, "swin": gen_swin_tiny}
 
 
 def main():

@@ -10,3 +10,4 @@ pub mod grounder;
 pub mod lora;
 pub mod nn;
 pub mod roi_align;
+pub mod swin;

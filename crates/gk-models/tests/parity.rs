@@ -1,4 +1,4 @@
-//! CLIP and BERT against transformers 5.23 on tiny random models.
+//! CLIP (with and without LoRA), BERT and Swin against transformers 5.23 on tiny random models.
 //!
 //! Fixtures: `tools/reference/gen_fixtures.py` (tiny `CLIPModel` / `BertModel`, random
 //! weights with std 0.2, saved in HF layout with their inputs and every hidden state).
@@ -285,4 +285,34 @@ fn clip_with_stacked_lora_matches_torch_and_merges() {
     };
     run(&model, "lora");
     run(&model.merge_lora().unwrap(), "merged");
+}
+
+/// Swin against transformers 5.23 (`gen_fixtures.py --only swin`: 3 stages, window 4, on
+/// 56x56 and 50x60 inputs, so padded, shifted and single windows, odd merges and a padded
+/// patch embedding all occur). Weights in the Hub's classic key layout.
+#[test]
+fn swin_tiny_matches_transformers() {
+    use gk_models::swin::{Swin, SwinConfig};
+    let cfg: SwinConfig =
+        serde_json::from_str(&std::fs::read_to_string(fixture("swin_tiny/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg, SwinConfig::tiny());
+    let swin = Swin::new(vb("swin_tiny/model.safetensors"), &cfg).unwrap();
+    let io = load("swin_tiny/io.safetensors");
+    for tag in ["", "_odd"] {
+        let out = swin.forward(&io[&format!("pixel_values{tag}")]).unwrap();
+        for (i, s) in out.stages.iter().enumerate() {
+            check(&format!("stage{i}{tag}"), s, &io[&format!("stage{i}{tag}")]);
+        }
+        check(
+            &format!("last{tag}"),
+            &out.last_hidden_state,
+            &io[&format!("last{tag}")],
+        );
+        check(
+            &format!("pooled{tag}"),
+            &out.pooled,
+            &io[&format!("pooled{tag}")],
+        );
+    }
 }
