@@ -1,11 +1,13 @@
-//! `groundkit ablate --recipe distill`: the distillation ablation on the embedded
-//! benchmark. Every variant x data fraction x seed is one ordinary run under
+//! `groundkit ablate --recipe distill|qrnet`: the distillation ablation and QRNet's
+//! (against the demo model; without its channel gate, spatial gate or query-aware neck)
+//! on the embedded benchmark. Every variant x data fraction x seed is one ordinary run under
 //! `<out>/runs/` (finished runs are reused with their scores, interrupted ones resumed), evaluated on val and
 //! the test splits; the table (mean and std over seeds) goes to `<out>/results.md` and
 //! `results.json`, the bar chart to `<out>/ablation.png`. Runs evaluate once, at the end.
 
 use crate::report;
 use anyhow::{bail, Context, Result};
+use gk_models::grounder::{GrounderConfig, VisualConfig};
 use gk_train::distill::{DistillConfig, FeatureLoss, SlaConfig};
 use gk_train::draw::{self, Bars};
 use gk_train::eval::GtBoxes;
@@ -17,6 +19,17 @@ use std::path::{Path, PathBuf};
 pub enum Recipe {
     /// Baseline vs EpmVG's terms (feature, cross-modal, both) and DUET's (teacher, self, both).
     Distill,
+    /// The demo model vs QRNet-tiny and QRNet without its channel gate, spatial gate, neck.
+    Qrnet,
+}
+
+impl Recipe {
+    fn default_variants(self) -> &'static str {
+        match self {
+            Recipe::Distill => "baseline,epmvg,duet-teacher,duet-self,duet",
+            Recipe::Qrnet => "baseline,qrnet,qrnet-no-channel,qrnet-no-spatial,qrnet-no-neck",
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -26,9 +39,10 @@ pub struct AblateArgs {
     /// A benchmark folder written by `groundkit synth`.
     #[arg(long)]
     pub data: PathBuf,
-    /// The teacher folder (`groundkit pretrain-teacher` or a Hugging Face CLIP).
+    /// The teacher folder (`groundkit pretrain-teacher` or a Hugging Face CLIP); the
+    /// distill recipe needs it.
     #[arg(long)]
-    pub teacher: PathBuf,
+    pub teacher: Option<PathBuf>,
     /// Output folder (runs, table, chart).
     #[arg(long)]
     pub out: PathBuf,
@@ -41,13 +55,11 @@ pub struct AblateArgs {
     /// Epochs at full data; a fraction f trains epochs / f epochs (the same number of steps).
     #[arg(long, default_value_t = 4)]
     pub epochs: usize,
-    /// Variants: baseline, epmvg-feature, epmvg-cross, epmvg, duet-teacher, duet-self, duet
-    /// (teacher + self), epmvg+duet-teacher, epmvg+duet.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "baseline,epmvg-feature,epmvg-cross,epmvg"
-    )]
+    /// Variants. distill: baseline, epmvg-feature, epmvg-cross, epmvg, duet-teacher,
+    /// duet-self, duet (teacher + self), epmvg+duet-teacher, epmvg+duet (default: baseline,
+    /// epmvg, duet-teacher, duet-self, duet). qrnet: baseline, qrnet, qrnet-no-channel,
+    /// qrnet-no-spatial, qrnet-no-neck (default: all).
+    #[arg(long, value_delimiter = ',')]
     pub variants: Vec<String>,
 }
 
@@ -64,6 +76,42 @@ const VARIANTS: &[(&str, [f64; 4])] = &[
     ("epmvg+duet-teacher", [1.0, 1.0, 1.0, 0.0]),
     ("epmvg+duet", [1.0, 1.0, 1.0, 1.0]),
 ];
+
+const QRNET_VARIANTS: &[&str] = &[
+    "baseline",
+    "qrnet",
+    "qrnet-no-channel",
+    "qrnet-no-spatial",
+    "qrnet-no-neck",
+];
+
+/// Sets `cfg` up as `variant` of the recipe (an error names the known variants).
+fn apply_variant(a: &AblateArgs, variant: &str, cfg: &mut RunConfig) -> Result<()> {
+    match a.recipe {
+        Recipe::Distill => {
+            let teacher = a
+                .teacher
+                .as_deref()
+                .context("--recipe distill needs --teacher DIR")?;
+            cfg.distill = distill_for(variant, teacher)?;
+        }
+        Recipe::Qrnet => {
+            if !QRNET_VARIANTS.contains(&variant) {
+                bail!("unknown variant {variant} ({})", QRNET_VARIANTS.join(", "));
+            }
+            if variant != "baseline" {
+                let mut model = GrounderConfig::qrnet_synth();
+                if let VisualConfig::QrNet(q) = &mut model.visual {
+                    q.channel = variant != "qrnet-no-channel";
+                    q.spatial = variant != "qrnet-no-spatial";
+                    q.neck = variant != "qrnet-no-neck";
+                }
+                cfg.model = model;
+            }
+        }
+    }
+    Ok(())
+}
 
 fn distill_for(variant: &str, teacher: &Path) -> Result<Option<DistillConfig>> {
     let Some((_, [feature, cross, duet_teacher, duet_self])) =
@@ -107,7 +155,7 @@ fn run_one(a: &AblateArgs, variant: &str, fraction: f64, seed: u64) -> Result<Sc
         let mut cfg = RunConfig::synth(&a.data, epochs);
         cfg.seed = seed;
         cfg.data.train_fraction = fraction;
-        cfg.distill = distill_for(variant, &a.teacher)?;
+        apply_variant(a, variant, &mut cfg)?;
         // One evaluation, at the end: the table reports the last checkpoint of every run.
         cfg.optim.eval_every = 1_000_000;
         train::prepare(&dir, cfg)?
@@ -150,10 +198,18 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
-pub fn run(a: AblateArgs) -> Result<()> {
-    let Recipe::Distill = a.recipe;
+pub fn run(mut a: AblateArgs) -> Result<()> {
+    if a.variants.is_empty() {
+        a.variants = a
+            .recipe
+            .default_variants()
+            .split(',')
+            .map(String::from)
+            .collect();
+    }
     for v in &a.variants {
-        distill_for(v, &a.teacher)?; // reject unknown variants before hours of training
+        // reject unknown variants before hours of training
+        apply_variant(&a, v, &mut RunConfig::synth(&a.data, 1))?;
     }
     if a.fractions.iter().any(|f| !(*f > 0.0 && *f <= 1.0)) {
         bail!("--fractions must lie in (0, 1]");
@@ -241,14 +297,12 @@ pub fn run(a: AblateArgs) -> Result<()> {
                 .collect(),
         })
         .collect();
-    draw::bar_chart(
-        "distillation ablation: Acc@0.5 (%), mean +- std over seeds",
-        &groups,
-        &series,
-        160 + 70 * groups.len() as u32,
-        320,
-    )
-    .save(a.out.join("ablation.png"))?;
+    let title = match a.recipe {
+        Recipe::Distill => "distillation ablation: Acc@0.5 (%), mean +- std over seeds",
+        Recipe::Qrnet => "QRNet ablation: Acc@0.5 (%), mean +- std over seeds",
+    };
+    draw::bar_chart(title, &groups, &series, 160 + 70 * groups.len() as u32, 320)
+        .save(a.out.join("ablation.png"))?;
     println!("{md}");
     eprintln!(
         "wrote {}, results.json and ablation.png",

@@ -370,8 +370,8 @@ fn published_split_convert_stats_eval(dir: &Path, run: &Path) {
 }
 
 /// The distillation ablation end to end at toy size: a teacher pretrained on the tiny
-/// benchmark, baseline and EpmVG for one seed, a table and a chart; unknown variants and
-/// DUET (not wired yet) are refused before any training.
+/// benchmark, baseline, EpmVG and DUET for one seed, a table and a chart; unknown variants
+/// are refused before any training. Then QRNet's ablation recipe on the same data.
 #[test]
 fn pretrain_teacher_and_ablate_distill() {
     let dir = tempfile::tempdir().unwrap();
@@ -427,4 +427,39 @@ fn pretrain_teacher_and_ablate_distill() {
         "{table}"
     );
     assert!(out.join("ablation.png").is_file() && out.join("results.json").is_file());
+
+    let qout = dir.path().join("ablate_qrnet");
+    let qrnet = |extra: &[&str]| {
+        let mut args = vec![
+            "ablate",
+            "--recipe",
+            "qrnet",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            qout.to_str().unwrap(),
+            "--seeds",
+            "0",
+            "--fractions",
+            "1.0",
+            "--epochs",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        groundkit(&args)
+    };
+    assert_clean_failure(
+        &qrnet(&["--variants", "qrnet,duet"]),
+        "unknown variant duet",
+    );
+    let o = qrnet(&["--variants", "qrnet-no-neck"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = std::fs::read_to_string(qout.join("results.md")).unwrap();
+    assert!(table.contains("| 1 | qrnet-no-neck |"), "{table}");
+    let cfg =
+        std::fs::read_to_string(qout.join("runs/f1/qrnet-no-neck/seed0/config.toml")).unwrap();
+    assert!(
+        cfg.contains("kind = \"qr_net\"") && cfg.contains("neck = false"),
+        "{cfg}"
+    );
 }

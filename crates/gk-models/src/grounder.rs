@@ -11,6 +11,7 @@ use crate::bert::{Bert, BertConfig};
 use crate::clip::{ClipTextConfig, ClipTextTransformer, ClipVisionConfig, ClipVisionTransformer};
 use crate::convnet::{ConvNet, ConvNetConfig};
 use crate::nn::{self, LayerNorm};
+use crate::qrnet::{grid_mask, QrNetBackbone, QrNetConfig};
 use candle_core::{DType, IndexOp, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -24,6 +25,9 @@ pub enum VisualConfig {
     ClipVit(ClipVisionConfig),
     /// Ours: a small conv net (`convnet`), the grid tokens (no CLS) go to the fusion.
     ConvNet(ConvNetConfig),
+    /// QRNet: a Swin refined by the sentence query (the text encoder's pooled output) and
+    /// its query-aware neck; the coarsest neck levels go to the fusion.
+    QrNet(QrNetConfig),
 }
 
 /// Which text backbone, with its own config.
@@ -158,6 +162,33 @@ impl GrounderConfig {
         }
     }
 
+    /// QRNet-tiny for the embedded benchmark: [`Self::synth_small`] with its conv net
+    /// replaced by a 3-stage Swin (width 32-128, window 4; grids 32, 16, 8 at 128 px)
+    /// refined by the BERT [CLS] query, neck width 128, the 8x8 and extra 4x4 levels as
+    /// tokens (the Dense head reads the 8x8 grid, as the conv net's).
+    pub fn qrnet_synth() -> Self {
+        let base = Self::synth_small();
+        let swin = crate::swin::SwinConfig {
+            image_size: 128,
+            embed_dim: 32,
+            depths: vec![2, 2, 2],
+            num_heads: vec![2, 4, 8],
+            window_size: 4,
+            mlp_ratio: 2.0,
+            ..crate::swin::SwinConfig::swin_t()
+        };
+        Self {
+            visual: VisualConfig::QrNet(QrNetConfig {
+                swin,
+                neck_dim: 128,
+                rank: 8,
+                reduction: 4,
+                ..QrNetConfig::tiny(base.text_dim())
+            }),
+            ..base
+        }
+    }
+
     /// Number of visual tokens the fusion sees (CLS + patches).
     pub fn visual_tokens(&self) -> usize {
         match &self.visual {
@@ -166,6 +197,7 @@ impl GrounderConfig {
                 g * g + 1
             }
             VisualConfig::ConvNet(c) => c.grid() * c.grid(),
+            VisualConfig::QrNet(c) => c.tokens(self.image_size),
         }
     }
 
@@ -174,6 +206,7 @@ impl GrounderConfig {
         match &self.visual {
             VisualConfig::ClipVit(c) => c.hidden_size,
             VisualConfig::ConvNet(c) => c.out_dim(),
+            VisualConfig::QrNet(c) => c.neck_dim,
         }
     }
 
@@ -191,6 +224,7 @@ impl GrounderConfig {
 pub enum VisualEncoder {
     ClipVit(ClipVisionTransformer),
     ConvNet(ConvNet),
+    QrNet(QrNetBackbone),
 }
 
 /// Visual backbone output in fusion-ready form.
@@ -213,11 +247,18 @@ impl VisualEncoder {
         match cfg {
             VisualConfig::ClipVit(c) => Ok(Self::ClipVit(ClipVisionTransformer::new(vb, c)?)),
             VisualConfig::ConvNet(c) => Ok(Self::ConvNet(ConvNet::new(vb, c)?)),
+            VisualConfig::QrNet(c) => Ok(Self::QrNet(QrNetBackbone::new(vb, c)?)),
         }
     }
 
-    /// `pixels: [B, 3, S, S]`, `pixel_mask: [B, S, S]` (1 = image).
-    pub fn forward(&self, pixels: &Tensor, pixel_mask: &Tensor) -> Result<VisualFeatures> {
+    /// `pixels: [B, 3, S, S]`, `pixel_mask: [B, S, S]` (1 = image), `query: [B, Dq]` the
+    /// sentence query (read by query-aware backbones only).
+    pub fn forward(
+        &self,
+        pixels: &Tensor,
+        pixel_mask: &Tensor,
+        query: &Tensor,
+    ) -> Result<VisualFeatures> {
         match self {
             Self::ClipVit(vit) => {
                 let out = vit.forward(pixels)?;
@@ -250,6 +291,27 @@ impl VisualEncoder {
                     tokens: out.tokens,
                     mask,
                     grid: (g, g),
+                    hidden_states: out.stages,
+                })
+            }
+            Self::QrNet(net) => {
+                let out = net.forward(pixels, query)?;
+                let masks = out
+                    .grids
+                    .iter()
+                    .map(|&g| grid_mask(pixel_mask, g))
+                    .collect::<Result<Vec<_>>>()?;
+                let mask = Tensor::cat(&masks, 1)?.to_dtype(out.tokens.dtype())?;
+                let grid = *out.grids.last().expect("at least one token level");
+                let n = out.tokens.dim(1)?;
+                Ok(VisualFeatures {
+                    pooled: out
+                        .tokens
+                        .narrow(1, n - grid.0 * grid.1, grid.0 * grid.1)?
+                        .mean(1)?,
+                    tokens: out.tokens,
+                    mask,
+                    grid,
                     hidden_states: out.stages,
                 })
             }
@@ -487,6 +549,15 @@ pub struct Grounder {
 
 impl Grounder {
     pub fn new(vb: VarBuilder, cfg: &GrounderConfig) -> Result<Self> {
+        if let VisualConfig::QrNet(q) = &cfg.visual {
+            if q.query_dim != cfg.text_dim() {
+                candle_core::bail!(
+                    "qrnet: query_dim {} must equal the text encoder's width {}",
+                    q.query_dim,
+                    cfg.text_dim()
+                );
+            }
+        }
         let visual = VisualEncoder::new(vb.pp("visual"), &cfg.visual)?;
         let text = TextEncoder::new(vb.pp("text"), &cfg.text)?;
         Self::from_parts(vb, cfg, visual, text)
@@ -569,8 +640,8 @@ impl Grounder {
         text_mask: &Tensor,
         train: bool,
     ) -> Result<GrounderOutput> {
-        let visual = self.visual.forward(pixels, pixel_mask)?;
         let text = self.text.forward(ids, text_mask)?;
+        let visual = self.visual.forward(pixels, pixel_mask, &text.pooled)?;
         let v = self.visu_proj.forward(&visual.tokens)?; // [B, N, d]
         let t = self.text_proj.forward(&text.tokens)?; // [B, L, d]
         let (b, n, d) = v.dims3()?;
@@ -708,15 +779,17 @@ mod tests {
     fn tiny_grounder_shapes_and_all_parameters_get_gradients() -> Result<()> {
         let dev = Device::Cpu;
         for head in [BoxHead::RegMlp, BoxHead::TokenAttention, BoxHead::Dense] {
-            for conv in [false, true] {
+            for backbone in ["clip", "conv", "qrnet"] {
                 let map = VarMap::new();
                 let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
                 let mut cfg = GrounderConfig {
                     head,
                     ..GrounderConfig::tiny()
                 };
-                if conv {
-                    cfg.visual = VisualConfig::ConvNet(ConvNetConfig::tiny());
+                match backbone {
+                    "conv" => cfg.visual = VisualConfig::ConvNet(ConvNetConfig::tiny()),
+                    "qrnet" => cfg.visual = VisualConfig::QrNet(QrNetConfig::tiny(cfg.text_dim())),
+                    _ => {}
                 }
                 check_gradients(&map, vb, &cfg)?;
             }
@@ -764,6 +837,12 @@ mod tests {
     fn check_gradients(map: &VarMap, vb: VarBuilder, cfg: &GrounderConfig) -> Result<()> {
         let dev = Device::Cpu;
         let g = Grounder::new(vb, cfg)?;
+        // QRNet's dynamic layers start with V = 0, where U has no gradient by design
+        for (name, var) in map.data().lock().unwrap().iter() {
+            if name.ends_with(".v") {
+                var.set(&Tensor::randn(0f32, 0.1, var.shape(), &dev)?)?;
+            }
+        }
         let b = 2;
         let s = cfg.image_size;
         let pixels = Tensor::randn(0f32, 1.0, (b, 3, s, s), &dev)?;

@@ -9,5 +9,6 @@ pub mod fused;
 pub mod grounder;
 pub mod lora;
 pub mod nn;
+pub mod qrnet;
 pub mod roi_align;
 pub mod swin;

@@ -324,7 +324,7 @@ pub struct SwinOutput {
     pub stages: Vec<Tensor>,
     /// `(H_i, W_i)` of each stage's grid.
     pub grids: Vec<(usize, usize)>,
-    /// The last stage after the final layer norm, `[B, N, C]`, and its token mean `[B, C]`.
+    /// The last stage after the final layer norm (if any), `[B, N, C]`, and its token mean `[B, C]`.
     pub last_hidden_state: Tensor,
     pub pooled: Tensor,
 }
@@ -336,12 +336,26 @@ pub struct Swin {
     projection_bias: Tensor,
     embed_norm: LayerNorm,
     stages: Vec<(Vec<SwinBlock>, Option<PatchMerging>)>,
-    layernorm: LayerNorm,
+    /// The final norm (`layernorm`); absent in a multiscale backbone ([`Swin::backbone`]).
+    layernorm: Option<LayerNorm>,
     cfg: SwinConfig,
 }
 
 impl Swin {
+    /// The whole `SwinModel`, final layer norm included.
     pub fn new(vb: VarBuilder, cfg: &SwinConfig) -> Result<Self> {
+        let mut swin = Self::backbone(vb.clone(), cfg)?;
+        let last = cfg.stage_dim(cfg.depths.len() - 1);
+        swin.layernorm = Some(LayerNorm::new(
+            vb.pp("layernorm"),
+            last,
+            cfg.layer_norm_eps,
+        )?);
+        Ok(swin)
+    }
+
+    /// Without the final layer norm: a multiscale backbone whose caller norms the stages.
+    pub fn backbone(vb: VarBuilder, cfg: &SwinConfig) -> Result<Self> {
         if cfg.depths.len() != cfg.num_heads.len() || cfg.depths.is_empty() {
             candle_core::bail!(
                 "swin: depths {:?} and num_heads {:?} differ in length",
@@ -383,11 +397,7 @@ impl Swin {
             projection_bias: pe.get_with_hints(c, "bias", candle_nn::Init::Const(0.0))?,
             embed_norm: LayerNorm::new(vb.pp("embeddings").pp("norm"), c, cfg.layer_norm_eps)?,
             stages,
-            layernorm: LayerNorm::new(
-                vb.pp("layernorm"),
-                cfg.stage_dim(n - 1),
-                cfg.layer_norm_eps,
-            )?,
+            layernorm: None,
             cfg: cfg.clone(),
         })
     }
@@ -441,7 +451,10 @@ impl Swin {
                 grid = (grid.0.div_ceil(2), grid.1.div_ceil(2));
             }
         }
-        let last_hidden_state = self.layernorm.forward(&x)?;
+        let last_hidden_state = match &self.layernorm {
+            Some(norm) => norm.forward(&x)?,
+            None => x,
+        };
         let pooled = last_hidden_state.mean(1)?;
         Ok(SwinOutput {
             stages,

@@ -153,6 +153,8 @@ pub fn sincos_positions(map: &VarMap, cfg: &gk_models::grounder::GrounderConfig)
     };
     // (table name, first patch row, grid side, width) of the backbone's own positions;
     // CLIP's row 0 is its CLS token, which the fusion also receives first.
+    let d = cfg.fusion.hidden;
+    let first = 1 + cfg.max_text_len;
     let (name, cls, g, dim) = match &cfg.visual {
         VisualConfig::ClipVit(v) => (
             "visual.embeddings.position_embedding.weight",
@@ -161,16 +163,21 @@ pub fn sincos_positions(map: &VarMap, cfg: &gk_models::grounder::GrounderConfig)
             v.hidden_size,
         ),
         VisualConfig::ConvNet(c) => ("visual.position_embedding", 0, c.grid(), c.out_dim()),
+        VisualConfig::QrNet(q) => {
+            // no absolute positions in Swin; the fusion's visual rows hold one table per
+            // token level, coarsest first (the order of the tokens)
+            let grids = q.grids(cfg.image_size);
+            let mut row = first;
+            for &(h, w) in grids[grids.len() - q.token_levels..].iter().rev() {
+                set_rows("vl_pos_embed.weight", row, sincos_2d(h, w, d), d)?;
+                row += h * w;
+            }
+            return Ok(());
+        }
     };
     set_rows(name, cls, sincos_2d(g, g, dim), dim)?;
-    let d = cfg.fusion.hidden;
     let fg = (cfg.visual_tokens() - cls).isqrt();
-    set_rows(
-        "vl_pos_embed.weight",
-        1 + cfg.max_text_len + cls,
-        sincos_2d(fg, fg, d),
-        d,
-    )
+    set_rows("vl_pos_embed.weight", first + cls, sincos_2d(fg, fg, d), d)
 }
 
 /// A `VarBuilder` that creates missing parameters in `map`, seeded by `(seed, name)`.

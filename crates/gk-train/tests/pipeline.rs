@@ -152,6 +152,9 @@ fn committed_configs_parse() {
         let cfg: RunConfig = toml::from_str(&std::fs::read_to_string(&p).unwrap())
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         assert!(cfg.optim.epochs > 0, "{}", p.display());
+        if p.ends_with("qrnet-synth.toml") {
+            assert_eq!(cfg.model.visual, GrounderConfig::qrnet_synth().visual);
+        }
     }
 }
 
