@@ -103,9 +103,44 @@ pub struct TrainArgs {
     /// Stop after this many optimiser steps in total (checkpointed; resume later).
     #[arg(long)]
     pub stop_after: Option<usize>,
+    /// With HiLoRA stages in the config: run only stage K (its predecessor must have
+    /// finished under --out). Without: every stage in order, finished ones kept.
+    #[arg(long, requires = "config")]
+    pub stage: Option<usize>,
+}
+
+/// A config with `[hilora]` stages: each stage is a run under `OUT/stage{k}`; running the
+/// command again continues where it stopped.
+fn train_stages(a: &TrainArgs, cfg: &RunConfig, out: &std::path::Path) -> Result<()> {
+    let done = gk_train::hilora::train_stages(
+        out,
+        cfg,
+        a.stage,
+        &TrainOptions {
+            stop_after: a.stop_after,
+            progress: true,
+        },
+    )?;
+    println!("| HiLoRA stage | best val Acc@0.5 (%) |\n|---|---:|");
+    for (k, acc) in done {
+        println!("| {k} | {acc:.2} |");
+    }
+    Ok(())
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
+    if let (Some(cfg_path), Some(out)) = (&a.config, &a.out) {
+        let text = std::fs::read_to_string(cfg_path)
+            .with_context(|| format!("reading {}", cfg_path.display()))?;
+        let cfg: RunConfig = toml::from_str(&text)
+            .with_context(|| format!("{}: not a valid run config", cfg_path.display()))?;
+        if cfg.hilora.is_some() {
+            return train_stages(&a, &cfg, out);
+        }
+        if a.stage.is_some() {
+            anyhow::bail!("--stage needs a config with [hilora] stages");
+        }
+    }
     let run = match (&a.resume, &a.config, &a.out) {
         (Some(dir), _, _) => RunDir::open(dir)?,
         (None, Some(cfg), Some(out)) => {

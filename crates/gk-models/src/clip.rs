@@ -266,6 +266,11 @@ impl ClipMlp {
         })
     }
 
+    /// An MLP from built layers (HiVG's bridge builds its own).
+    pub fn from_parts(fc1: LoraLinear, fc2: LoraLinear, act: Activation) -> Self {
+        Self { fc1, fc2, act }
+    }
+
     /// LoRA folded into the layers.
     pub fn merge_lora(&self) -> Result<Self> {
         Ok(Self {

@@ -10,6 +10,7 @@
 use crate::bert::{Bert, BertConfig};
 use crate::clip::{ClipTextConfig, ClipTextTransformer, ClipVisionConfig, ClipVisionTransformer};
 use crate::convnet::{ConvNet, ConvNetConfig};
+use crate::hivg::{HivgConfig, HivgVisual};
 use crate::nn::{self, LayerNorm};
 use crate::qrnet::{grid_mask, QrNetBackbone, QrNetConfig};
 use candle_core::{DType, IndexOp, Module, Result, Tensor, D};
@@ -28,6 +29,9 @@ pub enum VisualConfig {
     /// QRNet: a Swin refined by the sentence query (the text encoder's pooled output) and
     /// its query-aware neck; the coarsest neck levels go to the fusion.
     QrNet(QrNetConfig),
+    /// HiVG: a CLIP ViT with cross-modal bridges fed by the text encoder's hidden states;
+    /// its multi-level tokens (CLS + patches) go to the fusion.
+    Hivg(HivgConfig),
 }
 
 /// Which text backbone, with its own config.
@@ -163,13 +167,15 @@ impl GrounderConfig {
     }
 
     /// QRNet-tiny for the embedded benchmark: [`Self::synth_small`] with its conv net
-    /// replaced by a 3-stage Swin (width 32-128, window 4; grids 32, 16, 8 at 128 px)
-    /// refined by the BERT [CLS] query, neck width 128, the 8x8 and extra 4x4 levels as
-    /// tokens (the Dense head reads the 8x8 grid, as the conv net's).
+    /// replaced by a 3-stage Swin (width 32-128, patch 8, window 4; grids 16, 8, 4 and the
+    /// extra 2 at 128 px) refined by the BERT [CLS] query, neck width 128, and the three
+    /// coarsest levels as tokens, so that the Dense head reads the 8x8 level as it reads
+    /// the conv net's grid (QRNet itself uses two levels of a 640 px input).
     pub fn qrnet_synth() -> Self {
         let base = Self::synth_small();
         let swin = crate::swin::SwinConfig {
             image_size: 128,
+            patch_size: 8,
             embed_dim: 32,
             depths: vec![2, 2, 2],
             num_heads: vec![2, 4, 8],
@@ -183,6 +189,7 @@ impl GrounderConfig {
                 neck_dim: 128,
                 rank: 8,
                 reduction: 4,
+                token_levels: 3,
                 ..QrNetConfig::tiny(base.text_dim())
             }),
             ..base
@@ -198,6 +205,10 @@ impl GrounderConfig {
             }
             VisualConfig::ConvNet(c) => c.grid() * c.grid(),
             VisualConfig::QrNet(c) => c.tokens(self.image_size),
+            VisualConfig::Hivg(c) => {
+                let g = self.image_size / c.vision.patch_size;
+                g * g + 1
+            }
         }
     }
 
@@ -207,6 +218,7 @@ impl GrounderConfig {
             VisualConfig::ClipVit(c) => c.hidden_size,
             VisualConfig::ConvNet(c) => c.out_dim(),
             VisualConfig::QrNet(c) => c.neck_dim,
+            VisualConfig::Hivg(c) => c.proj_dim,
         }
     }
 
@@ -225,6 +237,7 @@ pub enum VisualEncoder {
     ClipVit(ClipVisionTransformer),
     ConvNet(ConvNet),
     QrNet(QrNetBackbone),
+    Hivg(HivgVisual),
 }
 
 /// Visual backbone output in fusion-ready form.
@@ -248,37 +261,41 @@ impl VisualEncoder {
             VisualConfig::ClipVit(c) => Ok(Self::ClipVit(ClipVisionTransformer::new(vb, c)?)),
             VisualConfig::ConvNet(c) => Ok(Self::ConvNet(ConvNet::new(vb, c)?)),
             VisualConfig::QrNet(c) => Ok(Self::QrNet(QrNetBackbone::new(vb, c)?)),
+            VisualConfig::Hivg(c) => Ok(Self::Hivg(HivgVisual::new(vb, c)?)),
         }
     }
 
-    /// `pixels: [B, 3, S, S]`, `pixel_mask: [B, S, S]` (1 = image), `query: [B, Dq]` the
-    /// sentence query (read by query-aware backbones only).
+    /// `pixels: [B, 3, S, S]`, `pixel_mask: [B, S, S]` (1 = image); the text encoder's
+    /// output and mask are read by query-aware backbones only (QRNet: the pooled query;
+    /// HiVG: the hidden states).
     pub fn forward(
         &self,
         pixels: &Tensor,
         pixel_mask: &Tensor,
-        query: &Tensor,
+        text: &TextFeatures,
+        text_mask: &Tensor,
     ) -> Result<VisualFeatures> {
         match self {
             Self::ClipVit(vit) => {
                 let out = vit.forward(pixels)?;
                 let tokens = vit.post_layernorm(&out.last_hidden_state)?;
-                let p = vit.config().patch_size;
-                let (b, h, w) = pixel_mask.dims3()?;
-                let (gh, gw) = (h / p, w / p);
-                let patch_mask = patch_mask(pixel_mask, gh, gw)?.to_dtype(tokens.dtype())?;
-                let mask = Tensor::cat(
-                    &[
-                        Tensor::ones((b, 1), tokens.dtype(), tokens.device())?,
-                        patch_mask,
-                    ],
-                    1,
-                )?;
+                let (mask, grid) = cls_patch_mask(pixel_mask, vit.config().patch_size)?;
                 Ok(VisualFeatures {
                     tokens,
                     mask,
                     pooled: out.pooled,
-                    grid: (gh, gw),
+                    grid,
+                    hidden_states: out.hidden_states,
+                })
+            }
+            Self::Hivg(net) => {
+                let out = net.forward(pixels, &text.hidden_states, text_mask)?;
+                let (mask, grid) = cls_patch_mask(pixel_mask, net.config().vision.patch_size)?;
+                Ok(VisualFeatures {
+                    tokens: out.tokens,
+                    mask,
+                    pooled: out.pooled,
+                    grid,
                     hidden_states: out.hidden_states,
                 })
             }
@@ -295,7 +312,7 @@ impl VisualEncoder {
                 })
             }
             Self::QrNet(net) => {
-                let out = net.forward(pixels, query)?;
+                let out = net.forward(pixels, &text.pooled)?;
                 let masks = out
                     .grids
                     .iter()
@@ -317,6 +334,15 @@ impl VisualEncoder {
             }
         }
     }
+}
+
+/// A ViT's token mask `[B, 1 + gh*gw]` (CLS, then patches) and its patch grid.
+fn cls_patch_mask(pixel_mask: &Tensor, patch: usize) -> Result<(Tensor, (usize, usize))> {
+    let (b, h, w) = pixel_mask.dims3()?;
+    let (gh, gw) = (h / patch, w / patch);
+    let patches = patch_mask(pixel_mask, gh, gw)?.to_dtype(DType::F32)?;
+    let cls = Tensor::ones((b, 1), DType::F32, pixel_mask.device())?;
+    Ok((Tensor::cat(&[cls, patches], 1)?, (gh, gw)))
 }
 
 /// `[B, S, S]` pixel mask -> `[B, gh * gw]` cell mask: the top-left pixel of each cell
@@ -641,7 +667,7 @@ impl Grounder {
         train: bool,
     ) -> Result<GrounderOutput> {
         let text = self.text.forward(ids, text_mask)?;
-        let visual = self.visual.forward(pixels, pixel_mask, &text.pooled)?;
+        let visual = self.visual.forward(pixels, pixel_mask, &text, text_mask)?;
         let v = self.visu_proj.forward(&visual.tokens)?; // [B, N, d]
         let t = self.text_proj.forward(&text.tokens)?; // [B, L, d]
         let (b, n, d) = v.dims3()?;
@@ -779,7 +805,7 @@ mod tests {
     fn tiny_grounder_shapes_and_all_parameters_get_gradients() -> Result<()> {
         let dev = Device::Cpu;
         for head in [BoxHead::RegMlp, BoxHead::TokenAttention, BoxHead::Dense] {
-            for backbone in ["clip", "conv", "qrnet"] {
+            for backbone in ["clip", "conv", "qrnet", "hivg"] {
                 let map = VarMap::new();
                 let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
                 let mut cfg = GrounderConfig {
@@ -789,6 +815,10 @@ mod tests {
                 match backbone {
                     "conv" => cfg.visual = VisualConfig::ConvNet(ConvNetConfig::tiny()),
                     "qrnet" => cfg.visual = VisualConfig::QrNet(QrNetConfig::tiny(cfg.text_dim())),
+                    "hivg" => {
+                        cfg.visual =
+                            VisualConfig::Hivg(HivgConfig::tiny(cfg.text_dim(), cfg.max_text_len))
+                    }
                     _ => {}
                 }
                 check_gradients(&map, vb, &cfg)?;
@@ -837,9 +867,10 @@ mod tests {
     fn check_gradients(map: &VarMap, vb: VarBuilder, cfg: &GrounderConfig) -> Result<()> {
         let dev = Device::Cpu;
         let g = Grounder::new(vb, cfg)?;
-        // QRNet's dynamic layers start with V = 0, where U has no gradient by design
+        // Zero-initialised parts block their inputs' gradient by design at the start
+        // (QRNet's dynamic layers, HiVG's bridges): move them off zero
         for (name, var) in map.data().lock().unwrap().iter() {
-            if name.ends_with(".v") {
+            if name.ends_with(".v") || name.contains("cross_mlp.fc2") || name.contains("adaptive") {
                 var.set(&Tensor::randn(0f32, 0.1, var.shape(), &dev)?)?;
             }
         }

@@ -7,6 +7,7 @@ pub mod clip;
 pub mod convnet;
 pub mod fused;
 pub mod grounder;
+pub mod hivg;
 pub mod lora;
 pub mod nn;
 pub mod qrnet;

@@ -19,8 +19,8 @@ fn main() -> anyhow::Result<()> {
     let tm = Tensor::ones((b, cfg.max_text_len), DType::F32, &dev)?;
     for _ in 0..3 {
         let t0 = Instant::now();
-        let query = Tensor::zeros((b, cfg.text_dim()), DType::F32, &dev)?;
-        let vis = g.visual.forward(&x, &pm, &query)?;
+        let text = g.text.forward(&ids, &tm)?;
+        let vis = g.visual.forward(&x, &pm, &text, &tm)?;
         let t1 = Instant::now();
         let out = g.forward(&x, &pm, &ids, &tm, true)?;
         let t2 = Instant::now();

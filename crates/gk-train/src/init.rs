@@ -163,6 +163,12 @@ pub fn sincos_positions(map: &VarMap, cfg: &gk_models::grounder::GrounderConfig)
             v.hidden_size,
         ),
         VisualConfig::ConvNet(c) => ("visual.position_embedding", 0, c.grid(), c.out_dim()),
+        VisualConfig::Hivg(h) => (
+            "visual.embeddings.position_embedding.weight",
+            1,
+            h.vision.grid(),
+            h.vision.hidden_size,
+        ),
         VisualConfig::QrNet(q) => {
             // no absolute positions in Swin; the fusion's visual rows hold one table per
             // token level, coarsest first (the order of the tokens)

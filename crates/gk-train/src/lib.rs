@@ -4,6 +4,7 @@ pub mod draw;
 pub mod error;
 pub mod eval;
 mod font6x11;
+pub mod hilora;
 pub mod init;
 pub mod losses;
 pub mod optim;

@@ -13,7 +13,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// A parameter group: every parameter whose name starts with `prefix` (first match wins;
-/// `""` catches the rest) trains at `lr_scale * base lr`; a scale of 0 freezes it.
+/// `""` catches the rest) trains at `lr_scale * base lr`; a scale of 0 freezes it. A `*` in
+/// the prefix stands for any run of characters (`visual.encoder.layers.*.lora_A.s1.`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ParamGroup {
     pub prefix: String,
@@ -34,6 +35,18 @@ pub enum Schedule {
         gamma: f64,
     },
     Constant,
+}
+
+/// Whether `pattern` (`*` = any run of characters) matches a prefix of `name`.
+pub fn glob_prefix(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => name.starts_with(pattern),
+        Some((head, rest)) => name.strip_prefix(head).is_some_and(|tail| {
+            (0..=tail.len())
+                .filter(|&j| tail.is_char_boundary(j))
+                .any(|j| glob_prefix(rest, &tail[j..]))
+        }),
+    }
 }
 
 /// The learning-rate multiplier at `step` (0-based) of `total`, with `warmup` steps.
@@ -99,7 +112,7 @@ impl AdamW {
         for name in names {
             let scale = groups
                 .iter()
-                .find(|g| name.starts_with(&g.prefix))
+                .find(|g| glob_prefix(&g.prefix, name))
                 .map_or(1.0, |g| g.lr_scale);
             if scale == 0.0 {
                 continue;
@@ -209,6 +222,23 @@ impl AdamW {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    #[test]
+    fn glob_prefixes() {
+        let n = "visual.encoder.layers.3.self_attn.q_proj.lora_A.s1.weight";
+        assert!(glob_prefix("visual.encoder", n));
+        assert!(glob_prefix("visual.encoder.layers.3.*.lora_*.s1.", n));
+        assert!(!glob_prefix("visual.encoder.layers.3.*.lora_*.s2.", n));
+        assert!(!glob_prefix(
+            "visual.encoder.layers.1*.lora",
+            "visual.encoder.layers.3.x.lora"
+        ));
+        assert!(!glob_prefix(
+            "visual.encoder.layers.1.",
+            "visual.encoder.layers.10.x"
+        ));
+        assert!(glob_prefix("*", n) && glob_prefix("", n));
+    }
 
     #[test]
     fn schedule_shapes() {

@@ -108,6 +108,9 @@ pub struct RunConfig {
     /// Distillation from a CLIP-style teacher (EpmVG); absent = none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distill: Option<DistillConfig>,
+    /// HiVG's HiLoRA stages (`groundkit train` runs them in sequence; `hilora::train_stages`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hilora: Option<crate::hilora::HiLoraConfig>,
 }
 
 impl RunConfig {
@@ -153,6 +156,7 @@ impl RunConfig {
             loss: BoxLossConfig::default(),
             pretrained: Vec::new(),
             distill: None,
+            hilora: None,
             sincos_positions: true,
         }
     }

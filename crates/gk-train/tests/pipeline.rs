@@ -346,3 +346,96 @@ fn distillation_trains_from_a_cached_and_a_live_teacher() {
         "{e}"
     );
 }
+
+/// HiVG with HiLoRA at toy size: a warm-up and one LoRA stage run in sequence, the second
+/// from the first's best checkpoint. CLIP's own weights and the warm-up set stay as they
+/// were; the new set learns only in the layers its stage opens; a second call finds both
+/// stages finished; `--stage 1` alone needs stage 0.
+#[test]
+fn hilora_stages_train_in_sequence() {
+    use gk_models::clip::{ClipTextConfig, ClipVisionConfig};
+    use gk_models::grounder::{TextConfig, VisualConfig};
+    use gk_models::hivg::HivgConfig;
+    use gk_train::hilora::{train_stages, HiLoraConfig, HiLoraStage};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    generate(&SynthConfig::tiny(), &data, &mut |_, _| {}).unwrap();
+    let mut cfg = tiny_config(&data);
+    cfg.optim.epochs = 1;
+    cfg.optim.eval_every = 0;
+    cfg.model.head = gk_models::grounder::BoxHead::RegMlp;
+    cfg.model.text = TextConfig::ClipText(ClipTextConfig {
+        max_position_embeddings: 20,
+        ..ClipTextConfig::tiny()
+    });
+    cfg.model.visual = VisualConfig::Hivg(HivgConfig {
+        vision: ClipVisionConfig {
+            image_size: 64,
+            ..ClipVisionConfig::tiny()
+        },
+        ..HivgConfig::tiny(32, 20)
+    });
+    let stage = |vision_layers| HiLoraStage {
+        epochs: 1,
+        lr: 1e-3,
+        vision_layers,
+    };
+    cfg.hilora = Some(HiLoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        targets: vec!["q_proj".into(), "v_proj".into()],
+        stages: vec![stage(0), stage(1)],
+    });
+    let out = dir.path().join("hivg");
+    let e = train_stages(&out, &cfg, Some(1), &TrainOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("train stage 0 first"), "{e}");
+    let done = train_stages(&out, &cfg, None, &TrainOptions::default()).unwrap();
+    assert_eq!(done.iter().map(|d| d.0).collect::<Vec<_>>(), vec![0, 1]);
+    let read = |k: usize| {
+        gk_train::weights::read_safetensors(
+            &out.join(format!("stage{k}/best.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (w0, w1) = (read(0), read(1));
+    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let abs = |a: &candle_core::Tensor| {
+        a.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let base = "visual.encoder.layers.1.self_attn.q_proj.weight";
+    assert_eq!(diff(&w0[base], &w1[base]), 0.0, "CLIP weights are frozen");
+    let s0 = "visual.encoder.layers.0.self_attn.q_proj.lora_B.s0.weight";
+    assert_eq!(abs(&w0[s0]), 0.0, "the warm-up set is frozen at zero");
+    assert_eq!(abs(&w1[s0]), 0.0);
+    assert!(!w0.contains_key("visual.encoder.layers.0.self_attn.q_proj.lora_B.s1.weight"));
+    let s1 = |l: usize| format!("visual.encoder.layers.{l}.self_attn.q_proj.lora_B.s1.weight");
+    assert!(abs(&w1[&s1(0)]) > 0.0, "stage 1 trains its set in layer 0");
+    assert_eq!(abs(&w1[&s1(1)]), 0.0, "but not in layer 1");
+    assert!(
+        diff(
+            &w0["visual.bridge.0.gate.weight"],
+            &w1["visual.bridge.0.gate.weight"]
+        ) > 0.0
+    );
+    // a second call keeps both finished stages
+    let again = train_stages(&out, &cfg, None, &TrainOptions::default()).unwrap();
+    assert_eq!(again, done);
+}

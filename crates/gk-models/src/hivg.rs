@@ -1,0 +1,366 @@
+//! HiVG's visual side (`shared/methods.md` §3.1): a CLIP vision tower with the multi-layer
+//! adaptive cross-modal bridge inside chosen layers, and multi-level visual features.
+//!
+//! - **Bridge** in vision layer `l` (after its self-attention residual, before its MLP):
+//!   the text hidden states of the chosen text layers `T_k` `[B, L, Ct]`, each reweighted per
+//!   token by learned adaptive weights `E_k` `[L, Ct]` as `E_k ⊙ T_k + T_k`, concatenated and
+//!   projected by the gate (`Ct·n → Cv`) into `T̃`; then `h ← h + MLP(CrossAttn(LN(h), T̃))`
+//!   with CLIP-style multi-head cross-attention (queries from the image tokens) and a
+//!   QuickGELU MLP `Cv → 4Cv → Cv`.
+//! - **Multi-level features**: the hidden states after the chosen vision layers, concatenated
+//!   over channels and projected (`ml_visual_projection`, `n·Cv → proj_dim`).
+//!
+//! Ours, where the public code differs: the cross-attention runs **per sample** with the
+//! text padding masked (HiVG's code reinterprets its `L×B` text buffer as `B×L`, which mixes
+//! text across the samples of a batch); the MLP's output layer starts at zero and `E_k` at
+//! zero, so a fresh bridge leaves the pretrained CLIP unchanged. Keys: the CLIP tower's own
+//! (`embeddings.*`, `pre_layrnorm`, `encoder.layers.*`, `post_layernorm`), then
+//! `bridge.{j}.{adaptive.{k}, gate, cross_norm, cross_attn.{q,k,v,out}_proj, cross_mlp.fc1,
+//! cross_mlp.fc2}` and `ml_visual_projection`. LoRA sets of the vision config also land on
+//! the bridge's attention projections (HiVG's LoRA targets match them by name).
+
+use crate::clip::{ClipMlp, ClipVisionConfig, ClipVisionTransformer};
+use crate::lora::{self, LoraLinear};
+use crate::nn::{self, Activation, LayerNorm};
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+/// HiVG's visual encoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HivgConfig {
+    pub vision: ClipVisionConfig,
+    /// Vision layers (0-based) with a bridge: `[0, 3, 7, 11]` for ViT-B.
+    pub bridge_layers: Vec<usize>,
+    /// Text hidden states feeding every bridge (0 = the embeddings; `[12]` = the last layer
+    /// of a 12-layer tower).
+    pub text_layers: Vec<usize>,
+    /// Vision hidden states concatenated into the multi-level feature (`[1, 4, 8, 12]`).
+    pub multi_layers: Vec<usize>,
+    /// Width of the text hidden states.
+    pub text_dim: usize,
+    /// Text length (rows of the adaptive weights).
+    pub text_len: usize,
+    /// Output width of `ml_visual_projection`.
+    pub proj_dim: usize,
+}
+
+impl HivgConfig {
+    /// HiVG-B/16 (RefCOCO: the last text layer into every bridge).
+    pub fn clip_b16() -> Self {
+        Self {
+            vision: ClipVisionConfig::vit_base_patch16(),
+            bridge_layers: vec![0, 3, 7, 11],
+            text_layers: vec![12],
+            multi_layers: vec![1, 4, 8, 12],
+            text_dim: 512,
+            text_len: 77,
+            proj_dim: 512,
+        }
+    }
+
+    /// A tiny one over a tiny CLIP (2 layers): a bridge in both, both hidden states.
+    pub fn tiny(text_dim: usize, text_len: usize) -> Self {
+        Self {
+            vision: ClipVisionConfig::tiny(),
+            bridge_layers: vec![0, 1],
+            text_layers: vec![1, 2],
+            multi_layers: vec![1, 2],
+            text_dim,
+            text_len,
+            proj_dim: 32,
+        }
+    }
+}
+
+/// Multi-head cross-attention with CLIP's projection names (each a [`LoraLinear`]).
+#[derive(Debug, Clone)]
+struct CrossAttention {
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    out_proj: LoraLinear,
+    heads: usize,
+}
+
+impl CrossAttention {
+    fn new(vb: VarBuilder, dim: usize, heads: usize, cfg: &ClipVisionConfig) -> Result<Self> {
+        Ok(Self {
+            q_proj: lora::linear(dim, dim, vb.pp("q_proj"), &cfg.lora)?,
+            k_proj: lora::linear(dim, dim, vb.pp("k_proj"), &cfg.lora)?,
+            v_proj: lora::linear(dim, dim, vb.pp("v_proj"), &cfg.lora)?,
+            out_proj: lora::linear(dim, dim, vb.pp("out_proj"), &cfg.lora)?,
+            heads,
+        })
+    }
+
+    /// `x: [B, N, C]` queries, `t: [B, L, C]` keys/values, `bias` `[B, 1, 1, L]`.
+    fn forward(&self, x: &Tensor, t: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let attn = nn::attention(
+            &self.q_proj.forward(x)?,
+            &self.k_proj.forward(t)?,
+            &self.v_proj.forward(t)?,
+            self.heads,
+            Some(bias),
+        )?;
+        self.out_proj.forward(&attn)
+    }
+
+    fn merge_lora(&self) -> Result<Self> {
+        Ok(Self {
+            q_proj: self.q_proj.merge()?,
+            k_proj: self.k_proj.merge()?,
+            v_proj: self.v_proj.merge()?,
+            out_proj: self.out_proj.merge()?,
+            heads: self.heads,
+        })
+    }
+}
+
+/// One bridge.
+#[derive(Debug, Clone)]
+struct Bridge {
+    adaptive: Vec<Tensor>,
+    gate: Linear,
+    cross_norm: LayerNorm,
+    cross_attn: CrossAttention,
+    cross_mlp: ClipMlp,
+}
+
+impl Bridge {
+    fn new(vb: VarBuilder, cfg: &HivgConfig) -> Result<Self> {
+        let v = &cfg.vision;
+        let c = v.hidden_size;
+        let mlp = vb.pp("cross_mlp");
+        // the output layer at zero: a fresh bridge adds nothing
+        let fc1 = candle_nn::linear(c, 4 * c, mlp.pp("fc1"))?;
+        let fc2 = Linear::new(
+            mlp.pp("fc2")
+                .get_with_hints((c, 4 * c), "weight", candle_nn::Init::Const(0.0))?,
+            Some(
+                mlp.pp("fc2")
+                    .get_with_hints(c, "bias", candle_nn::Init::Const(0.0))?,
+            ),
+        );
+        Ok(Self {
+            adaptive: (0..cfg.text_layers.len())
+                .map(|k| {
+                    vb.pp("adaptive").get_with_hints(
+                        (cfg.text_len, cfg.text_dim),
+                        &k.to_string(),
+                        candle_nn::Init::Const(0.0),
+                    )
+                })
+                .collect::<Result<_>>()?,
+            gate: candle_nn::linear(cfg.text_dim * cfg.text_layers.len(), c, vb.pp("gate"))?,
+            cross_norm: LayerNorm::new(vb.pp("cross_norm"), c, v.layer_norm_eps)?,
+            cross_attn: CrossAttention::new(vb.pp("cross_attn"), c, v.num_attention_heads, v)?,
+            cross_mlp: ClipMlp::from_parts(
+                LoraLinear::plain(fc1),
+                LoraLinear::plain(fc2),
+                Activation::QuickGelu,
+            ),
+        })
+    }
+
+    /// The bridge's text `T̃ = gate(concat_k(E_k ⊙ T_k + T_k))`: `[B, L, Cv]`.
+    fn text(&self, texts: &[&Tensor]) -> Result<Tensor> {
+        let parts = texts
+            .iter()
+            .zip(&self.adaptive)
+            .map(|(t, e)| t.broadcast_mul(e)? + *t)
+            .collect::<Result<Vec<_>>>()?;
+        self.gate.forward(&Tensor::cat(&parts, D::Minus1)?)
+    }
+
+    /// `h + MLP(CrossAttn(LN(h), T̃))`.
+    fn forward(&self, h: &Tensor, t: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let a = self
+            .cross_attn
+            .forward(&self.cross_norm.forward(h)?, t, bias)?;
+        h + self.cross_mlp.forward(&a)?
+    }
+
+    fn merge_lora(&self) -> Result<Self> {
+        Ok(Self {
+            cross_attn: self.cross_attn.merge_lora()?,
+            ..self.clone()
+        })
+    }
+}
+
+/// HiVG's visual encoder: CLIP vision + bridges + multi-level projection.
+#[derive(Debug, Clone)]
+pub struct HivgVisual {
+    pub clip: ClipVisionTransformer,
+    bridges: Vec<Bridge>,
+    ml_visual_projection: Linear,
+    cfg: HivgConfig,
+}
+
+/// What [`HivgVisual::forward`] returns.
+#[derive(Debug, Clone)]
+pub struct HivgOutput {
+    /// `[B, 1 + N, proj_dim]`: CLS and patches, multi-level and projected.
+    pub tokens: Tensor,
+    /// `[B, Cv]`: `post_layernorm` of the last CLS (CLIP's pooled output).
+    pub pooled: Tensor,
+    /// Embeddings then every layer's output, bridges included.
+    pub hidden_states: Vec<Tensor>,
+}
+
+impl HivgVisual {
+    pub fn new(vb: VarBuilder, cfg: &HivgConfig) -> Result<Self> {
+        let n = cfg.vision.num_hidden_layers;
+        if let Some(&bad) = cfg.bridge_layers.iter().find(|&&l| l >= n) {
+            candle_core::bail!("hivg: bridge layer {bad} but the vision tower has {n} layers");
+        }
+        if let Some(&bad) = cfg.multi_layers.iter().find(|&&l| l > n) {
+            candle_core::bail!("hivg: multi-level hidden state {bad} of {n} layers");
+        }
+        if cfg.text_layers.is_empty() || cfg.multi_layers.is_empty() {
+            candle_core::bail!("hivg: text_layers and multi_layers must not be empty");
+        }
+        Ok(Self {
+            clip: ClipVisionTransformer::new(vb.clone(), &cfg.vision)?,
+            bridges: (0..cfg.bridge_layers.len())
+                .map(|j| Bridge::new(vb.pp(format!("bridge.{j}")), cfg))
+                .collect::<Result<_>>()?,
+            ml_visual_projection: candle_nn::linear(
+                cfg.vision.hidden_size * cfg.multi_layers.len(),
+                cfg.proj_dim,
+                vb.pp("ml_visual_projection"),
+            )?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &HivgConfig {
+        &self.cfg
+    }
+
+    /// `pixels: [B, 3, S, S]`; `text_hidden`: the text tower's hidden states (embeddings
+    /// first), `text_mask: [B, L]` (1 = token).
+    pub fn forward(
+        &self,
+        pixels: &Tensor,
+        text_hidden: &[Tensor],
+        text_mask: &Tensor,
+    ) -> Result<HivgOutput> {
+        let texts: Vec<&Tensor> = self
+            .cfg
+            .text_layers
+            .iter()
+            .map(|&l| {
+                text_hidden.get(l).ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "hivg: text hidden state {l} of {}",
+                        text_hidden.len()
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
+        let bias = nn::key_padding_bias(text_mask, pixels.dtype())?; // [B, 1, 1, L]
+        let mut x = self.clip.embed(pixels)?;
+        let mut hidden = vec![x.clone()];
+        for (l, layer) in self.clip.layers.iter().enumerate() {
+            x = layer.attn_block(&x, None)?;
+            if let Some(j) = self.cfg.bridge_layers.iter().position(|&b| b == l) {
+                let t = self.bridges[j].text(&texts)?;
+                x = self.bridges[j].forward(&x, &t, &bias)?;
+            }
+            x = layer.mlp_block(&x)?;
+            hidden.push(x.clone());
+        }
+        let levels: Vec<&Tensor> = self.cfg.multi_layers.iter().map(|&i| &hidden[i]).collect();
+        let tokens = self
+            .ml_visual_projection
+            .forward(&Tensor::cat(&levels, D::Minus1)?)?;
+        let pooled = self.clip.post_layernorm(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
+        Ok(HivgOutput {
+            tokens,
+            pooled,
+            hidden_states: hidden,
+        })
+    }
+
+    /// LoRA folded into CLIP and the bridges.
+    pub fn merge_lora(&self) -> Result<Self> {
+        Ok(Self {
+            clip: self.clip.merge_lora()?,
+            bridges: self
+                .bridges
+                .iter()
+                .map(Bridge::merge_lora)
+                .collect::<Result<_>>()?,
+            ..self.clone()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    fn inputs(dev: &Device) -> Result<(Tensor, Vec<Tensor>, Tensor)> {
+        let pixels = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), dev)?;
+        let text: Vec<Tensor> = (0..3)
+            .map(|_| Tensor::randn(0f32, 1.0, (2, 6, 24), dev))
+            .collect::<Result<_>>()?;
+        let mask = Tensor::new(&[[1f32, 1., 1., 1., 1., 1.], [1., 1., 1., 0., 0., 0.]], dev)?;
+        Ok((pixels, text, mask))
+    }
+
+    #[test]
+    fn a_fresh_bridge_leaves_clip_unchanged_and_samples_do_not_mix() -> Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let cfg = HivgConfig::tiny(24, 6);
+        let net = HivgVisual::new(VarBuilder::from_varmap(&map, DType::F32, &dev), &cfg)?;
+        let (px, text, mask) = inputs(&dev)?;
+        let out = net.forward(&px, &text, &mask)?;
+        let plain = net.clip.forward(&px)?;
+        for (a, b) in out.hidden_states.iter().zip(&plain.hidden_states) {
+            assert_eq!((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+        }
+        // give the bridges weight, then: sample 0's output does not depend on sample 1's
+        // text, nor on sample 1's padded tokens
+        for (name, var) in map.data().lock().unwrap().iter() {
+            if name.contains("fc2") || name.contains("adaptive") {
+                var.set(&Tensor::randn(0f32, 0.2, var.shape(), &dev)?)?;
+            }
+        }
+        let a = net.forward(&px, &text, &mask)?.tokens;
+        let mut changed = text.clone();
+        for t in changed.iter_mut() {
+            let pad = Tensor::randn(0f32, 1.0, (1, 3, 24), &dev)?;
+            let s1 = Tensor::cat(&[&t.get(1)?.unsqueeze(0)?.narrow(1, 0, 3)?, &pad], 1)?;
+            *t = Tensor::cat(&[&t.get(0)?.unsqueeze(0)?, &s1], 0)?;
+        }
+        let b = net.forward(&px, &changed, &mask)?.tokens;
+        let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(d, 0.0, "padded text tokens changed the output by {d}");
+        let mut other = text.clone();
+        for t in other.iter_mut() {
+            let noise = Tensor::randn(0f32, 1.0, (1, 6, 24), &dev)?;
+            *t = Tensor::cat(&[&t.get(0)?.unsqueeze(0)?, &noise], 0)?;
+        }
+        let c = net.forward(&px, &other, &mask)?.tokens;
+        let a = net.forward(&px, &text, &mask)?.tokens;
+        let d0 = (a.get(0)? - c.get(0)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        let d1 = (a.get(1)? - c.get(1)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(
+            d0 == 0.0 && d1 > 1e-3,
+            "sample 0 moved {d0}, sample 1 moved {d1}"
+        );
+        Ok(())
+    }
+}
