@@ -152,6 +152,17 @@ fn committed_configs_parse() {
         let cfg: RunConfig = toml::from_str(&std::fs::read_to_string(&p).unwrap())
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         assert!(cfg.optim.epochs > 0, "{}", p.display());
+        if p.ends_with("hivg-b16-refcoco.toml") {
+            assert_eq!(
+                cfg.hilora,
+                Some(gk_train::hilora::HiLoraConfig::hivg_b16()),
+                "the paper's stages"
+            );
+            assert_eq!(
+                cfg.model.visual,
+                gk_models::grounder::VisualConfig::Hivg(gk_models::hivg::HivgConfig::clip_b16())
+            );
+        }
         if p.ends_with("qrnet-synth.toml") {
             assert_eq!(cfg.model.visual, GrounderConfig::qrnet_synth().visual);
         }
