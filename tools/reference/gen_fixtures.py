@@ -3,7 +3,7 @@
 
 Run with the reference venv (see tools/reference/README.md):
 
-    .venv-ref/bin/python tools/reference/gen_fixtures.py [--only clip,bert,box,tok,roi,distill,lora,swin]
+    .venv-ref/bin/python tools/reference/gen_fixtures.py [--only clip,bert,box,tok,roi,distill,lora,swin,hivg]
 
 Deterministic: every section re-seeds torch/numpy/random with 0 before it starts,
 so sections can be regenerated independently and give the same bytes.
@@ -698,6 +698,41 @@ def gen_swin_tiny() -> None:
     print("swin_tiny: ok", rel(out_dir), {k: tuple(v.shape) for k, v in io.items() if k.startswith("stage")})
 
 
+def gen_hivg_losses() -> None:
+    """DETR's sigmoid_focal_loss (alpha 0.25, gamma 2) and dice_loss with num_boxes = B, as
+    HiVG's loss_utils uses them, on random logits and 0/1 targets [B, N]."""
+    g = torch.Generator().manual_seed(9)
+    b, n = 3, 20
+    x = torch.randn(b, n, generator=g) * 3
+    t = (torch.rand(b, n, generator=g) < 0.3).float()
+
+    def focal(x):
+        prob = x.sigmoid()
+        ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+        p_t = prob * t + (1 - prob) * (1 - t)
+        loss = ce * ((1 - p_t) ** 2)
+        loss = (0.25 * t + 0.75 * (1 - t)) * loss
+        return loss.mean(1).sum() / b
+
+    def dice(x):
+        p = x.sigmoid()
+        num = 2 * (p * t).sum(1)
+        den = p.sum(-1) + t.sum(-1)
+        return (1 - (num + 1) / (den + 1)).sum() / b
+
+    io = {"x": x, "t": t}
+    for name, fn in (("focal", focal), ("dice", dice)):
+        xx = x.clone().requires_grad_(True)
+        loss = fn(xx)
+        loss.backward()
+        io[f"{name}_loss"] = loss.detach().reshape(())
+        io[f"{name}_grad"] = xx.grad
+    out = FIXTURES / "hivg"
+    out.mkdir(parents=True, exist_ok=True)
+    save_io(io, out / "golden.safetensors")
+    print("hivg: ok focal=%.5f dice=%.5f" % (io["focal_loss"], io["dice_loss"]))
+
+
 def load_io(path: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(path))
@@ -705,7 +740,7 @@ def load_io(path: Path) -> dict:
 
 SECTIONS = {"clip": gen_clip_tiny, "bert": gen_bert_tiny, "box": gen_box,
             "tok": gen_tokenizers, "roi": gen_roi, "distill": gen_distill,
-            "lora": gen_clip_lora, "swin": gen_swin_tiny}
+            "lora": gen_clip_lora, "swin": gen_swin_tiny, "hivg": gen_hivg_losses}
 
 
 def main():

@@ -10,7 +10,7 @@
 use crate::bert::{Bert, BertConfig};
 use crate::clip::{ClipTextConfig, ClipTextTransformer, ClipVisionConfig, ClipVisionTransformer};
 use crate::convnet::{ConvNet, ConvNetConfig};
-use crate::hivg::{HivgConfig, HivgVisual};
+use crate::hivg::{HivgAux, HivgAuxHeads, HivgConfig, HivgVisual};
 use crate::nn::{self, LayerNorm};
 use crate::qrnet::{grid_mask, QrNetBackbone, QrNetConfig};
 use candle_core::{DType, IndexOp, Module, Result, Tensor, D};
@@ -545,6 +545,8 @@ pub struct GrounderOutput {
     /// `BoxHead::Dense`: `[B, gh * gw]` cell scores (padding cells at -1e9) and
     /// `[B, gh * gw, 4]` every cell's normalised cxcywh box; `pred_box` is the best cell's.
     pub cells: Option<(Tensor, Tensor)>,
+    /// HiVG grounders: the auxiliary heads' token similarities and mask logits.
+    pub aux: Option<HivgAux>,
     /// Backbone outputs before fusion (distillation and region losses read these).
     pub visual: VisualFeatures,
     pub text: TextFeatures,
@@ -552,7 +554,8 @@ pub struct GrounderOutput {
 
 /// The grounder. Keys: `visual.*`, `text.*`, `visu_proj`, `text_proj`, `reg_token`,
 /// `vl_pos_embed`, `vl_transformer.layers.{i}`, `vl_transformer.norm` (pre-norm only), `bbox_embed`,
-/// and per head `token_attn.{q,k}`, `dense_coord`, `dense_direct.{q,k}`.
+/// and per head `token_attn.{q,k}`, `dense_coord`, `dense_direct.{q,k}`; with HiVG's visual
+/// encoder `hivg_aux.*` ([`HivgAuxHeads`]).
 #[derive(Debug, Clone)]
 pub struct Grounder {
     pub visual: VisualEncoder,
@@ -570,6 +573,7 @@ pub struct Grounder {
     dense_coord: Option<Linear>,
     /// `BoxHead::Dense`: query and key projections of the unfused text mean and cells.
     dense_direct: Option<(Linear, Linear)>,
+    hivg_aux: Option<HivgAuxHeads>,
     cfg: GrounderConfig,
 }
 
@@ -646,6 +650,10 @@ impl Grounder {
                     candle_nn::linear(d, d, vb.pp("dense_direct.q"))?,
                     candle_nn::linear(d, d, vb.pp("dense_direct.k"))?,
                 )),
+                _ => None,
+            },
+            hivg_aux: match cfg.visual {
+                VisualConfig::Hivg(_) => Some(HivgAuxHeads::new(vb.pp("hivg_aux"), d)?),
                 _ => None,
             },
             cfg: cfg.clone(),
@@ -769,12 +777,18 @@ impl Grounder {
             }
             (None, _) => (nn::sigmoid(&self.bbox_embed.forward(&reg)?)?, None, None),
         };
+        let text_tokens = x.narrow(D::Minus2, 1, l)?;
+        let aux = match &self.hivg_aux {
+            Some(h) => Some(h.forward(&visual_tokens, &text_tokens, text_mask, visual.grid)?),
+            None => None,
+        };
         Ok(GrounderOutput {
             pred_box,
             token_probs,
             cells,
+            aux,
             reg,
-            text_tokens: x.narrow(D::Minus2, 1, l)?,
+            text_tokens,
             visual_tokens,
             visual,
             text,
@@ -895,6 +909,9 @@ mod tests {
         assert_eq!(out.visual_tokens.dims(), &[b, cfg.visual_tokens(), 32]);
         // a loss touching every output path
         let mut loss = (out.pred_box.sum_all()? + out.visual.pooled.sqr()?.sum_all()?)?;
+        if let Some(aux) = &out.aux {
+            loss = (loss + aux.token_sim.sqr()?.mean_all()? + aux.seg.sqr()?.mean_all()?)?;
+        }
         if let Some((scores, boxes)) = &out.cells {
             let first = nn::softmax(scores)?.narrow(1, 0, 1)?.sum_all()?;
             loss = (loss + first + boxes.sum_all()?)?;

@@ -298,6 +298,96 @@ impl HivgVisual {
     }
 }
 
+/// HiVG's auxiliary heads on the fused tokens (keys `token_norm`, `token_mlp.{fc1,fc2}`,
+/// `seg_head.{0,1,2}`): the similarity of every fused patch token (layer norm, then a
+/// QuickGELU MLP `d → 6d → d`) to the L2-normalised fused text token that ends the
+/// expression, and a mask head that upsamples the fused patch grid 8x with three
+/// stride-2 transposed convolutions of kernel 2 (each a per-token linear map to a 2x2
+/// block; widths d → d/2 → d/4 → d, ReLU between) and dots every pixel with that token.
+#[derive(Debug, Clone)]
+pub struct HivgAuxHeads {
+    token_norm: LayerNorm,
+    token_mlp: ClipMlp,
+    seg_head: Vec<Linear>,
+}
+
+/// What the auxiliary heads give.
+#[derive(Debug, Clone)]
+pub struct HivgAux {
+    /// `[B, gh * gw]` patch-text similarities (logits).
+    pub token_sim: Tensor,
+    /// `[B, 8gh * 8gw]` mask logits and their grid.
+    pub seg: Tensor,
+    pub seg_grid: (usize, usize),
+}
+
+impl HivgAuxHeads {
+    pub fn new(vb: VarBuilder, d: usize) -> Result<Self> {
+        let widths = [d, d / 2, d / 4, d];
+        Ok(Self {
+            token_norm: LayerNorm::new(vb.pp("token_norm"), d, 1e-5)?,
+            token_mlp: ClipMlp::new(vb.pp("token_mlp"), d, 6 * d, Activation::QuickGelu, &[])?,
+            seg_head: (0..3)
+                .map(|i| {
+                    candle_nn::linear(widths[i], 4 * widths[i + 1], vb.pp(format!("seg_head.{i}")))
+                })
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// `visual: [B, N, d]` fused visual tokens (the last `gh * gw` are the patches), `text:
+    /// [B, L, d]` fused text tokens, `text_mask: [B, L]`.
+    pub fn forward(
+        &self,
+        visual: &Tensor,
+        text: &Tensor,
+        text_mask: &Tensor,
+        (gh, gw): (usize, usize),
+    ) -> Result<HivgAux> {
+        let (b, n, d) = visual.dims3()?;
+        let last: Vec<u32> = text_mask
+            .sum(1)?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|&s| (s as u32).saturating_sub(1))
+            .collect();
+        let idx = Tensor::from_vec(last, (b, 1, 1), visual.device())?
+            .broadcast_as((b, 1, d))?
+            .contiguous()?;
+        let eos = text.contiguous()?.gather(&idx, 1)?.squeeze(1)?; // [B, d]
+        let e = nn::l2_normalize(&eos)?.unsqueeze(2)?; // [B, d, 1]
+        let patches = visual.narrow(1, n - gh * gw, gh * gw)?;
+        let v = self
+            .token_mlp
+            .forward(&self.token_norm.forward(&patches)?)?;
+        let token_sim = v.matmul(&e)?.squeeze(2)?; // [B, gh*gw]
+        let (mut h, mut w) = (gh, gw);
+        let mut x = patches.reshape((b, h, w, d))?;
+        for (i, up) in self.seg_head.iter().enumerate() {
+            let c = up.weight().dim(0)? / 4;
+            x = up
+                .forward(&x)?
+                .reshape((b, h, w, 2, 2, c))?
+                .permute((0, 1, 3, 2, 4, 5))?
+                .contiguous()?
+                .reshape((b, 2 * h, 2 * w, c))?;
+            (h, w) = (2 * h, 2 * w);
+            if i < 2 {
+                x = x.relu()?;
+            }
+        }
+        let seg = x
+            .reshape((b, h * w, d))?
+            .matmul(&eos.unsqueeze(2)?)?
+            .squeeze(2)?;
+        Ok(HivgAux {
+            token_sim,
+            seg,
+            seg_grid: (h, w),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,6 +17,21 @@ pub struct BoxLossConfig {
     /// Cross-entropy of the dense head's cell scores (`BoxHead::Dense` only).
     #[serde(default = "one")]
     pub cell: f64,
+    /// HiVG's auxiliary losses (HiVG grounders only; HiVG: 20, 2, 20, 2; 0 = off): focal and
+    /// dice of the text-token similarity of every patch against the box mask on the patch
+    /// grid, and of the mask head against the box mask at its resolution.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub token_focal: f64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub token_dice: f64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub mask_focal: f64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub mask_dice: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 fn one() -> f64 {
@@ -30,6 +45,10 @@ impl Default for BoxLossConfig {
             l1: 1.0,
             giou: 1.0,
             cell: 1.0,
+            token_focal: 0.0,
+            token_dice: 0.0,
+            mask_focal: 0.0,
+            mask_dice: 0.0,
         }
     }
 }
@@ -130,6 +149,82 @@ pub fn dense_losses(
     let picked = boxes.gather(&idx, 1)?.squeeze(1)?; // [B, 4]
     parts.push("cell", cfg.cell, ce);
     box_losses(&picked, target, cfg, parts)
+}
+
+/// Sigmoid focal loss (DETR's / torchvision's) of logits `x` against 0/1 targets `t`, both
+/// `[B, N]`: `α_t (1 - p_t)^γ · BCE(x, t)`, mean over N, summed over B, divided by B.
+pub fn sigmoid_focal(x: &Tensor, t: &Tensor, alpha: f64, gamma: f64) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    // BCE with logits, stable: max(x, 0) - x t + log(1 + e^{-|x|})
+    let ce = ((x.relu()? - (x * t)?)? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+    let p = gk_models::nn::sigmoid(x)?;
+    let one_minus_t = t.affine(-1.0, 1.0)?;
+    let p_t = ((&p * t)? + (p.affine(-1.0, 1.0)? * &one_minus_t)?)?;
+    let modulating = p_t.affine(-1.0, 1.0)?.powf(gamma)?;
+    let alpha_t = (t.affine(alpha, 0.0)? + one_minus_t.affine(1.0 - alpha, 0.0)?)?;
+    let loss = (ce * modulating)?.mul(&alpha_t)?;
+    Ok((loss.mean(1)?.sum_all()? / b as f64)?)
+}
+
+/// DETR's dice loss of `σ(x)` against `t` (`[B, N]`): mean over B of
+/// `1 - (2 Σ p t + 1) / (Σ p + Σ t + 1)`.
+pub fn dice(x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    let p = gk_models::nn::sigmoid(x)?;
+    let num = ((&p * t)?.sum(1)? * 2.0)?.affine(1.0, 1.0)?;
+    let den = (p.sum(1)? + t.sum(1)?)?.affine(1.0, 1.0)?;
+    Ok((num / den)?.affine(-1.0, 1.0)?.mean_all()?)
+}
+
+/// HiVG's auxiliary losses (those with a non-zero weight): `token_focal` and `token_dice` of
+/// the patch-text similarities against the box mask on the patch grid, `mask_focal` and
+/// `mask_dice` of the mask logits against the box mask at the mask's resolution (HiVG
+/// upsamples the logits to the image instead; ours keeps candle's differentiable ops).
+pub fn hivg_aux_losses(
+    aux: &gk_models::hivg::HivgAux,
+    grid: (usize, usize),
+    target: &Tensor,
+    cfg: &BoxLossConfig,
+    parts: &mut LossParts,
+) -> Result<()> {
+    if cfg.token_focal > 0.0 || cfg.token_dice > 0.0 {
+        let m = box_masks(target, grid)?;
+        parts.push(
+            "token_focal",
+            cfg.token_focal,
+            sigmoid_focal(&aux.token_sim, &m, 0.25, 2.0)?,
+        );
+        parts.push("token_dice", cfg.token_dice, dice(&aux.token_sim, &m)?);
+    }
+    if cfg.mask_focal > 0.0 || cfg.mask_dice > 0.0 {
+        let m = box_masks(target, aux.seg_grid)?;
+        parts.push(
+            "mask_focal",
+            cfg.mask_focal,
+            sigmoid_focal(&aux.seg, &m, 0.25, 2.0)?,
+        );
+        parts.push("mask_dice", cfg.mask_dice, dice(&aux.seg, &m)?);
+    }
+    Ok(())
+}
+
+/// The box masks `[B, gh * gw]` of `target: [B, 4]` (normalised cxcywh) on a grid: 1 where a
+/// cell's centre lies inside the box (nearest downsampling of the box rectangle).
+pub fn box_masks(target: &Tensor, (gh, gw): (usize, usize)) -> Result<Tensor> {
+    let t = target.to_vec2::<f32>()?;
+    let mut m = vec![0f32; t.len() * gh * gw];
+    for (i, b) in t.iter().enumerate() {
+        let [x1, y1, x2, y2] = gk_box::cxcywh_to_xyxy([b[0], b[1], b[2], b[3]]);
+        for r in 0..gh {
+            let cy = (r as f32 + 0.5) / gh as f32;
+            for c in 0..gw {
+                let cx = (c as f32 + 0.5) / gw as f32;
+                if cx >= x1 && cx <= x2 && cy >= y1 && cy <= y2 {
+                    m[(i * gh + r) * gw + c] = 1.0;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (t.len(), gh * gw), target.device())?)
 }
 
 /// Row-major index of the grid cell holding each target centre (`target: [B, 4]` cxcywh).

@@ -334,6 +334,9 @@ pub fn criterion(
         )?,
         None => box_losses(&out.pred_box, target, &cfg.loss, &mut parts)?,
     }
+    if let Some(aux) = &out.aux {
+        crate::losses::hivg_aux_losses(aux, out.visual.grid, target, &cfg.loss, &mut parts)?;
+    }
     Ok(parts)
 }
 

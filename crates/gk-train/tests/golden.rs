@@ -63,7 +63,7 @@ fn weights_of_zero_drop_a_part_and_all_zero_is_an_error() {
         &BoxLossConfig {
             l1: 0.0,
             giou: 2.0,
-            cell: 1.0,
+            ..BoxLossConfig::default()
         },
         &mut parts,
     )
@@ -78,7 +78,7 @@ fn weights_of_zero_drop_a_part_and_all_zero_is_an_error() {
         &BoxLossConfig {
             l1: 0.0,
             giou: 0.0,
-            cell: 1.0,
+            ..BoxLossConfig::default()
         },
         &mut none,
     )
@@ -154,4 +154,39 @@ fn distillation_losses_match_torch() {
         "distillation losses max abs error: value {:.1e}, gradient {:.1e}",
         worst.0, worst.1
     );
+}
+
+/// HiVG's focal and dice losses against DETR's functions in torch (`gen_fixtures.py`, section
+/// `hivg`): values and gradients with respect to the logits. Tolerance 1e-5.
+#[test]
+fn focal_and_dice_match_detr() {
+    use gk_train::losses::{dice, sigmoid_focal};
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/hivg/golden.safetensors");
+    let g = candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    type LossFn<'a> = Box<dyn Fn(&Tensor) -> Tensor + 'a>;
+    let cases: Vec<(&str, LossFn)> = vec![
+        (
+            "focal",
+            Box::new(|x| sigmoid_focal(x, &g["t"], 0.25, 2.0).unwrap()),
+        ),
+        ("dice", Box::new(|x| dice(x, &g["t"]).unwrap())),
+    ];
+    for (name, f) in cases {
+        let x = Var::from_tensor(&g["x"]).unwrap();
+        let loss = f(x.as_tensor());
+        let got = loss.to_scalar::<f32>().unwrap();
+        let want = g[&format!("{name}_loss")].to_scalar::<f32>().unwrap();
+        let grad = loss.backward().unwrap().get(&x).unwrap().clone();
+        let eg = (grad - &g[&format!("{name}_grad")])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        println!("{name}: {got} vs {want}, grad max |diff| {eg:.2e}");
+        assert!((got - want).abs() < 1e-5 && eg < 1e-5, "{name}");
+    }
 }

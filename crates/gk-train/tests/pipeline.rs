@@ -398,6 +398,11 @@ fn hilora_stages_train_in_sequence() {
         targets: vec!["q_proj".into(), "v_proj".into()],
         stages: vec![stage(0), stage(1)],
     });
+    // HiVG's auxiliary losses (their weights in the paper)
+    cfg.loss.token_focal = 20.0;
+    cfg.loss.token_dice = 2.0;
+    cfg.loss.mask_focal = 20.0;
+    cfg.loss.mask_dice = 2.0;
     let out = dir.path().join("hivg");
     let e = train_stages(&out, &cfg, Some(1), &TrainOptions::default())
         .unwrap_err()
@@ -446,6 +451,13 @@ fn hilora_stages_train_in_sequence() {
             &w1["visual.bridge.0.gate.weight"]
         ) > 0.0
     );
+    let metrics = std::fs::read_to_string(out.join("stage1/metrics.jsonl")).unwrap();
+    for part in ["token_focal", "token_dice", "mask_focal", "mask_dice"] {
+        assert!(
+            metrics.contains(&format!("\"{part}\"")),
+            "{part} not logged"
+        );
+    }
     // a second call keeps both finished stages
     let again = train_stages(&out, &cfg, None, &TrainOptions::default()).unwrap();
     assert_eq!(again, done);
