@@ -265,6 +265,15 @@ impl VisualEncoder {
         }
     }
 
+    /// LoRA sets folded into the base weights (backbones without LoRA are returned as is).
+    pub fn merge_lora(&self) -> Result<Self> {
+        Ok(match self {
+            Self::ClipVit(v) => Self::ClipVit(v.merge_lora()?),
+            Self::Hivg(h) => Self::Hivg(h.merge_lora()?),
+            other => other.clone(),
+        })
+    }
+
     /// `pixels: [B, 3, S, S]`, `pixel_mask: [B, S, S]` (1 = image); the text encoder's
     /// output and mask are read by query-aware backbones only (QRNet: the pooled query;
     /// HiVG: the hidden states).
@@ -379,6 +388,14 @@ impl TextEncoder {
             TextConfig::Bert(c) => Ok(Self::Bert(Bert::new(vb, c)?)),
             TextConfig::ClipText(c) => Ok(Self::ClipText(ClipTextTransformer::new(vb, c)?)),
         }
+    }
+
+    /// LoRA sets folded into the base weights.
+    pub fn merge_lora(&self) -> Result<Self> {
+        Ok(match self {
+            Self::ClipText(t) => Self::ClipText(t.merge_lora()?),
+            other => other.clone(),
+        })
     }
 
     /// `ids, mask: [B, L]`.
@@ -662,6 +679,16 @@ impl Grounder {
 
     pub fn config(&self) -> &GrounderConfig {
         &self.cfg
+    }
+
+    /// The grounder with every LoRA set folded into its backbones' weights: the same
+    /// outputs at the cost of the plain model (used for prediction).
+    pub fn merge_lora(&self) -> Result<Self> {
+        Ok(Self {
+            visual: self.visual.merge_lora()?,
+            text: self.text.merge_lora()?,
+            ..self.clone()
+        })
     }
 
     /// `pixels: [B, 3, S, S]`, `pixel_mask: [B, S, S]` (1 = image), `ids, text_mask: [B, L]`

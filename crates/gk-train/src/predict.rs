@@ -37,7 +37,9 @@ impl Predictor {
         } else {
             "model.safetensors"
         };
-        let loaded = load_run(run, Some(weights), &dev)?;
+        let mut loaded = load_run(run, Some(weights), &dev)?;
+        // LoRA (HiLoRA stages) folded into the weights: plain-model cost at inference
+        loaded.model = loaded.model.merge_lora()?;
         let transform = TransformConfig {
             side: loaded.cfg.model.image_size as u32,
             ..loaded.cfg.optim.augment.clone()

@@ -41,8 +41,16 @@ impl std::fmt::Display for LoadReport {
         writeln!(f, "loaded {} tensors", self.loaded.len())?;
         let list =
             |f: &mut std::fmt::Formatter<'_>, what: &str, v: &[String]| -> std::fmt::Result {
-                if !v.is_empty() {
-                    writeln!(f, "{} {what}: {}", v.len(), v.join(", "))?;
+                // the first 12 names, then a count (a new adapter can miss hundreds)
+                match v.len() {
+                    0 => {}
+                    n if n <= 12 => writeln!(f, "{n} {what}: {}", v.join(", "))?,
+                    n => writeln!(
+                        f,
+                        "{n} {what}: {}, ... and {} more",
+                        v[..12].join(", "),
+                        n - 12
+                    )?,
                 }
                 Ok(())
             };
@@ -63,8 +71,9 @@ fn is_buffer(name: &str) -> bool {
 /// Loads `path` into `map`: a file tensor `src + rest` goes to model parameter `dst + rest`
 /// for each `(src, dst)` in `prefixes` (`("", "")` maps everything as is).
 ///
-/// With `strict`, anything missing, unexpected or of the wrong shape is an error that lists
-/// every such name and nothing is changed; otherwise those are skipped and reported.
+/// With `strict`, anything missing, unexpected or of the wrong shape is an error that names
+/// them (the first 12 of each kind, then a count) and nothing is changed; otherwise those
+/// are skipped and reported.
 pub fn load_prefixed(
     map: &VarMap,
     path: &Path,

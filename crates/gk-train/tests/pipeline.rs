@@ -461,4 +461,27 @@ fn hilora_stages_train_in_sequence() {
     // a second call keeps both finished stages
     let again = train_stages(&out, &cfg, None, &TrainOptions::default()).unwrap();
     assert_eq!(again, done);
+    // the merged model (what prediction uses) predicts what the unmerged one does
+    let stage1 = RunDir::open(&out.join("stage1")).unwrap();
+    let loaded = train::load_run(&stage1, Some("best.safetensors"), &Device::Cpu).unwrap();
+    let merged = loaded.model.merge_lora().unwrap();
+    let val = train::load_set(&loaded.cfg, &loaded.cfg.data.val).unwrap();
+    let loader = train::eval_loader(&loaded.cfg, val, &loaded.tok);
+    let batch = loader.epoch(0).next().unwrap().unwrap();
+    let run = |m: &gk_models::grounder::Grounder| {
+        m.forward(
+            &batch.pixels,
+            &batch.pixel_mask,
+            &batch.ids,
+            &batch.text_mask,
+            false,
+        )
+        .unwrap()
+        .pred_box
+    };
+    let d = diff(&run(&loaded.model), &run(&merged));
+    assert!(d < 1e-4, "merged LoRA moved the boxes by {d}");
+    let p = gk_train::predict::Predictor::open(&stage1).unwrap();
+    let img = image::RgbImage::from_pixel(64, 48, image::Rgb([90, 120, 200]));
+    p.predict(&img, "the blue square").unwrap();
 }
