@@ -19,7 +19,8 @@ pub struct BenchArgs {
     iters: usize,
     /// Which models: clip-b16-vision, grounder-clip-b16 (forward); synth-small (the demo
     /// grounder's forward) and synth-small-train (one training step of it: forward, loss,
-    /// backward, clipping, AdamW).
+    /// backward, clipping, AdamW); qrnet-synth[-train], hivg-synth[-train] the same for
+    /// QRNet-tiny and HiVG-tiny (the benchmark presets).
     #[arg(
         long,
         value_delimiter = ',',
@@ -75,9 +76,14 @@ fn case(name: &str, vb: VarBuilder) -> Result<Case> {
                 }))
             })
         }
-        "synth-small" | "synth-small-train" => {
+        "synth-small" | "synth-small-train" | "qrnet-synth" | "qrnet-synth-train"
+        | "hivg-synth" | "hivg-synth-train" => {
             let train = name.ends_with("-train");
-            let cfg = GrounderConfig::synth_small();
+            let cfg = match name.trim_end_matches("-train") {
+                "qrnet-synth" => GrounderConfig::qrnet_synth(),
+                "hivg-synth" => GrounderConfig::hivg_synth(),
+                _ => GrounderConfig::synth_small(),
+            };
             let map = VarMap::new();
             let g = std::rc::Rc::new(Grounder::new(
                 gk_train::init::seeded_var_builder(&map, 0, &dev),
@@ -114,7 +120,7 @@ fn case(name: &str, vb: VarBuilder) -> Result<Case> {
             })
         }
         other => {
-            anyhow::bail!("unknown bench model {other:?} (clip-b16-vision, grounder-clip-b16, synth-small, synth-small-train)")
+            anyhow::bail!("unknown bench model {other:?} (clip-b16-vision, grounder-clip-b16, synth-small[-train], qrnet-synth[-train], hivg-synth[-train])")
         }
     })
 }

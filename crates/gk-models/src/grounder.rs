@@ -196,6 +196,46 @@ impl GrounderConfig {
         }
     }
 
+    /// HiVG-tiny for the embedded benchmark, the model of `configs/hivg-synth.toml`: the
+    /// benchmark teacher's CLIP shapes (`PretrainConfig::synth()`, word-level vocabulary of
+    /// 73 on the seed-0 benchmark), bridges in vision layers 1 and 3, multi-level tokens from
+    /// hidden states 2 and 4, the demo's fusion and dense head at 128 px.
+    pub fn hivg_synth() -> Self {
+        let vision = ClipVisionConfig {
+            hidden_size: 128,
+            intermediate_size: 256,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            image_size: 64,
+            patch_size: 8,
+            ..ClipVisionConfig::tiny()
+        };
+        Self {
+            visual: VisualConfig::Hivg(HivgConfig {
+                vision,
+                bridge_layers: vec![1, 3],
+                text_layers: vec![3],
+                multi_layers: vec![2, 4],
+                text_dim: 128,
+                text_len: 20,
+                proj_dim: 128,
+            }),
+            text: TextConfig::ClipText(ClipTextConfig {
+                vocab_size: 73,
+                hidden_size: 128,
+                intermediate_size: 256,
+                num_hidden_layers: 3,
+                num_attention_heads: 4,
+                max_position_embeddings: 48,
+                pad_token_id: 0,
+                bos_token_id: 2,
+                eos_token_id: 3,
+                ..ClipTextConfig::tiny()
+            }),
+            ..Self::synth_small()
+        }
+    }
+
     /// Number of visual tokens the fusion sees (CLS + patches).
     pub fn visual_tokens(&self) -> usize {
         match &self.visual {

@@ -163,6 +163,12 @@ fn committed_configs_parse() {
                 gk_models::grounder::VisualConfig::Hivg(gk_models::hivg::HivgConfig::clip_b16())
             );
         }
+        if p.ends_with("hivg-synth.toml") {
+            let mut want = GrounderConfig::hivg_synth();
+            want.head = cfg.model.head;
+            assert_eq!(cfg.model.visual, want.visual);
+            assert_eq!(cfg.model.text, want.text);
+        }
         if p.ends_with("qrnet-synth.toml") {
             assert_eq!(cfg.model.visual, GrounderConfig::qrnet_synth().visual);
         }
