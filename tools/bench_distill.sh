@@ -51,7 +51,7 @@ config() { # name -> config file
 # the cache with SLA scores, built once (its cost is one-off per teacher and training set)
 start=$(date +%s.%N)
 RAYON_NUM_THREADS=$THREADS "$BIN" train --config "$(config duet-cached)" --out "$OUT/warm" --stop-after 1 >/dev/null 2>&1
-cache_s=$(echo "$(date +%s.%N) - $start" | bc)
+cache_s=$(printf '%.1f' "$(echo "$(date +%s.%N) - $start" | bc)")
 echo "cache build (or hit) + 1 step: ${cache_s} s" >&2
 
 echo "| variant | samples/s | ms/step (batch 32) | overhead vs baseline |"
