@@ -231,12 +231,18 @@ impl ClipAttention {
         })
     }
 
-    /// `x: [B, L, C]`, `bias` additive `[B|1, 1, L|1, L]` -> `[B, L, C]`.
+    /// Self-attention: `x: [B, L, C]`, `bias` additive `[B|1, 1, L|1, L]` -> `[B, L, C]`.
     pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_kv(x, x, bias)
+    }
+
+    /// Cross-attention (HiVG's bridge): queries from `x: [B, N, C]`, keys and values from
+    /// `kv: [B, L, C]`, `bias` broadcastable to `[B, heads, N, L]` -> `[B, N, C]`.
+    pub fn forward_kv(&self, x: &Tensor, kv: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let (q, k, v) = (
             self.q_proj.forward(x)?,
-            self.k_proj.forward(x)?,
-            self.v_proj.forward(x)?,
+            self.k_proj.forward(kv)?,
+            self.v_proj.forward(kv)?,
         );
         self.out_proj
             .forward(&nn::attention(&q, &k, &v, self.heads, bias)?)
@@ -506,20 +512,14 @@ impl ClipVisionTransformer {
 
     /// Patch + class + position embeddings, then `pre_layrnorm`: `[B, 1 + N, C]`.
     pub fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
-        let (b, ch, h, w) = pixels.dims4()?;
+        let (b, _, h, w) = pixels.dims4()?;
         let p = self.cfg.patch_size;
         let c = self.cfg.hidden_size;
         let (gh, gw) = (h / p, w / p);
         if gh * p != h || gw * p != w {
             candle_core::bail!("image size {h}x{w} is not a multiple of the patch size {p}");
         }
-        let patches = pixels
-            .reshape((b, ch, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))? // [B, gh, gw, ch, p, p]
-            .contiguous()?
-            .reshape((b * gh * gw, ch * p * p))?
-            .matmul(&self.patch_embedding.reshape((c, ch * p * p))?.t()?)?
-            .reshape((b, gh * gw, c))?; // [B, N, C]
+        let patches = nn::patch_embed(pixels, &self.patch_embedding)?; // [B, N, C]
         let cls = self
             .class_embedding
             .reshape((1, 1, c))?

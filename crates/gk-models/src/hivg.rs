@@ -15,12 +15,13 @@
 //! text across the samples of a batch); the MLP's output layer starts at zero and `E_k` at
 //! zero, so a fresh bridge leaves the pretrained CLIP unchanged. Keys: the CLIP tower's own
 //! (`embeddings.*`, `pre_layrnorm`, `encoder.layers.*`, `post_layernorm`), then
-//! `bridge.{j}.{adaptive.{k}, gate, cross_norm, cross_attn.{q,k,v,out}_proj, cross_mlp.fc1,
+//! `bridge.{j}.{adaptive.{k}, gate, cross_norm, cross_attn.{q,k,v,out}_proj (a CLIP attention
+//! run as cross-attention), cross_mlp.fc1,
 //! cross_mlp.fc2}` and `ml_visual_projection`. LoRA sets of the vision config also land on
 //! the bridge's attention projections (HiVG's LoRA targets match them by name).
 
-use crate::clip::{ClipMlp, ClipVisionConfig, ClipVisionTransformer};
-use crate::lora::{self, LoraLinear};
+use crate::clip::{ClipAttention, ClipMlp, ClipVisionConfig, ClipVisionTransformer};
+use crate::lora::LoraLinear;
 use crate::nn::{self, Activation, LayerNorm};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
@@ -73,57 +74,13 @@ impl HivgConfig {
     }
 }
 
-/// Multi-head cross-attention with CLIP's projection names (each a [`LoraLinear`]).
-#[derive(Debug, Clone)]
-struct CrossAttention {
-    q_proj: LoraLinear,
-    k_proj: LoraLinear,
-    v_proj: LoraLinear,
-    out_proj: LoraLinear,
-    heads: usize,
-}
-
-impl CrossAttention {
-    fn new(vb: VarBuilder, dim: usize, heads: usize, cfg: &ClipVisionConfig) -> Result<Self> {
-        Ok(Self {
-            q_proj: lora::linear(dim, dim, vb.pp("q_proj"), &cfg.lora)?,
-            k_proj: lora::linear(dim, dim, vb.pp("k_proj"), &cfg.lora)?,
-            v_proj: lora::linear(dim, dim, vb.pp("v_proj"), &cfg.lora)?,
-            out_proj: lora::linear(dim, dim, vb.pp("out_proj"), &cfg.lora)?,
-            heads,
-        })
-    }
-
-    /// `x: [B, N, C]` queries, `t: [B, L, C]` keys/values, `bias` `[B, 1, 1, L]`.
-    fn forward(&self, x: &Tensor, t: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let attn = nn::attention(
-            &self.q_proj.forward(x)?,
-            &self.k_proj.forward(t)?,
-            &self.v_proj.forward(t)?,
-            self.heads,
-            Some(bias),
-        )?;
-        self.out_proj.forward(&attn)
-    }
-
-    fn merge_lora(&self) -> Result<Self> {
-        Ok(Self {
-            q_proj: self.q_proj.merge()?,
-            k_proj: self.k_proj.merge()?,
-            v_proj: self.v_proj.merge()?,
-            out_proj: self.out_proj.merge()?,
-            heads: self.heads,
-        })
-    }
-}
-
 /// One bridge.
 #[derive(Debug, Clone)]
 struct Bridge {
     adaptive: Vec<Tensor>,
     gate: Linear,
     cross_norm: LayerNorm,
-    cross_attn: CrossAttention,
+    cross_attn: ClipAttention,
     cross_mlp: ClipMlp,
 }
 
@@ -154,7 +111,7 @@ impl Bridge {
                 .collect::<Result<_>>()?,
             gate: candle_nn::linear(cfg.text_dim * cfg.text_layers.len(), c, vb.pp("gate"))?,
             cross_norm: LayerNorm::new(vb.pp("cross_norm"), c, v.layer_norm_eps)?,
-            cross_attn: CrossAttention::new(vb.pp("cross_attn"), c, v.num_attention_heads, v)?,
+            cross_attn: ClipAttention::new(vb.pp("cross_attn"), c, v.num_attention_heads, &v.lora)?,
             cross_mlp: ClipMlp::from_parts(
                 LoraLinear::plain(fc1),
                 LoraLinear::plain(fc2),
@@ -177,7 +134,7 @@ impl Bridge {
     fn forward(&self, h: &Tensor, t: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let a = self
             .cross_attn
-            .forward(&self.cross_norm.forward(h)?, t, bias)?;
+            .forward_kv(&self.cross_norm.forward(h)?, t, Some(bias))?;
         h + self.cross_mlp.forward(&a)?
     }
 

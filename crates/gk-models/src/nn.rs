@@ -148,6 +148,22 @@ pub fn causal_bias(l: usize, dtype: DType, device: &candle_core::Device) -> Resu
     Tensor::from_vec(v, (1, 1, l, l), device)?.to_dtype(dtype)
 }
 
+/// A stride-`p` convolution with kernel `weight: [C, ch, p, p]` (no bias) as patchify +
+/// matmul, equal to PyTorch's `Conv2d` (whose candle backward is very slow on CPU):
+/// `pixels: [B, ch, gh*p, gw*p]` -> `[B, gh*gw, C]`, patches row-major.
+pub fn patch_embed(pixels: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (b, ch, h, w) = pixels.dims4()?;
+    let (c, _, p, _) = weight.dims4()?;
+    let (gh, gw) = (h / p, w / p);
+    pixels
+        .reshape((b, ch, gh, p, gw, p))?
+        .permute((0, 2, 4, 1, 3, 5))? // [B, gh, gw, ch, p, p]
+        .contiguous()?
+        .reshape((b * gh * gw, ch * p * p))?
+        .matmul(&weight.reshape((c, ch * p * p))?.t()?)?
+        .reshape((b, gh * gw, c))
+}
+
 /// Scaled dot-product attention over heads.
 ///
 /// `q: [B, Lq, C]`, `k, v: [B, Lk, C]`, `bias` broadcastable to `[B, H, Lq, Lk]`;

@@ -135,7 +135,6 @@ pub struct DynamicLinear {
     u: Linear,
     v: Tensor,
     cin: usize,
-    cout: usize,
     rank: usize,
 }
 
@@ -152,7 +151,6 @@ impl DynamicLinear {
             u: candle_nn::linear(query_dim, (cin + 1) * rank, vb.pp("u"))?,
             v: vb.get_with_hints((rank, cout), "v", candle_nn::Init::Const(0.0))?,
             cin,
-            cout,
             rank,
         })
     }
@@ -168,10 +166,6 @@ impl DynamicLinear {
         let w = p.narrow(1, 0, self.cin)?;
         let bias = p.narrow(1, self.cin, 1)?; // [B, 1, cout]
         x.matmul(&w)?.broadcast_add(&bias)
-    }
-
-    pub fn out_dim(&self) -> usize {
-        self.cout
     }
 }
 
@@ -222,16 +216,18 @@ impl QdAtt {
     }
 }
 
-/// Nearest-neighbour resize of `[B, H, W, C]` to `(h, w)` (PyTorch's `nearest`:
-/// source index `floor(i · H / h)`), by gathers so it differentiates for any sizes.
+/// PyTorch's `nearest` source indices for resizing `from` to `n`: `floor(i · from / n)`.
+fn nearest_index(n: usize, from: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    let v: Vec<u32> = (0..n).map(|i| (i * from / n) as u32).collect();
+    Tensor::from_vec(v, n, dev)
+}
+
+/// Nearest-neighbour resize of `[B, H, W, C]` to `(h, w)`, by gathers so it differentiates
+/// for any sizes.
 fn resize_nearest(x: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
     let (_, hi, wi, _) = x.dims4()?;
-    let idx = |n: usize, from: usize| -> Result<Tensor> {
-        let v: Vec<u32> = (0..n).map(|i| (i * from / n) as u32).collect();
-        Tensor::from_vec(v, n, x.device())
-    };
-    x.index_select(&idx(h, hi)?, 1)?
-        .index_select(&idx(w, wi)?, 2)
+    x.index_select(&nearest_index(h, hi, x.device())?, 1)?
+        .index_select(&nearest_index(w, wi, x.device())?, 2)
 }
 
 /// 2x2 average pooling of `[B, H, W, C]`, odd sides zero-padded: `[B, ⌈H/2⌉, ⌈W/2⌉, C]`.
@@ -320,10 +316,6 @@ impl QrNetBackbone {
         })
     }
 
-    pub fn config(&self) -> &QrNetConfig {
-        &self.cfg
-    }
-
     /// `pixels: [B, 3, S, S]`, `query: [B, Dq]`.
     pub fn forward(&self, pixels: &Tensor, query: &Tensor) -> Result<QrNetOutput> {
         let out = self
@@ -393,15 +385,11 @@ impl QrNetBackbone {
 
 /// `[B, S, S]` pixel mask -> `[B, gh*gw]` by nearest sampling (any grid size).
 pub fn grid_mask(pixel_mask: &Tensor, (gh, gw): (usize, usize)) -> Result<Tensor> {
-    let (_, h, w) = pixel_mask.dims3()?;
-    let b = pixel_mask.dim(0)?;
-    let idx = |n: usize, from: usize| -> Result<Tensor> {
-        let v: Vec<u32> = (0..n).map(|i| (i * from / n) as u32).collect();
-        Tensor::from_vec(v, n, pixel_mask.device())
-    };
+    let (b, h, w) = pixel_mask.dims3()?;
+    let dev = pixel_mask.device();
     pixel_mask
-        .index_select(&idx(gh, h)?, 1)?
-        .index_select(&idx(gw, w)?, 2)?
+        .index_select(&nearest_index(gh, h, dev)?, 1)?
+        .index_select(&nearest_index(gw, w, dev)?, 2)?
         .reshape((b, gh * gw))
 }
 

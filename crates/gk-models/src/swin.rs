@@ -402,26 +402,16 @@ impl Swin {
         })
     }
 
-    pub fn config(&self) -> &SwinConfig {
-        &self.cfg
-    }
-
     /// Patch embedding (input padded to a multiple of the patch size) and its norm:
     /// `[B, 3, H, W]` -> `[B, gh*gw, C]`, `(gh, gw)`.
     fn embed(&self, pixels: &Tensor) -> Result<(Tensor, (usize, usize))> {
-        let (b, ch, h, w) = pixels.dims4()?;
-        let (p, c) = (self.cfg.patch_size, self.cfg.embed_dim);
+        let (_, _, h, w) = pixels.dims4()?;
+        let p = self.cfg.patch_size;
         let (gh, gw) = (h.div_ceil(p), w.div_ceil(p));
-        let x = pixels
+        let padded = pixels
             .pad_with_zeros(2, 0, gh * p - h)?
-            .pad_with_zeros(3, 0, gw * p - w)?
-            .reshape((b, ch, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))? // [B, gh, gw, ch, p, p]
-            .contiguous()?
-            .reshape((b * gh * gw, ch * p * p))?
-            .matmul(&self.projection.reshape((c, ch * p * p))?.t()?)?
-            .broadcast_add(&self.projection_bias)?
-            .reshape((b, gh * gw, c))?;
+            .pad_with_zeros(3, 0, gw * p - w)?;
+        let x = nn::patch_embed(&padded, &self.projection)?.broadcast_add(&self.projection_bias)?;
         Ok((self.embed_norm.forward(&x)?, (gh, gw)))
     }
 
