@@ -129,21 +129,19 @@ fn train_stages(a: &TrainArgs, cfg: &RunConfig, out: &std::path::Path) -> Result
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
-    if let (Some(cfg_path), Some(out)) = (&a.config, &a.out) {
-        let text = std::fs::read_to_string(cfg_path)
-            .with_context(|| format!("reading {}", cfg_path.display()))?;
-        let cfg: RunConfig = toml::from_str(&text)
-            .with_context(|| format!("{}: not a valid run config", cfg_path.display()))?;
-        if cfg.hilora.is_some() {
-            return train_stages(&a, &cfg, out);
-        }
-        if a.stage.is_some() {
-            anyhow::bail!("--stage needs a config with [hilora] stages");
-        }
-    }
     let run = match (&a.resume, &a.config, &a.out) {
         (Some(dir), _, _) => RunDir::open(dir)?,
-        (None, Some(cfg), Some(out)) => {
+        (None, Some(cfg_path), Some(out)) => {
+            let text = std::fs::read_to_string(cfg_path)
+                .with_context(|| format!("reading {}", cfg_path.display()))?;
+            let cfg: RunConfig = toml::from_str(&text)
+                .with_context(|| format!("{}: not a valid run config", cfg_path.display()))?;
+            if cfg.hilora.is_some() {
+                return train_stages(&a, &cfg, out);
+            }
+            if a.stage.is_some() {
+                anyhow::bail!("--stage needs a config with [hilora] stages");
+            }
             if out.join("trainer_state.json").exists() {
                 anyhow::bail!(
                     "{} already holds a run: use --resume {} to continue it",
@@ -151,10 +149,6 @@ pub fn train(a: TrainArgs) -> Result<()> {
                     out.display()
                 );
             }
-            let text = std::fs::read_to_string(cfg)
-                .with_context(|| format!("reading {}", cfg.display()))?;
-            let cfg: RunConfig = toml::from_str(&text)
-                .with_context(|| format!("{}: not a valid run config", cfg.display()))?;
             train::prepare(out, cfg)?
         }
         _ => anyhow::bail!("give --config FILE --out RUN_DIR, or --resume RUN_DIR"),

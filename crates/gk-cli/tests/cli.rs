@@ -394,16 +394,14 @@ fn pretrain_teacher_and_ablate_distill() {
         text.contains("i2t R@1") && text.contains("object crops"),
         "{text}"
     );
-    let out = dir.path().join("ablate");
-    let args = |variants: &str| {
-        groundkit(&[
+    // `ablate` at toy size: one seed, full data, one epoch
+    let ablate = |recipe: &str, out: &Path, extra: &[&str]| {
+        let mut args = vec![
             "ablate",
             "--recipe",
-            "distill",
+            recipe,
             "--data",
             data.to_str().unwrap(),
-            "--teacher",
-            teacher.to_str().unwrap(),
             "--out",
             out.to_str().unwrap(),
             "--seeds",
@@ -412,9 +410,18 @@ fn pretrain_teacher_and_ablate_distill() {
             "1.0",
             "--epochs",
             "1",
-            "--variants",
-            variants,
-        ])
+        ];
+        args.extend_from_slice(extra);
+        groundkit(&args)
+    };
+    let out = dir.path().join("ablate");
+    let teacher_arg = teacher.to_str().unwrap();
+    let args = |variants: &str| {
+        ablate(
+            "distill",
+            &out,
+            &["--teacher", teacher_arg, "--variants", variants],
+        )
     };
     assert_clean_failure(&args("baseline,nonsense"), "unknown variant");
     let o = args("baseline,epmvg,duet");
@@ -429,25 +436,7 @@ fn pretrain_teacher_and_ablate_distill() {
     assert!(out.join("ablation.png").is_file() && out.join("results.json").is_file());
 
     let qout = dir.path().join("ablate_qrnet");
-    let qrnet = |extra: &[&str]| {
-        let mut args = vec![
-            "ablate",
-            "--recipe",
-            "qrnet",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            qout.to_str().unwrap(),
-            "--seeds",
-            "0",
-            "--fractions",
-            "1.0",
-            "--epochs",
-            "1",
-        ];
-        args.extend_from_slice(extra);
-        groundkit(&args)
-    };
+    let qrnet = |extra: &[&str]| ablate("qrnet", &qout, extra);
     assert_clean_failure(
         &qrnet(&["--variants", "qrnet,duet"]),
         "unknown variant duet",
