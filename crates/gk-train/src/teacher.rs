@@ -163,36 +163,38 @@ impl Teacher {
         self.image_embeds(&crops)
     }
 
-    /// For records on one image (`targets` pixel xyxy, `texts` their text embeddings
-    /// `[R, P]`): the target regions' embeddings `[R, P]` and, when `offsets` are given (one
-    /// list per record), the teacher's `[R, 1 + K]` scores of the target crop (column 0) and
-    /// of each SLA candidate's crop against the record's expression.
+    /// For records (`targets`: each record's image and pixel-xyxy box; `texts` their text
+    /// embeddings `[R, P]`): the target regions' embeddings `[R, P]` and, when `offsets` are
+    /// given (one list per record), the teacher's `[R, 1 + K]` scores of the target crop
+    /// (column 0) and of each SLA candidate's crop against the record's expression. All
+    /// crops go through the teacher together.
     pub fn regions_and_sla(
         &self,
-        image: &RgbImage,
-        targets: &[Box4],
+        targets: &[(&RgbImage, Box4)],
         offsets: Option<&[Vec<Offset>]>,
         texts: &Tensor,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let Some(offsets) = offsets else {
-            return Ok((self.region_embeds(image, targets)?, None));
-        };
-        let k = offsets.first().map_or(0, Vec::len);
-        let mut boxes = Vec::with_capacity(targets.len() * (k + 1));
-        for (t, offs) in targets.iter().zip(offsets) {
-            boxes.push(*t);
-            let c = gk_box::xyxy_to_cxcywh(*t);
-            boxes.extend(
-                offs.iter()
-                    .map(|&o| gk_box::cxcywh_to_xyxy(apply_offset(c, o))),
-            );
+        let k = offsets.and_then(|o| o.first()).map_or(0, Vec::len);
+        let mut crops = Vec::with_capacity(targets.len() * (k + 1));
+        for (i, &(image, t)) in targets.iter().enumerate() {
+            crops.push(region_crop(image, t));
+            if let Some(offsets) = offsets {
+                let c = gk_box::xyxy_to_cxcywh(t);
+                crops.extend(
+                    offsets[i]
+                        .iter()
+                        .map(|&o| region_crop(image, gk_box::cxcywh_to_xyxy(apply_offset(c, o)))),
+                );
+            }
         }
-        let r = targets.len();
         let e = self
-            .region_embeds(image, &boxes)?
-            .reshape((r, k + 1, self.dim))?;
-        let scores = e.broadcast_mul(&texts.unsqueeze(1)?)?.sum(2)?; // [R, 1 + K]
-        Ok((e.narrow(1, 0, 1)?.squeeze(1)?, Some(scores)))
+            .image_embeds(&crops)?
+            .reshape((targets.len(), k + 1, self.dim))?;
+        let scores = match offsets {
+            Some(_) => Some(e.broadcast_mul(&texts.unsqueeze(1)?)?.sum(2)?), // [R, 1 + K]
+            None => None,
+        };
+        Ok((e.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?, scores))
     }
 
     /// The teacher's embeddings of a training batch as the student sees it (augmented,
@@ -211,46 +213,32 @@ impl Teacher {
         let texts: Vec<&str> = batch.exprs.iter().map(String::as_str).collect();
         let text = self.text_embeds(&texts)?;
         let image = self.image_embeds(&images)?;
-        let targets = batch.target.to_vec2::<f32>()?;
-        let (mut regions, mut score_rows) = (Vec::new(), Vec::new());
-        let mut sla_batch = SlaBatch {
-            offsets: Vec::new(),
-            scores: Vec::new(),
-            target: Vec::new(),
-        };
-        for (i, im) in images.iter().enumerate() {
-            let t = gk_box::cxcywh_to_xyxy([
-                targets[i][0],
-                targets[i][1],
-                targets[i][2],
-                targets[i][3],
-            ]);
-            let t = [t[0] * side, t[1] * side, t[2] * side, t[3] * side];
-            let offs = vec![sla_offsets(ids[i])];
-            let (region, scores) = self.regions_and_sla(
-                im,
-                &[t],
-                sla.then_some(offs.as_slice()),
-                &text.narrow(0, i, 1)?,
-            )?;
-            regions.push(region);
-            if let Some(sc) = scores {
-                score_rows.push(sc);
-                sla_batch.offsets.extend(offs);
+        let targets: Vec<(&RgbImage, Box4)> = images
+            .iter()
+            .zip(batch.target.to_vec2::<f32>()?)
+            .map(|(im, t)| {
+                let b = gk_box::cxcywh_to_xyxy([t[0], t[1], t[2], t[3]]);
+                (im, b.map(|v| v * side))
+            })
+            .collect();
+        let offsets: Vec<Vec<Offset>> = ids.iter().map(|id| sla_offsets(id)).collect();
+        let (region, scores) =
+            self.regions_and_sla(&targets, sla.then_some(offsets.as_slice()), &text)?;
+        let sla = match scores {
+            Some(scores) => {
+                let scores = scores.to_vec2::<f32>()?;
+                Some(SlaBatch {
+                    offsets,
+                    target: scores.iter().map(|r| r[0]).collect(),
+                    scores: scores.into_iter().map(|r| r[1..].to_vec()).collect(),
+                })
             }
-        }
-        let sla = if sla {
-            let scores = Tensor::cat(&score_rows, 0)?.to_vec2::<f32>()?;
-            sla_batch.target = scores.iter().map(|r| r[0]).collect();
-            sla_batch.scores = scores.into_iter().map(|r| r[1..].to_vec()).collect();
-            Some(sla_batch)
-        } else {
-            None
+            None => None,
         };
         Ok(TeacherBatch {
             image,
             text,
-            region: Tensor::cat(&regions, 0)?,
+            region,
             scale: f64::from(self.model.logit_scale()?.to_scalar::<f32>()?),
             sla,
         })
@@ -898,26 +886,29 @@ impl FeatureCache {
                 .map(|recs| ds.get(recs[0]).map(|s| s.image))
                 .collect::<std::result::Result<_, _>>()?;
             embeds.push(teacher.image_embeds(&decoded)?);
-            for (img, recs) in decoded.iter().zip(chunk) {
-                let boxes: Vec<Box4> = recs.iter().map(|&i| ds.records[i].bbox_xyxy).collect();
-                let offsets: Vec<Vec<Offset>> = recs
-                    .iter()
-                    .map(|&i| sla_offsets(&ds.records[i].id))
-                    .collect();
-                let idx: Vec<u32> = recs.iter().map(|&i| i as u32).collect();
-                let rec_text = text.index_select(&Tensor::new(idx.as_slice(), &teacher.dev)?, 0)?;
-                let (region, scores) = teacher.regions_and_sla(
-                    img,
-                    &boxes,
-                    sla.then_some(offsets.as_slice()),
-                    &rec_text,
-                )?;
-                region_parts.push(region);
-                sla_parts.extend(scores);
-                for &i in recs {
-                    region_row[i] = next;
-                    next += 1;
-                }
+            // every record on these images, in one teacher pass
+            let recs: Vec<(usize, &RgbImage)> = decoded
+                .iter()
+                .zip(chunk)
+                .flat_map(|(img, recs)| recs.iter().map(move |&i| (i, img)))
+                .collect();
+            let targets: Vec<(&RgbImage, Box4)> = recs
+                .iter()
+                .map(|&(i, img)| (img, ds.records[i].bbox_xyxy))
+                .collect();
+            let offsets: Vec<Vec<Offset>> = recs
+                .iter()
+                .map(|&(i, _)| sla_offsets(&ds.records[i].id))
+                .collect();
+            let idx: Vec<u32> = recs.iter().map(|&(i, _)| i as u32).collect();
+            let rec_text = text.index_select(&Tensor::new(idx.as_slice(), &teacher.dev)?, 0)?;
+            let (region, scores) =
+                teacher.regions_and_sla(&targets, sla.then_some(offsets.as_slice()), &rec_text)?;
+            region_parts.push(region);
+            sla_parts.extend(scores);
+            for &(i, _) in &recs {
+                region_row[i] = next;
+                next += 1;
             }
             progress(n + c * CHUNK + chunk.len(), total);
         }
