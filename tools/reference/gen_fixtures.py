@@ -3,7 +3,7 @@
 
 Run with the reference venv (see tools/reference/README.md):
 
-    .venv-ref/bin/python tools/reference/gen_fixtures.py [--only clip,bert,box,tok,roi,distill,lora,swin,hivg]
+    .venv-ref/bin/python tools/reference/gen_fixtures.py [--only clip,bert,box,tok,roi,distill,lora,swin,hivg,ckd]
 
 Deterministic: every section re-seeds torch/numpy/random with 0 before it starts,
 so sections can be regenerated independently and give the same bytes.
@@ -733,6 +733,71 @@ def gen_hivg_losses() -> None:
     print("hivg: ok focal=%.5f dice=%.5f" % (io["focal_loss"], io["dice_loss"]))
 
 
+def gen_ckd() -> None:
+    """CKD's scores and losses (gk-train/src/ckd.rs) written in torch from the TF code's
+    semantics (nce_distill_model.py): s = <e_p, e_r>; S[i, j] = 2 * sum_p max_r s (padding
+    masked); NCE = CE(S, i) with same-image pairs removed; distillation over the K regions
+    with the highest IoU with the student's top region, teacher softmax(P - mean), soft-label
+    CE of softmax(scale * s); total = nce + ramp(1234) * distill."""
+    from torchvision.ops import box_iou
+    g = torch.Generator().manual_seed(11)
+    b, p, r, e, c, k = 4, 3, 6, 8, 5, 3
+    phrases = F.normalize(torch.randn(b, p, e, generator=g), dim=-1)
+    regions = F.normalize(torch.randn(b, r, e, generator=g), dim=-1)
+    region_valid = torch.ones(b, r)
+    region_valid[2, 4:] = 0
+    phrase_valid = torch.ones(b, p)
+    phrase_valid[1, 2:] = 0
+    phrase_valid[3, 1:] = 0
+    image_of = [0, 1, 0, 2]
+    exclude = torch.tensor([[float(i != j and image_of[i] == image_of[j]) for j in range(b)]
+                            for i in range(b)])
+    xy = torch.rand(b, r, 2, generator=g) * 40
+    wh = torch.rand(b, r, 2, generator=g) * 30 + 5
+    boxes = torch.cat([xy, xy + wh], -1)
+    posteriors = torch.softmax(torch.randn(b, r, c + 1, generator=g) * 2, -1)
+    classes = torch.tensor([[0, 3, -1], [2, -1, 1], [4, 4, 0], [1, 2, 2]])
+    scale, student_scale, lam = 2.0, 1.5, min(0.001 + 1234 // 500, 3.0)
+
+    def losses(ph, rg):
+        s = torch.einsum("ipe,jre->ipjr", ph, rg)
+        masked = s.masked_fill(region_valid[None, None] == 0, -1e9)
+        S = scale * (masked.max(-1).values * phrase_valid[:, :, None]).sum(1)
+        nce = F.cross_entropy(S - 1e4 * exclude, torch.arange(b))
+        terms = []
+        for i in range(b):
+            n = int(region_valid[i].sum())
+            for j in range(p):
+                if phrase_valid[i, j] == 0 or classes[i, j] < 0:
+                    continue
+                own = s[i, j, i, :n]
+                top = int(own.argmax())
+                iou = box_iou(boxes[i, :n], boxes[i, top:top + 1])[:, 0]
+                order = sorted(range(n), key=lambda q: (-float(iou[q]), q))[:k]
+                t = posteriors[i, order, classes[i, j]]
+                q = torch.softmax(t - t.mean(), -1)
+                terms.append(-(q * F.log_softmax(student_scale * own[order], -1)).sum())
+        distill = torch.stack(terms).mean()
+        return S, nce, distill
+
+    ph = phrases.clone().requires_grad_(True)
+    rg = regions.clone().requires_grad_(True)
+    S, nce, distill = losses(ph, rg)
+    total = nce + lam * distill
+    total.backward()
+    io = {"phrases": phrases, "regions": regions, "region_valid": region_valid,
+          "phrase_valid": phrase_valid, "exclude": exclude, "boxes": boxes,
+          "posteriors": posteriors, "classes": classes.float(), "S": S.detach(),
+          "nce": nce.detach().reshape(()), "distill": distill.detach().reshape(()),
+          "total": total.detach().reshape(()), "grad_phrases": ph.grad, "grad_regions": rg.grad,
+          "scale": torch.tensor(scale), "student_scale": torch.tensor(student_scale),
+          "k": torch.tensor(float(k))}
+    out = FIXTURES / "ckd"
+    out.mkdir(parents=True, exist_ok=True)
+    save_io(io, out / "golden.safetensors")
+    print(f"ckd: ok nce={nce.item():.5f} distill={distill.item():.5f} total={total.item():.5f}")
+
+
 def load_io(path: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(path))
@@ -740,7 +805,8 @@ def load_io(path: Path) -> dict:
 
 SECTIONS = {"clip": gen_clip_tiny, "bert": gen_bert_tiny, "box": gen_box,
             "tok": gen_tokenizers, "roi": gen_roi, "distill": gen_distill,
-            "lora": gen_clip_lora, "swin": gen_swin_tiny, "hivg": gen_hivg_losses}
+            "lora": gen_clip_lora, "swin": gen_swin_tiny, "hivg": gen_hivg_losses,
+            "ckd": gen_ckd}
 
 
 def main():

@@ -1,6 +1,7 @@
-//! `groundkit ablate --recipe distill|qrnet`: the distillation ablation and QRNet's
+//! `groundkit ablate --recipe distill|qrnet|ckd`: the distillation ablation, QRNet's
 //! (against the demo model; without its channel gate, spatial gate or query-aware neck)
-//! on the embedded benchmark. Every variant x data fraction x seed is one ordinary run under
+//! and CKD's (weakly supervised NCE vs NCE + detector distillation, beside the supervised
+//! demo model) on the embedded benchmark. Every variant x data fraction x seed is one ordinary run under
 //! `<out>/runs/` (finished runs are reused with their scores, interrupted ones resumed), evaluated on val and
 //! the test splits; the table (mean and std over seeds) goes to `<out>/results.md` and
 //! `results.json`, the bar chart to `<out>/ablation.png`. Runs evaluate once, at the end.
@@ -21,6 +22,8 @@ pub enum Recipe {
     Distill,
     /// The demo model vs QRNet-tiny and QRNet without its channel gate, spatial gate, neck.
     Qrnet,
+    /// Weakly supervised CKD: NCE alone, NCE + distillation, and the supervised demo model.
+    Ckd,
 }
 
 impl Recipe {
@@ -28,6 +31,7 @@ impl Recipe {
         match self {
             Recipe::Distill => "baseline,epmvg,duet-teacher,duet-self,duet",
             Recipe::Qrnet => "baseline,qrnet,qrnet-no-channel,qrnet-no-spatial,qrnet-no-neck",
+            Recipe::Ckd => "nce,nce+distill,supervised",
         }
     }
 }
@@ -43,6 +47,9 @@ pub struct AblateArgs {
     /// distill recipe needs it.
     #[arg(long)]
     pub teacher: Option<PathBuf>,
+    /// The detector folder (`groundkit train-detector`); the ckd recipe's nce+distill needs it.
+    #[arg(long)]
+    pub detector: Option<PathBuf>,
     /// Output folder (runs, table, chart).
     #[arg(long)]
     pub out: PathBuf,
@@ -58,7 +65,8 @@ pub struct AblateArgs {
     /// Variants. distill: baseline, epmvg-feature, epmvg-cross, epmvg, duet-teacher,
     /// duet-self, duet (teacher + self), epmvg+duet-teacher, epmvg+duet (default: baseline,
     /// epmvg, duet-teacher, duet-self, duet). qrnet: baseline, qrnet, qrnet-no-channel,
-    /// qrnet-no-spatial, qrnet-no-neck (default: all).
+    /// qrnet-no-spatial, qrnet-no-neck (default: all). ckd: nce, nce+distill, supervised
+    /// (default: all).
     #[arg(long, value_delimiter = ',')]
     pub variants: Vec<String>,
 }
@@ -109,6 +117,14 @@ fn apply_variant(a: &AblateArgs, variant: &str, cfg: &mut RunConfig) -> Result<(
                 cfg.model = model;
             }
         }
+        Recipe::Ckd => {
+            if !["nce", "nce+distill", "supervised"].contains(&variant) {
+                bail!("unknown variant {variant} (nce, nce+distill, supervised)");
+            }
+            if variant == "nce+distill" && a.detector.is_none() {
+                bail!("variant nce+distill needs --detector DIR");
+            }
+        }
     }
     Ok(())
 }
@@ -149,6 +165,25 @@ fn run_one(a: &AblateArgs, variant: &str, fraction: f64, seed: u64) -> Result<Sc
         .join(variant)
         .join(format!("seed{seed}"));
     let epochs = ((a.epochs as f64 / fraction).round() as usize).max(1);
+    if a.recipe == Recipe::Ckd && variant != "supervised" {
+        let scores_file = dir.join("ablate_scores.json");
+        if scores_file.is_file() {
+            return Ok(serde_json::from_str(&std::fs::read_to_string(
+                &scores_file,
+            )?)?);
+        }
+        let scores = crate::weak::ablate_run(
+            &a.data,
+            &dir,
+            variant,
+            a.detector.as_deref(),
+            epochs,
+            fraction,
+            seed,
+        )?;
+        gk_train::weights::write_atomic(&scores_file, serde_json::to_string(&scores)?.as_bytes())?;
+        return Ok(scores);
+    }
     let run = if dir.join("config.toml").is_file() {
         RunDir::open(&dir)?
     } else {
@@ -230,18 +265,20 @@ pub fn run(mut a: AblateArgs) -> Result<()> {
             rows.push((f, v.clone(), per_seed));
         }
     }
-    let splits: Vec<String> = rows
-        .first()
-        .and_then(|r| r.2.first())
-        .map(|s| s.iter().map(|(n, _)| n.clone()).collect())
-        .unwrap_or_default();
-    let stat = |per_seed: &[Scores], split: &str| -> (f64, f64) {
-        let v: Vec<f64> = per_seed
+    // columns: every score name in the order first seen (variants may report more)
+    let mut splits: Vec<String> = Vec::new();
+    for (n, _) in rows.iter().flat_map(|r| r.2.iter().flatten()) {
+        if !splits.contains(n) {
+            splits.push(n.clone());
+        }
+    }
+    let values = |per_seed: &[Scores], split: &str| -> Vec<f64> {
+        per_seed
             .iter()
             .filter_map(|s| s.iter().find(|(n, _)| n == split).map(|(_, x)| *x))
-            .collect();
-        mean_std(&v)
+            .collect()
     };
+    let stat = |per_seed: &[Scores], split: &str| mean_std(&values(per_seed, split));
     let mut md = format!(
         "Acc@0.5 (%), mean ± std over seeds {:?}; {} epochs at full data, epochs / fraction below it (same steps).\n\n| fraction | variant | {} |\n|---|---|{}\n",
         a.seeds,
@@ -254,6 +291,9 @@ pub fn run(mut a: AblateArgs) -> Result<()> {
         let cells: Vec<String> = splits
             .iter()
             .map(|s| {
+                if values(per_seed, s).is_empty() {
+                    return "–".to_string();
+                }
                 let (m, sd) = stat(per_seed, s);
                 format!("{m:.1} ± {sd:.1}")
             })
@@ -300,6 +340,7 @@ pub fn run(mut a: AblateArgs) -> Result<()> {
     let title = match a.recipe {
         Recipe::Distill => "distillation ablation: Acc@0.5 (%), mean +- std over seeds",
         Recipe::Qrnet => "QRNet ablation: Acc@0.5 (%), mean +- std over seeds",
+        Recipe::Ckd => "weakly supervised CKD vs supervised: Acc@0.5 / R@k (%), mean +- std",
     };
     draw::bar_chart(title, &groups, &series, 160 + 70 * groups.len() as u32, 320)
         .save(a.out.join("ablation.png"))?;

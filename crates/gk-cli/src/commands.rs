@@ -130,10 +130,15 @@ fn train_stages(a: &TrainArgs, cfg: &RunConfig, out: &std::path::Path) -> Result
 
 pub fn train(a: TrainArgs) -> Result<()> {
     let run = match (&a.resume, &a.config, &a.out) {
+        (Some(dir), _, _) if crate::weak::is_ckd_run(dir) => return crate::weak::train(&a, None),
         (Some(dir), _, _) => RunDir::open(dir)?,
         (None, Some(cfg_path), Some(out)) => {
             let text = std::fs::read_to_string(cfg_path)
                 .with_context(|| format!("reading {}", cfg_path.display()))?;
+            if gk_train::ckd::is_ckd_config(&text) {
+                return crate::weak::train(&a, Some(&text))
+                    .with_context(|| format!("{}: CKD run", cfg_path.display()));
+            }
             let cfg: RunConfig = toml::from_str(&text)
                 .with_context(|| format!("{}: not a valid run config", cfg_path.display()))?;
             if cfg.hilora.is_some() {
@@ -193,6 +198,9 @@ pub struct EvalArgs {
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
+    if crate::weak::is_ckd_run(&a.run) {
+        return crate::weak::eval(&a.run, &a.data, a.json);
+    }
     let run = RunDir::open(&a.run)?;
     let weights = if run.file("best.safetensors").is_file() {
         "best.safetensors"
@@ -246,13 +254,7 @@ pub struct PredictArgs {
 }
 
 pub fn predict(a: PredictArgs) -> Result<()> {
-    let run = RunDir::open(&a.run)?;
-    let predictor = gk_train::predict::Predictor::open(&run)?;
-    let img = gk_data::image_io::load_rgb(&a.image)?;
-    let g = predictor
-        .predict(&img, &a.expr)
-        .with_context(|| format!("grounding {:?}", a.expr))?;
-    let out = a.out.unwrap_or_else(|| {
+    let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from(format!(
             "{}.grounded.png",
             a.image
@@ -261,6 +263,15 @@ pub fn predict(a: PredictArgs) -> Result<()> {
                 .unwrap_or_default()
         ))
     });
+    if crate::weak::is_ckd_run(&a.run) {
+        return crate::weak::predict(&a.run, &a.image, &a.expr, &out);
+    }
+    let run = RunDir::open(&a.run)?;
+    let predictor = gk_train::predict::Predictor::open(&run)?;
+    let img = gk_data::image_io::load_rgb(&a.image)?;
+    let g = predictor
+        .predict(&img, &a.expr)
+        .with_context(|| format!("grounding {:?}", a.expr))?;
     let caption = vec![format!("\"{}\"", a.expr)];
     gk_train::draw::annotate(&img, g.bbox_xyxy, None, &caption, 256)
         .save(&out)

@@ -9,6 +9,7 @@ mod demo;
 mod embed;
 mod report;
 mod teacher;
+mod weak;
 
 use clap::{Parser, Subcommand};
 
@@ -29,7 +30,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Generate the procedural grounding benchmark (PNG + canonical JSONL), deterministic from a seed.
     Synth(commands::SynthArgs),
-    /// Train a grounder from a run config (TOML), or resume an interrupted run.
+    /// Train a grounder (or, with a `[ckd]` table, a weakly supervised CKD model) from a run
+    /// config (TOML), or resume an interrupted run.
     Train(commands::TrainArgs),
     /// Evaluate a run: Acc@0.5, Acc@0.75 and mIoU per split and per expression type.
     Eval(commands::EvalArgs),
@@ -47,8 +49,12 @@ enum Command {
     /// Train a small CLIP teacher on a benchmark's image-caption pairs (scene captions and
     /// object crops) and report its zero-shot retrieval R@1/R@5 on the val split.
     PretrainTeacher(teacher::PretrainArgs),
-    /// Ablations on the embedded benchmark (`--recipe distill`: baseline vs EpmVG's terms
-    /// over seeds and data fractions); a table and a bar chart.
+    /// Train CKD's training-time detector (object classes + background on region
+    /// proposals) on a benchmark's objects.jsonl and labels.json.
+    TrainDetector(weak::DetectorArgs),
+    /// Ablations on the embedded benchmark (`--recipe distill`: baseline vs EpmVG's and
+    /// DUET's terms; `qrnet`; `ckd`: weakly supervised NCE vs NCE + distillation vs the
+    /// supervised grounder) over seeds and data fractions; a table and a bar chart.
     Ablate(ablate::AblateArgs),
     /// Time the CLIP-B/16 vision tower and the CLIP-B/16 grounder forward on random
     /// weights (set RAYON_NUM_THREADS to fix the thread count); prints JSON lines.
@@ -67,6 +73,7 @@ fn main() -> ExitCode {
         Command::Predict(a) => commands::predict(a),
         Command::Embed(a) => embed::run(a),
         Command::PretrainTeacher(a) => teacher::run(a),
+        Command::TrainDetector(a) => weak::train_detector(a),
         Command::Ablate(a) => ablate::run(a),
         Command::Bench(a) => bench::run(a),
     };

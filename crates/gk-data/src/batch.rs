@@ -134,6 +134,10 @@ impl Loader {
         &self.ds
     }
 
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tok
+    }
+
     pub fn batches_per_epoch(&self) -> usize {
         let (n, b) = (self.ds.len(), self.cfg.batch_size.max(1));
         if self.cfg.drop_last {

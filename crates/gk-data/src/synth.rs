@@ -4,8 +4,9 @@
 //! rasterisation, the structured referring-expression queries and their semantics
 //! ([`Query::evaluate`]), paraphrased surface text, the split policy (RefCOCO-style
 //! `train`/`val`/`testA`/`testB` plus `heldout` colour–shape combinations) and the on-disk
-//! layout (`{split}.jsonl` of [`Record`]s, PNG images, `objects.jsonl`, `captions.jsonl`,
-//! `meta.json`). Output is a pure function of [`SynthConfig`]: every scene draws from its
+//! layout (`{split}.jsonl` of [`Record`]s with their phrases and a box per phrase, PNG
+//! images, `objects.jsonl`, `captions.jsonl`, `labels.json` (the shapes as detector classes
+//! with their synonyms, for the weakly supervised path), `meta.json`). Output is a pure function of [`SynthConfig`]: every scene draws from its
 //! own ChaCha8 stream keyed by (seed, split, scene attempt), so files are byte-identical
 //! across runs.
 //!
@@ -28,7 +29,7 @@ use serde_json::{json, Map, Value};
 use crate::record::Record;
 
 /// Version string written to `meta.json`; bump when output for a given config changes.
-pub const GENERATOR_VERSION: &str = "gk-synth/1";
+pub const GENERATOR_VERSION: &str = "gk-synth/2";
 /// Number of (colour, shape) combinations reserved for the `heldout` split.
 const HELDOUT_COMBOS: usize = 4;
 /// Expressions drawn per scene (each with a different target).
@@ -999,6 +1000,14 @@ fn record(split: Split, n: usize, image: &str, g: &Generated, s: &Sample) -> Rec
     let mut extra = Map::new();
     extra.insert("type".into(), json!(s.query.kind().name()));
     extra.insert("phrases".into(), json!(s.phrases));
+    // the box of each phrase: the target, then a relation's reference object
+    let mut phrase_boxes = vec![g.scene.objects[s.target].bbox];
+    if let Query::Relation { reference, .. } = &s.query {
+        if let [r] = reference.matching(&g.scene)[..] {
+            phrase_boxes.push(g.scene.objects[r].bbox);
+        }
+    }
+    extra.insert("phrase_boxes".into(), json!(phrase_boxes));
     extra.insert("target".into(), json!(s.target));
     Record {
         id: format!("synth/{}/{n:06}", split.name()),
@@ -1095,6 +1104,25 @@ pub fn generate(
     })?;
     fs::write(&meta_path, text + "\n").map_err(|source| SynthError::Io {
         path: meta_path,
+        source,
+    })?;
+    let labels = crate::phrases::Labels {
+        field: "shape".into(),
+        classes: Shape::ALL
+            .iter()
+            .map(|s| crate::phrases::Label {
+                name: s.name().into(),
+                words: s.words()[1..].iter().map(|w| w.to_string()).collect(),
+            })
+            .collect(),
+    };
+    let labels_path = out_dir.join("labels.json");
+    let text = serde_json::to_string_pretty(&labels).map_err(|source| SynthError::Json {
+        path: labels_path.clone(),
+        source,
+    })?;
+    fs::write(&labels_path, text + "\n").map_err(|source| SynthError::Io {
+        path: labels_path,
         source,
     })?;
     Ok(summary)

@@ -3,6 +3,7 @@
 //! Every module here is trainable end to end: it uses the differentiable layer norm,
 //! softmax and attention of [`nn`] and never candle's fused ops that drop gradients.
 pub mod bert;
+pub mod ckd;
 pub mod clip;
 pub mod convnet;
 pub mod fused;

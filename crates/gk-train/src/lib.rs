@@ -1,4 +1,6 @@
 //! gk-train: losses, weights and run directories, the trainer, evaluation and prediction.
+pub mod ckd;
+pub mod detector;
 pub mod distill;
 pub mod draw;
 pub mod error;

@@ -409,7 +409,7 @@ struct Pair {
     text: String,
 }
 
-fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
+pub(crate) fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
     text.lines()
         .enumerate()

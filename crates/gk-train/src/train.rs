@@ -188,22 +188,46 @@ pub struct TrainOptions {
 /// is sized to it.
 pub fn prepare(dir: &std::path::Path, mut cfg: RunConfig) -> Result<RunDir> {
     let run = RunDir::create(dir)?;
-    let tok = if cfg.data.tokenizer == "word-level" {
+    let tok = run_tokenizer(&cfg.data, &mut cfg.model.text, &[])?;
+    if let Some(d) = &mut cfg.distill {
+        // The student-side projections are sized by the teacher: read it now, check it at training.
+        let clip = crate::teacher::read_config(&d.teacher)?;
+        d.teacher_dim = clip.projection_dim;
+    }
+    save_tokenizer(&run, &tok)?;
+    run.save_config(&cfg)?;
+    Ok(run)
+}
+
+/// The run's tokenizer: word-level from the training expressions and `extra` texts (the
+/// text encoder's vocabulary is then sized to it) or a `tokenizer.json`, which must fit
+/// the encoder.
+pub fn run_tokenizer(
+    data: &DataConfig,
+    text: &mut TextConfig,
+    extra: &[String],
+) -> Result<TextTokenizer> {
+    let tok = if data.tokenizer == "word-level" {
         let ds = Dataset::load(
-            &cfg.data.train,
-            cfg.data.image_root.as_deref(),
+            &data.train,
+            data.image_root.as_deref(),
             &LoadOptions {
-                skip_bad: cfg.data.skip_bad,
+                skip_bad: data.skip_bad,
                 check_images: false,
             },
         )?;
-        tokenize::word_level(ds.records.iter().map(|r| r.expr.as_str()))?
+        tokenize::word_level(
+            ds.records
+                .iter()
+                .map(|r| r.expr.as_str())
+                .chain(extra.iter().map(String::as_str)),
+        )?
     } else {
-        TextTokenizer::from_file(std::path::Path::new(&cfg.data.tokenizer))?
+        TextTokenizer::from_file(std::path::Path::new(&data.tokenizer))?
     };
     let vocab = tok.vocab_size();
-    match &mut cfg.model.text {
-        TextConfig::Bert(b) if cfg.data.tokenizer == "word-level" => b.vocab_size = vocab,
+    match text {
+        TextConfig::Bert(b) if data.tokenizer == "word-level" => b.vocab_size = vocab,
         TextConfig::Bert(b) if b.vocab_size < vocab => {
             return Err(TrainError::Config(format!(
                 "tokenizer has {vocab} ids but the text encoder only {}",
@@ -218,19 +242,17 @@ pub fn prepare(dir: &std::path::Path, mut cfg: RunConfig) -> Result<RunDir> {
         }
         _ => {}
     }
-    if let Some(d) = &mut cfg.distill {
-        // The student-side projections are sized by the teacher: read it now, check it at training.
-        let clip = crate::teacher::read_config(&d.teacher)?;
-        d.teacher_dim = clip.projection_dim;
-    }
+    Ok(tok)
+}
+
+/// Writes the run's `tokenizer.json`.
+pub fn save_tokenizer(run: &RunDir, tok: &TextTokenizer) -> Result<()> {
     tok.inner()
         .save(run.file("tokenizer.json"), false)
         .map_err(|e| TrainError::Format {
             path: run.file("tokenizer.json"),
             msg: e.to_string(),
-        })?;
-    run.save_config(&cfg)?;
-    Ok(run)
+        })
 }
 
 /// A model and its tokenizer, loaded from a run directory.
@@ -306,14 +328,28 @@ pub fn eval_loader(cfg: &RunConfig, ds: Dataset, tok: &TextTokenizer) -> Loader 
 
 /// Loads a JSONL set with the run's data options.
 pub fn load_set(cfg: &RunConfig, path: &std::path::Path) -> Result<Dataset> {
+    load_set_with(&cfg.data, path)
+}
+
+/// Loads a JSONL set with these data options.
+pub fn load_set_with(data: &DataConfig, path: &std::path::Path) -> Result<Dataset> {
     Ok(Dataset::load(
         path,
-        cfg.data.image_root.as_deref(),
+        data.image_root.as_deref(),
         &LoadOptions {
-            skip_bad: cfg.data.skip_bad,
-            check_images: cfg.data.skip_bad,
+            skip_bad: data.skip_bad,
+            check_images: data.skip_bad,
         },
     )?)
+}
+
+/// `name=value, ...` of loss parts (logs, errors).
+pub fn format_parts(values: &[(String, f32)]) -> String {
+    values
+        .iter()
+        .map(|(n, v)| format!("{n}={v:.4}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The criterion: named loss parts of one batch.
@@ -340,7 +376,7 @@ pub fn criterion(
     Ok(parts)
 }
 
-fn progress_bar(total: usize, done: usize, show: bool) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(total: usize, done: usize, show: bool) -> indicatif::ProgressBar {
     let pb = if show {
         indicatif::ProgressBar::new(total as u64)
     } else {
@@ -493,14 +529,9 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
             let loss_v = loss.to_scalar::<f32>()?;
             let values = parts.values()?;
             if !loss_v.is_finite() {
-                let parts = values
-                    .iter()
-                    .map(|(n, v)| format!("{n}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
                 return Err(TrainError::NonFinite {
                     step: state.step,
-                    parts,
+                    parts: format_parts(&values),
                 });
             }
             let mut grads = loss.backward()?;

@@ -8,7 +8,7 @@
 //! ```
 //! Tolerance 1e-5 on values and gradients.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, IndexOp, Tensor, Var};
 use gk_train::losses::{box_losses, BoxLossConfig, LossParts};
 
 #[test]
@@ -188,5 +188,94 @@ fn focal_and_dice_match_detr() {
             .unwrap();
         println!("{name}: {got} vs {want}, grad max |diff| {eg:.2e}");
         assert!((got - want).abs() < 1e-5 && eg < 1e-5, "{name}");
+    }
+}
+
+/// CKD's scores and losses against torch (`gen_fixtures.py`, section `ckd`): the
+/// image-sentence scores, NCE with same-image pairs removed, the distillation over the K
+/// regions nearest the student's top region, the ramped total, and the gradients with
+/// respect to the phrase and region embeddings. Tolerance 1e-5.
+#[test]
+fn ckd_scores_and_losses_match_torch() {
+    use gk_train::ckd::{
+        distill_loss, distill_targets, image_sentence_scores, nce_loss, ramp, region_phrase_scores,
+        DistillTarget, TeacherNorm,
+    };
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/ckd/golden.safetensors");
+    let g = candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let f = |k: &str| f64::from(g[k].to_scalar::<f32>().unwrap());
+    let (scale, student_scale, k) = (f("scale"), f("student_scale"), f("k") as usize);
+    let ph = Var::from_tensor(&g["phrases"]).unwrap();
+    let rg = Var::from_tensor(&g["regions"]).unwrap();
+    let s = region_phrase_scores(ph.as_tensor(), rg.as_tensor()).unwrap();
+    let big_s = image_sentence_scores(&s, &g["region_valid"], &g["phrase_valid"], scale).unwrap();
+    let nce = nce_loss(&big_s, Some(&g["exclude"])).unwrap();
+    // distillation targets from the CPU copies, as the trainer builds them
+    let boxes = g["boxes"].to_vec3::<f32>().unwrap();
+    let post = g["posteriors"].to_vec3::<f32>().unwrap();
+    let classes = g["classes"].to_vec2::<f32>().unwrap();
+    let rv = g["region_valid"].to_vec2::<f32>().unwrap();
+    let pv = g["phrase_valid"].to_vec2::<f32>().unwrap();
+    let mut targets = Vec::new();
+    for i in 0..boxes.len() {
+        let n = rv[i].iter().filter(|v| **v > 0.0).count();
+        let own = s.i((i, .., i)).unwrap().to_vec2::<f32>().unwrap();
+        for j in 0..classes[i].len() {
+            if pv[i][j] == 0.0 || classes[i][j] < 0.0 {
+                continue;
+            }
+            let bx: Vec<[f32; 4]> = boxes[i][..n]
+                .iter()
+                .map(|b| [b[0], b[1], b[2], b[3]])
+                .collect();
+            let (regions, q) = distill_targets(
+                &own[j][..n],
+                &bx,
+                &post[i],
+                classes[i][j] as usize,
+                k,
+                TeacherNorm::SubtractMean,
+            );
+            targets.push(DistillTarget {
+                sample: i,
+                phrase: j,
+                regions,
+                q,
+            });
+        }
+    }
+    let distill = distill_loss(&s, &targets, student_scale).unwrap();
+    let total = (&nce + (&distill * ramp(1234, 500, 3.0)).unwrap()).unwrap();
+    let grads = total.backward().unwrap();
+    let diff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let errs = [
+        ("S", diff(&big_s, &g["S"])),
+        ("nce", diff(&nce, &g["nce"])),
+        ("distill", diff(&distill, &g["distill"])),
+        ("total", diff(&total, &g["total"])),
+        (
+            "grad phrases",
+            diff(grads.get(&ph).unwrap(), &g["grad_phrases"]),
+        ),
+        (
+            "grad regions",
+            diff(grads.get(&rg).unwrap(), &g["grad_regions"]),
+        ),
+    ];
+    println!("ckd max abs error: {errs:?}");
+    for (name, e) in errs {
+        assert!(e <= 1e-5, "{name}: {e}");
     }
 }

@@ -1,0 +1,235 @@
+//! Weakly supervised grounding (CKD) in the binary: `groundkit train-detector`, and the
+//! CKD branches of `train`, `eval`, `predict` and `ablate --recipe ckd` (a run is a CKD run
+//! when its config has a `[ckd]` table).
+
+use crate::commands::TrainArgs;
+use anyhow::{Context, Result};
+use gk_train::ckd::{self, CkdReport, CkdRunConfig};
+use gk_train::detector::{self, DetectorTrainConfig};
+use gk_train::run::RunDir;
+use gk_train::train::TrainOptions;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, clap::Args)]
+pub struct DetectorArgs {
+    /// A benchmark folder with objects.jsonl and labels.json (`groundkit synth` writes both).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The detector folder to write (detector.safetensors + detector.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = DetectorTrainConfig::default().epochs)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn train_detector(a: DetectorArgs) -> Result<()> {
+    let cfg = DetectorTrainConfig {
+        epochs: a.epochs,
+        seed: a.seed,
+        ..DetectorTrainConfig::default()
+    };
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(indicatif::ProgressStyle::with_template(
+        "train-detector {bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+    )?);
+    pb.set_message("proposals and crops");
+    let meta = detector::train_detector(&a.data, &a.out, &cfg, |step, total, loss| {
+        pb.set_length(total as u64);
+        pb.set_position(step as u64);
+        pb.set_message(format!("cross-entropy {loss:.3}"));
+    })
+    .with_context(|| format!("training a detector on {}", a.data.display()))?;
+    pb.finish_and_clear();
+    println!(
+        "detector ({} classes + background) written to {}; val accuracy: objects {:.1}%, all crops {:.1}%",
+        meta.labels.classes.len(),
+        a.out.display(),
+        meta.val_object_accuracy,
+        meta.val_accuracy
+    );
+    Ok(())
+}
+
+/// Whether the run in `dir` is a CKD run.
+pub fn is_ckd_run(dir: &Path) -> bool {
+    ckd::read_text(&dir.join("config.toml")).is_ok_and(|t| ckd::is_ckd_config(&t))
+}
+
+/// `groundkit train` with a CKD config (`text`) or on a CKD run directory.
+pub fn train(a: &TrainArgs, text: Option<&str>) -> Result<()> {
+    let run = match (text, &a.out, &a.resume) {
+        (Some(text), Some(out), _) => {
+            let cfg: CkdRunConfig = toml::from_str(text).context("not a valid CKD run config")?;
+            if out.join("trainer_state.json").exists() {
+                anyhow::bail!(
+                    "{} already holds a run: use --resume {} to continue it",
+                    out.display(),
+                    out.display()
+                );
+            }
+            ckd::prepare(out, cfg)?
+        }
+        (_, _, Some(dir)) => RunDir::open(dir)?,
+        _ => anyhow::bail!("give --config FILE --out RUN_DIR, or --resume RUN_DIR"),
+    };
+    let (state, report) = ckd::train(
+        &run,
+        &TrainOptions {
+            stop_after: a.stop_after,
+            progress: true,
+        },
+    )?;
+    eprintln!(
+        "step {}/{}; last val Acc@0.5 {:.2}% (phrase R@1 {:.2}%), best {:.2}% at step {} ({})",
+        state.step,
+        state.total_steps,
+        report.expressions.all.acc50(),
+        report.phrases.summary()["r1"].as_f64().unwrap_or(0.0),
+        state.best_acc,
+        state.best_step,
+        run.path().display()
+    );
+    Ok(())
+}
+
+fn best_weights(run: &RunDir) -> &'static str {
+    if run.file("best.safetensors").is_file() {
+        "best.safetensors"
+    } else {
+        "model.safetensors"
+    }
+}
+
+/// Evaluates a CKD run on `sets` (default: its val and test sets).
+pub fn evaluate(dir: &Path, sets: &[PathBuf]) -> Result<Vec<(String, CkdReport)>> {
+    let run = RunDir::open(dir)?;
+    let cfg: CkdRunConfig = run.load_config()?;
+    let sets: Vec<PathBuf> = if sets.is_empty() {
+        std::iter::once(cfg.data.val.clone())
+            .chain(cfg.data.test.clone())
+            .collect()
+    } else {
+        sets.to_vec()
+    };
+    sets.iter()
+        .map(|s| {
+            let r = ckd::eval_run(&run, best_weights(&run), s, true)
+                .with_context(|| format!("evaluating {}", s.display()))?;
+            Ok((crate::report::split_name(s), r))
+        })
+        .collect()
+}
+
+/// `groundkit eval` on a CKD run: expression Acc@0.5 / mIoU and phrase R@1/5/10.
+pub fn eval(dir: &Path, sets: &[PathBuf], json: bool) -> Result<()> {
+    let reports = evaluate(dir, sets)?;
+    if json {
+        let v: serde_json::Map<String, serde_json::Value> = reports
+            .iter()
+            .map(|(n, r)| (n.clone(), r.summary()))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:>6} {:>8} {:>7} | {:>7} {:>7} {:>7} {:>7} {:>12}",
+        "split", "exprs", "Acc@0.5", "mIoU", "phrases", "R@1", "R@5", "R@10", "upper bound"
+    );
+    for (name, r) in &reports {
+        let p = r.phrases.summary();
+        let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
+        println!(
+            "{:<10} {:>6} {:>8.2} {:>7.2} | {:>7} {:>7.2} {:>7.2} {:>7.2} {:>12.2}",
+            name,
+            r.expressions.all.n,
+            r.expressions.all.acc50(),
+            r.expressions.all.miou(),
+            r.phrases.n,
+            f("r1"),
+            f("r5"),
+            f("r10"),
+            f("upper_bound")
+        );
+    }
+    Ok(())
+}
+
+/// `groundkit predict` on a CKD run: the best proposal for the expression's head phrase.
+pub fn predict(dir: &Path, image: &Path, expr: &str, out: &Path) -> Result<()> {
+    let run = RunDir::open(dir)?;
+    let p = ckd::CkdPredictor::open(&run)?;
+    let img = gk_data::image_io::load_rgb(image)?;
+    let g = p
+        .predict(&img, expr)
+        .with_context(|| format!("grounding {expr:?}"))?;
+    let caption = vec![
+        format!("\"{expr}\""),
+        format!("phrase \"{}\", score {:.2}", g.phrase, g.score),
+    ];
+    gk_train::draw::annotate(&img, g.bbox_xyxy, None, &caption, 256)
+        .save(out)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "{}",
+        serde_json::json!({"bbox_xyxy": g.bbox_xyxy, "image": image, "expr": expr, "phrase": g.phrase,
+            "score": g.score, "alternatives": g.alternatives, "picture": out})
+    );
+    Ok(())
+}
+
+/// One run of `ablate --recipe ckd`: `nce` or `nce+distill` (with `detector`); scores are
+/// Acc@0.5 per split and phrase R@1/5/10 on val.
+pub fn ablate_run(
+    data: &Path,
+    dir: &Path,
+    variant: &str,
+    detector: Option<&Path>,
+    epochs: usize,
+    fraction: f64,
+    seed: u64,
+) -> Result<Vec<(String, f64)>> {
+    let run = if dir.join("config.toml").is_file() {
+        RunDir::open(dir)?
+    } else {
+        let mut cfg = CkdRunConfig::synth(data, epochs);
+        cfg.seed = seed;
+        cfg.data.train_fraction = fraction;
+        cfg.optim.eval_every = 1_000_000;
+        cfg.ckd.detector = match variant {
+            "nce" => None,
+            "nce+distill" => Some(
+                detector
+                    .context("variant nce+distill needs --detector DIR")?
+                    .to_path_buf(),
+            ),
+            other => anyhow::bail!("unknown CKD variant {other} (nce, nce+distill, supervised)"),
+        };
+        ckd::prepare(dir, cfg)?
+    };
+    ckd::train(
+        &run,
+        &TrainOptions {
+            stop_after: None,
+            progress: false,
+        },
+    )
+    .with_context(|| format!("training {}", dir.display()))?;
+    let mut scores = Vec::new();
+    let mut phrase = Vec::new();
+    for (name, r) in evaluate(dir, &[])? {
+        scores.push((name.clone(), r.expressions.all.acc50()));
+        if name == "val" {
+            let p = r.phrases.summary();
+            for k in ["r1", "r5", "r10"] {
+                phrase.push((
+                    format!("val phrase R@{}", &k[1..]),
+                    p[k].as_f64().unwrap_or(0.0),
+                ));
+            }
+        }
+    }
+    scores.extend(phrase);
+    Ok(scores)
+}
