@@ -31,7 +31,7 @@ impl Recipe {
         match self {
             Recipe::Distill => "baseline,epmvg,duet-teacher,duet-self,duet",
             Recipe::Qrnet => "baseline,qrnet,qrnet-no-channel,qrnet-no-spatial,qrnet-no-neck",
-            Recipe::Ckd => "nce,nce+distill,supervised",
+            Recipe::Ckd => "nce,nce+distill,nce+distill-sharp,supervised",
         }
     }
 }
@@ -65,8 +65,8 @@ pub struct AblateArgs {
     /// Variants. distill: baseline, epmvg-feature, epmvg-cross, epmvg, duet-teacher,
     /// duet-self, duet (teacher + self), epmvg+duet-teacher, epmvg+duet (default: baseline,
     /// epmvg, duet-teacher, duet-self, duet). qrnet: baseline, qrnet, qrnet-no-channel,
-    /// qrnet-no-spatial, qrnet-no-neck (default: all). ckd: nce, nce+distill, supervised
-    /// (default: all).
+    /// qrnet-no-spatial, qrnet-no-neck (default: all). ckd: nce, nce+distill,
+    /// nce+distill-sharp, supervised (default: all).
     #[arg(long, value_delimiter = ',')]
     pub variants: Vec<String>,
 }
@@ -118,11 +118,14 @@ fn apply_variant(a: &AblateArgs, variant: &str, cfg: &mut RunConfig) -> Result<(
             }
         }
         Recipe::Ckd => {
-            if !["nce", "nce+distill", "supervised"].contains(&variant) {
-                bail!("unknown variant {variant} (nce, nce+distill, supervised)");
+            if !crate::weak::VARIANTS.contains(&variant) {
+                bail!(
+                    "unknown variant {variant} ({})",
+                    crate::weak::VARIANTS.join(", ")
+                );
             }
-            if variant == "nce+distill" && a.detector.is_none() {
-                bail!("variant nce+distill needs --detector DIR");
+            if variant.starts_with("nce+distill") && a.detector.is_none() {
+                bail!("variant {variant} needs --detector DIR");
             }
         }
     }

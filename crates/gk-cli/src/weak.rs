@@ -179,7 +179,12 @@ pub fn predict(dir: &Path, image: &Path, expr: &str, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// One run of `ablate --recipe ckd`: `nce` or `nce+distill` (with `detector`); scores are
+/// The variants of `ablate --recipe ckd`: NCE alone; NCE + CKD's distillation (teacher
+/// `softmax(P - mean)`, student `softmax(s)`); the same with both sharpened (ours: teacher
+/// `softmax(P / 0.1)`, student `softmax(10 s)`); the supervised demo grounder.
+pub const VARIANTS: &[&str] = &["nce", "nce+distill", "nce+distill-sharp", "supervised"];
+
+/// One CKD run of `ablate --recipe ckd` (every variant but `supervised`); scores are
 /// Acc@0.5 per split and phrase R@1/5/10 on val.
 pub fn ablate_run(
     data: &Path,
@@ -197,15 +202,23 @@ pub fn ablate_run(
         cfg.seed = seed;
         cfg.data.train_fraction = fraction;
         cfg.optim.eval_every = 1_000_000;
-        cfg.ckd.detector = match variant {
-            "nce" => None,
-            "nce+distill" => Some(
+        let detector = || -> Result<Option<PathBuf>> {
+            Ok(Some(
                 detector
-                    .context("variant nce+distill needs --detector DIR")?
+                    .context("the distillation variants need --detector DIR")?
                     .to_path_buf(),
-            ),
-            other => anyhow::bail!("unknown CKD variant {other} (nce, nce+distill, supervised)"),
+            ))
         };
+        match variant {
+            "nce" => cfg.ckd.detector = None,
+            "nce+distill" => cfg.ckd.detector = detector()?,
+            "nce+distill-sharp" => {
+                cfg.ckd.detector = detector()?;
+                cfg.ckd.teacher_norm = ckd::TeacherNorm::Divide { by: 0.1 };
+                cfg.ckd.student_scale = 10.0;
+            }
+            other => anyhow::bail!("unknown CKD variant {other} ({})", VARIANTS.join(", ")),
+        }
         ckd::prepare(dir, cfg)?
     };
     ckd::train(

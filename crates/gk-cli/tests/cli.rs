@@ -452,3 +452,107 @@ fn pretrain_teacher_and_ablate_distill() {
         "{cfg}"
     );
 }
+
+/// Weakly supervised CKD through the binary: detector, training without boxes, evaluation
+/// with phrase recalls, prediction; bad inputs are named.
+#[test]
+fn weakly_supervised_ckd_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let o = groundkit(&["synth", "--out", data.to_str().unwrap(), "--preset", "tiny"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let det = dir.path().join("det");
+    let o = groundkit(&[
+        "train-detector",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        det.to_str().unwrap(),
+        "--epochs",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("val accuracy"));
+    // a detector needs labels.json
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert_clean_failure(
+        &groundkit(&[
+            "train-detector",
+            "--data",
+            empty.to_str().unwrap(),
+            "--out",
+            dir.path().join("d2").to_str().unwrap(),
+        ]),
+        "labels.json",
+    );
+
+    let mut rc = gk_train::ckd::CkdRunConfig::synth(&data, 1);
+    rc.model = gk_models::ckd::CkdModelConfig {
+        visual: gk_models::grounder::VisualConfig::ConvNet(gk_models::convnet::ConvNetConfig {
+            image_size: 64,
+            ..gk_models::convnet::ConvNetConfig::tiny()
+        }),
+        image_size: 64,
+        ..gk_models::ckd::CkdModelConfig::tiny()
+    };
+    rc.optim.batch_size = 8;
+    rc.optim.augment.side = 64;
+    rc.ckd.proposals.max = 12;
+    rc.ckd.detector = Some(dir.path().join("missing"));
+    let cfg = dir.path().join("ckd.toml");
+    std::fs::write(&cfg, toml::to_string(&rc).unwrap()).unwrap();
+    let run = dir.path().join("run");
+    let train = |cfg: &Path| {
+        groundkit(&[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+        ])
+    };
+    assert_clean_failure(&train(&cfg), "detector.json");
+    rc.ckd.detector = Some(det.clone());
+    std::fs::write(&cfg, toml::to_string(&rc).unwrap()).unwrap();
+    std::fs::remove_dir_all(&run).ok();
+    let o = train(&cfg);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("phrase R@1"), "{}", stderr(&o));
+    let o = groundkit(&["eval", "--run", run.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r1 = v["val"]["phrases"]["r1"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&r1) && v.get("heldout").is_some());
+    let img = data.join("images/val/000000.png");
+    let pic = dir.path().join("ckd.png");
+    let o = groundkit(&[
+        "predict",
+        "--run",
+        run.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--expr",
+        "the small red circle left of the star",
+        "--out",
+        pic.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["phrase"], "the small red circle");
+    assert!(pic.is_file());
+    assert_clean_failure(
+        &groundkit(&[
+            "ablate",
+            "--recipe",
+            "ckd",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            dir.path().join("abl").to_str().unwrap(),
+            "--variants",
+            "nce+distill",
+        ]),
+        "--detector",
+    );
+}

@@ -3,8 +3,8 @@
 //!
 //! `chunk` is our rule-based noun-phrase chunker for data without phrase annotations:
 //! the lowercased words are split at punctuation, prepositions, conjunctions, relative
-//! words and copulas; runs that hold no content word, or only location words ("the left"), are
-//! dropped. Each phrase is a substring of the lowercased, space-normalised text. The
+//! words and copulas; trailing location words leave a run ("the circle left | of"), and
+//! runs that hold no content word, or only location words ("the left"), are dropped. Each phrase is a substring of the lowercased, space-normalised text. The
 //! benchmark's records carry their phrases (`extra.phrases`) and a box per phrase
 //! (`extra.phrase_boxes`), which take precedence.
 //!
@@ -135,6 +135,10 @@ pub fn chunk(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut run: Vec<&str> = Vec::new();
     let mut flush = |run: &mut Vec<&str>| {
+        // "the circle left (of ...)": a trailing location word belongs to the relation
+        while run.last().is_some_and(|w| LOCATION.contains(w)) && run.len() > 1 {
+            run.pop();
+        }
         let content = run
             .iter()
             .any(|w| !FUNCTION.contains(w) && !LOCATION.contains(w));
@@ -311,6 +315,10 @@ mod tests {
             vec!["a woman".to_string(), "an umbrella".into(), "a dog".into()]
         );
         assert_eq!(chunk("the one on the right"), Vec::<String>::new());
+        assert_eq!(
+            chunk("the small red circle left of the star"),
+            vec!["the small red circle".to_string(), "the star".into()]
+        );
         assert_eq!(
             chunk("a small blue disc, a big striped star and a square."),
             vec![

@@ -44,7 +44,7 @@ impl Default for DetectorTrainConfig {
     fn default() -> Self {
         Self {
             seed: 0,
-            epochs: 3,
+            epochs: 2,
             batch_size: 128,
             lr: 2e-3,
             weight_decay: 1e-4,
