@@ -85,6 +85,16 @@ pub fn prediction_sheet(
     out: &Path,
 ) -> Result<()> {
     let ds = load_set(&loaded.cfg, set)?;
+    prediction_sheet_of(&ds, report, n, out)
+}
+
+/// [`prediction_sheet`] for the records of `ds`.
+pub fn prediction_sheet_of(
+    ds: &gk_data::dataset::Dataset,
+    report: &EvalReport,
+    n: usize,
+    out: &Path,
+) -> Result<()> {
     let right = report.predictions.iter().filter(|p| p.iou >= 0.5).take(n);
     let wrong = report.predictions.iter().filter(|p| p.iou < 0.5).take(n);
     let mut tiles = Vec::new();

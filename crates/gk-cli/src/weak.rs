@@ -102,6 +102,14 @@ fn best_weights(run: &RunDir) -> &'static str {
     }
 }
 
+/// The set drawn by `eval`: the first given, else the run's val set.
+fn first_set(dir: &Path, sets: &[PathBuf]) -> Result<PathBuf> {
+    match sets.first() {
+        Some(s) => Ok(s.clone()),
+        None => Ok(RunDir::open(dir)?.load_config::<CkdRunConfig>()?.data.val),
+    }
+}
+
 /// Evaluates a CKD run on `sets` (default: its val and test sets).
 pub fn evaluate(dir: &Path, sets: &[PathBuf]) -> Result<Vec<(String, CkdReport)>> {
     let run = RunDir::open(dir)?;
@@ -122,9 +130,18 @@ pub fn evaluate(dir: &Path, sets: &[PathBuf]) -> Result<Vec<(String, CkdReport)>
         .collect()
 }
 
-/// `groundkit eval` on a CKD run: expression Acc@0.5 / mIoU and phrase R@1/5/10.
+/// `groundkit eval` on a CKD run: expression Acc@0.5 / mIoU and phrase R@1/5/10; a sheet
+/// of right and wrong predictions of the first set in `RUN/<set>_predictions.png`.
 pub fn eval(dir: &Path, sets: &[PathBuf], json: bool) -> Result<()> {
     let reports = evaluate(dir, sets)?;
+    if let Some((name, r)) = reports.first() {
+        let set = first_set(dir, sets)?;
+        let cfg: CkdRunConfig = RunDir::open(dir)?.load_config()?;
+        let ds = gk_train::train::load_set_with(&cfg.data, &set)?;
+        let out = dir.join(format!("{name}_predictions.png"));
+        crate::report::prediction_sheet_of(&ds, &r.expressions, 8, &out)?;
+        eprintln!("predictions drawn in {}", out.display());
+    }
     if json {
         let v: serde_json::Map<String, serde_json::Value> = reports
             .iter()
