@@ -33,7 +33,8 @@ enum Command {
     /// Train a grounder (or, with a `[ckd]` table, a weakly supervised CKD model) from a run
     /// config (TOML), or resume an interrupted run.
     Train(commands::TrainArgs),
-    /// Evaluate a run: Acc@0.5, Acc@0.75 and mIoU per split and per expression type.
+    /// Evaluate a run: Acc@0.5, Acc@0.75 and mIoU per split and per expression type (CKD
+    /// runs: expression Acc@0.5 and phrase R@1/5/10, and a picture of predictions).
     Eval(commands::EvalArgs),
     /// Convert a published split (TransVG/HiVG .pth lists, or the refer API's refs + instances)
     /// to canonical JSONL, with a .meta.json recording sources, sha256 and row count.
