@@ -18,6 +18,9 @@ pub enum SourceFormat {
     Transvg,
     /// The `refer` API layout: `refs(<split_by>).p` + `instances.json`.
     Refer,
+    /// Flickr30k Entities' own layout: `<split>.txt`, `Sentences/`, `Annotations/` (one
+    /// record per caption, its phrases with their boxes; `--dataset flickr`).
+    Entities,
 }
 
 #[derive(Debug, clap::Args)]
@@ -34,6 +37,7 @@ pub struct ConvertArgs {
     pub split: String,
     /// transvg: the split root (holding <dataset>/<dataset>_<split>.pth) or one .pth file.
     /// refer: the data/<dataset> folder (refs(<split_by>).p and instances.json).
+    /// entities: the flickr30k_entities folder.
     #[arg(long)]
     pub input: PathBuf,
     /// The JSONL to write; `<out>.meta.json` records the sources, their sha256 and the row count.
@@ -116,6 +120,15 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
             let src = ReferSource::in_dir(&a.input, &split_by);
             let split = (a.split != "all").then_some(a.split.as_str());
             conv = refer::read(&src, split, a.skip_bad)?;
+        }
+        SourceFormat::Entities => {
+            if key != DatasetKey::Flickr {
+                bail!("--from entities reads Flickr30k Entities: use --dataset flickr");
+            }
+            if !["train", "val", "test"].contains(&a.split.as_str()) {
+                bail!("Flickr30k Entities has splits train, val, test");
+            }
+            conv = gk_data::entities::read(&a.input, &a.split, a.skip_bad)?;
         }
     }
     validate(&mut conv, a.skip_bad)?;

@@ -556,3 +556,73 @@ fn weakly_supervised_ckd_end_to_end() {
         "--detector",
     );
 }
+
+/// Flickr30k Entities' own layout converts to one record per caption with its phrases.
+#[test]
+fn flickr30k_entities_converts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("flickr30k_entities");
+    std::fs::create_dir_all(d.join("Sentences")).unwrap();
+    std::fs::create_dir_all(d.join("Annotations")).unwrap();
+    std::fs::write(d.join("val.txt"), "42\n").unwrap();
+    std::fs::write(
+        d.join("Sentences/42.txt"),
+        "[/EN#1/people A man] holds [/EN#2/animals a dog] .\n[/EN#2/animals The dog] sleeps .\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("Annotations/42.xml"),
+        "<annotation><size><width>60</width><height>40</height><depth>3</depth></size>\
+         <object><name>1</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>30</xmax><ymax>40</ymax></bndbox></object>\
+         <object><name>2</name><bndbox><xmin>31</xmin><ymin>20</ymin><xmax>60</xmax><ymax>40</ymax></bndbox></object>\
+         </annotation>",
+    )
+    .unwrap();
+    let out = dir.path().join("val.jsonl");
+    let o = groundkit(&[
+        "convert",
+        "--from",
+        "entities",
+        "--dataset",
+        "flickr",
+        "--split",
+        "val",
+        "--input",
+        d.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["expr"], "A man holds a dog .");
+    assert_eq!(
+        rows[0]["extra"]["phrases"],
+        serde_json::json!(["A man", "a dog"])
+    );
+    assert_eq!(
+        rows[1]["bbox_xyxy"],
+        serde_json::json!([30.0, 19.0, 59.0, 39.0])
+    );
+    assert!(dir.path().join("val.meta.json").is_file());
+    assert_clean_failure(
+        &groundkit(&[
+            "convert",
+            "--from",
+            "entities",
+            "--dataset",
+            "unc",
+            "--split",
+            "val",
+            "--input",
+            d.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]),
+        "--dataset flickr",
+    );
+}

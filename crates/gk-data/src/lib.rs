@@ -1,6 +1,7 @@
 //! gk-data: records, datasets, transforms, tokenizers and batching.
 pub mod batch;
 pub mod dataset;
+pub mod entities;
 pub mod error;
 pub mod image_io;
 pub mod phrases;
