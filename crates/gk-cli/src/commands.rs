@@ -128,6 +128,18 @@ fn train_stages(a: &TrainArgs, cfg: &RunConfig, out: &std::path::Path) -> Result
     Ok(())
 }
 
+/// `train --config ... --out DIR` never overwrites a run.
+pub fn refuse_existing_run(out: &std::path::Path) -> Result<()> {
+    if out.join("trainer_state.json").exists() {
+        anyhow::bail!(
+            "{} already holds a run: use --resume {} to continue it",
+            out.display(),
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn train(a: TrainArgs) -> Result<()> {
     let run = match (&a.resume, &a.config, &a.out) {
         (Some(dir), _, _) if crate::weak::is_ckd_run(dir) => return crate::weak::train(&a, None),
@@ -147,13 +159,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             if a.stage.is_some() {
                 anyhow::bail!("--stage needs a config with [hilora] stages");
             }
-            if out.join("trainer_state.json").exists() {
-                anyhow::bail!(
-                    "{} already holds a run: use --resume {} to continue it",
-                    out.display(),
-                    out.display()
-                );
-            }
+            refuse_existing_run(out)?;
             train::prepare(out, cfg)?
         }
         _ => anyhow::bail!("give --config FILE --out RUN_DIR, or --resume RUN_DIR"),

@@ -62,13 +62,7 @@ pub fn train(a: &TrainArgs, text: Option<&str>) -> Result<()> {
     let run = match (text, &a.out, &a.resume) {
         (Some(text), Some(out), _) => {
             let cfg: CkdRunConfig = toml::from_str(text).context("not a valid CKD run config")?;
-            if out.join("trainer_state.json").exists() {
-                anyhow::bail!(
-                    "{} already holds a run: use --resume {} to continue it",
-                    out.display(),
-                    out.display()
-                );
-            }
+            crate::commands::refuse_existing_run(out)?;
             ckd::prepare(out, cfg)?
         }
         (_, _, Some(dir)) => RunDir::open(dir)?,

@@ -27,9 +27,9 @@ use crate::error::{io_err, Result, TrainError};
 use crate::eval::{EvalReport, Tally};
 use crate::init::seeded_var_builder;
 use crate::losses::LossParts;
-use crate::optim::{lr_factor, AdamW};
+use crate::optim::AdamW;
 use crate::run::RunDir;
-use crate::train::{DataConfig, OptimConfig, TrainOptions, TrainerState};
+use crate::train::{DataConfig, OptimConfig, Steps, TrainOptions, TrainerState};
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::VarMap;
 use gk_box::Box4;
@@ -47,7 +47,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 /// How the detector's posteriors over the K regions become the teacher's logits.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -836,40 +835,22 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, CkdRepo
     };
     let train_loader = loader(&cfg, train_ds, &tok, true);
     let val_loader = eval_loader(&cfg, val_ds, &tok);
-    let per_epoch = train_loader.batches_per_epoch();
-    if per_epoch == 0 {
-        return Err(TrainError::Config(format!(
-            "training set smaller than one batch of {}",
-            cfg.optim.batch_size
-        )));
-    }
-    let total = per_epoch * cfg.optim.epochs;
-    let eval_every = if cfg.optim.eval_every == 0 {
-        per_epoch
-    } else {
-        cfg.optim.eval_every
-    };
-
     let mut opt = AdamW::new(&map, &cfg.optim.groups, cfg.optim.weight_decay)?;
-    let mut state = TrainerState {
-        total_steps: total,
-        ..TrainerState::default()
-    };
-    if run.file("trainer_state.json").is_file() {
-        state = run.load_json("trainer_state.json")?;
-        run.load_weights(&map, "model.safetensors")?;
-        opt.load(&run.file("optim.safetensors"), state.step)?;
-    }
+    let per_epoch = train_loader.batches_per_epoch();
+    let mut steps = Steps::start(
+        run,
+        &cfg.optim,
+        per_epoch,
+        &map,
+        &mut opt,
+        opts.progress,
+        || Ok(()),
+    )?;
     let mut last = CkdReport::default();
-    if state.finished {
-        return Ok((state, last));
-    }
-    let pb = crate::train::progress_bar(total, state.step, opts.progress);
-    let mut window = (0usize, Instant::now());
     let ds = train_loader.dataset();
-    while state.step < total {
-        let epoch = state.step / per_epoch;
-        for batch in train_loader.epoch_from(epoch as u64, state.step % per_epoch) {
+    while steps.state.step < steps.total {
+        let epoch = steps.epoch();
+        for batch in train_loader.epoch_from(epoch as u64, steps.state.step % per_epoch) {
             let batch = batch?;
             // forward, loss, backward, step
             let cb = ckd_batch(
@@ -893,74 +874,34 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, CkdRepo
                 &images,
                 &classes,
                 posteriors.as_ref(),
-                state.step,
+                steps.state.step,
             )?;
             let loss = parts.total()?;
             let loss_v = loss.to_scalar::<f32>()?;
             let values = parts.values()?;
             if !loss_v.is_finite() {
                 return Err(TrainError::NonFinite {
-                    step: state.step,
+                    step: steps.state.step,
                     parts: crate::train::format_parts(&values),
                 });
             }
             let mut grads = loss.backward()?;
             let grad_norm = opt.clip_grad_norm(&mut grads, cfg.optim.clip_grad)?;
-            let lr = cfg.optim.lr
-                * lr_factor(
-                    cfg.optim.schedule,
-                    state.step,
-                    total,
-                    cfg.optim.warmup_steps,
-                );
+            let lr = steps.lr(&cfg.optim);
             opt.step(&grads, lr)?;
-            state.step += 1;
-
-            // logging
-            window.0 += batch.len();
-            let secs = window.1.elapsed().as_secs_f64();
-            let mut log = serde_json::json!({"event": "train", "step": state.step, "epoch": epoch, "loss": loss_v, "lr": lr, "grad_norm": grad_norm});
-            for (n, v) in &values {
-                log[n.as_str()] = serde_json::json!(v);
-            }
-            if state.step % 10 == 0 || state.step == total {
-                log["samples_per_s"] = serde_json::json!(window.0 as f64 / secs.max(1e-9));
-                run.log_metrics(&log)?;
-                window = (0, Instant::now());
-            }
-            pb.set_message(format!(
-                "loss {loss_v:.3} ({})  best {:.1}%",
-                crate::train::format_parts(&values),
-                state.best_acc
-            ));
-            pb.set_position(state.step as u64);
+            steps.logged(batch.len(), loss_v, lr, grad_norm, &values)?;
 
             // evaluation and checkpoints
-            let stop = opts.stop_after.is_some_and(|s| state.step >= s);
-            if state.step % eval_every == 0 || state.step == total {
+            if steps.evaluates() {
                 last = evaluate(&model, &val_loader, &proposals, cfg.ckd.max_phrases)?;
-                let acc = last.expressions.all.acc50();
-                run.log_metrics(&serde_json::json!({"event": "eval", "step": state.step, "epoch": epoch, "val": last.summary()}))?;
-                if acc > state.best_acc || state.best_step == 0 {
-                    state.best_acc = acc;
-                    state.best_step = state.step;
-                    run.save_weights(&map, "best.safetensors")?;
-                }
+                steps.evaluated(&map, last.expressions.all.acc50(), last.summary())?;
             }
-            if stop || state.step % eval_every == 0 || state.step == total {
-                state.finished = state.step == total;
-                run.save_weights(&map, "model.safetensors")?;
-                opt.save(&run.file("optim.safetensors"))?;
-                run.save_json("trainer_state.json", &state)?;
-            }
-            if stop {
-                pb.finish_and_clear();
-                return Ok((state, last));
+            if steps.checkpointed(&map, &opt, opts.stop_after)? {
+                return Ok((steps.state, last));
             }
         }
     }
-    pb.finish_and_clear();
-    Ok((state, last))
+    Ok((steps.finish(), last))
 }
 
 /// Evaluates a finished CKD run's `weights` on `set` (proposals cached in the run).
@@ -1039,17 +980,12 @@ impl CkdPredictor {
             .into_iter()
             .next()
             .unwrap_or_else(|| expr.to_lowercase());
-        let enc = self.loaded.tok.encode(&phrase, cfg.model.max_phrase_len)?;
-        let ids = Tensor::new(enc.ids.as_slice(), &self.dev)?.unsqueeze(0)?;
-        let mask = Tensor::new(
-            enc.mask
-                .iter()
-                .map(|&m| m as f32)
-                .collect::<Vec<_>>()
-                .as_slice(),
+        let (ids, mask, _) = crate::predict::encode_one(
+            &self.loaded.tok,
+            &phrase,
+            cfg.model.max_phrase_len,
             &self.dev,
-        )?
-        .unsqueeze(0)?;
+        )?;
         let p = self.loaded.model.phrases(&ids, &mask)?; // [1, E]
         let scores = regions.matmul(&p.t()?)?.squeeze(1)?.to_vec1::<f32>()?;
         let mut order: Vec<usize> = (0..boxes.len()).collect();

@@ -65,20 +65,12 @@ impl Predictor {
         };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0); // unused by the eval transform
         let p = transforms::apply(sample, &self.transform, false, &mut rng, &self.dev)?;
-        let enc = self
-            .loaded
-            .tok
-            .encode(expr, self.loaded.cfg.model.max_text_len)?;
-        let ids = Tensor::new(enc.ids.as_slice(), &self.dev)?.unsqueeze(0)?;
-        let mask = Tensor::new(
-            enc.mask
-                .iter()
-                .map(|&m| m as f32)
-                .collect::<Vec<_>>()
-                .as_slice(),
+        let (ids, mask, truncated) = encode_one(
+            &self.loaded.tok,
+            expr,
+            self.loaded.cfg.model.max_text_len,
             &self.dev,
-        )?
-        .unsqueeze(0)?;
+        )?;
         let out = self.loaded.model.forward(
             &p.pixels.unsqueeze(0)?,
             &p.mask.unsqueeze(0)?,
@@ -98,7 +90,23 @@ impl Predictor {
         Ok(Grounding {
             bbox_xyxy,
             model_cxcywh,
-            truncated: enc.truncated,
+            truncated,
         })
     }
+}
+
+/// One text as a batch of one: ids `[1, L]`, mask `[1, L]` (f32) and whether it was cut.
+pub fn encode_one(
+    tok: &gk_data::tokenize::TextTokenizer,
+    text: &str,
+    max_len: usize,
+    dev: &Device,
+) -> Result<(Tensor, Tensor, bool)> {
+    let enc = tok.encode(text, max_len)?;
+    let mask: Vec<f32> = enc.mask.iter().map(|&m| m as f32).collect();
+    Ok((
+        Tensor::new(enc.ids.as_slice(), dev)?.unsqueeze(0)?,
+        Tensor::new(mask.as_slice(), dev)?.unsqueeze(0)?,
+        enc.truncated,
+    ))
 }

@@ -392,6 +392,160 @@ pub(crate) fn progress_bar(total: usize, done: usize, show: bool) -> indicatif::
     pb
 }
 
+/// What every training loop shares (`train` here, `ckd::train`): the step counts, the
+/// resume from the last checkpoint, logging every 10 steps with the progress bar, the
+/// evaluation bookkeeping (`best.safetensors`) and the atomic checkpoint.
+pub(crate) struct Steps<'a> {
+    run: &'a RunDir,
+    pub per_epoch: usize,
+    pub total: usize,
+    eval_every: usize,
+    pub state: TrainerState,
+    window: (usize, Instant),
+    pb: indicatif::ProgressBar,
+}
+
+impl<'a> Steps<'a> {
+    /// Resumes from `run`'s checkpoint into `map` and `opt` when there is one; `fresh`
+    /// initialises a new run otherwise.
+    pub fn start(
+        run: &'a RunDir,
+        optim: &OptimConfig,
+        per_epoch: usize,
+        map: &VarMap,
+        opt: &mut AdamW,
+        progress: bool,
+        fresh: impl FnOnce() -> Result<()>,
+    ) -> Result<Self> {
+        if per_epoch == 0 {
+            return Err(TrainError::Config(format!(
+                "training set smaller than one batch of {}",
+                optim.batch_size
+            )));
+        }
+        let total = per_epoch * optim.epochs;
+        let mut state = TrainerState {
+            total_steps: total,
+            ..TrainerState::default()
+        };
+        if run.file("trainer_state.json").is_file() {
+            state = run.load_json("trainer_state.json")?;
+            run.load_weights(map, "model.safetensors")?;
+            opt.load(&run.file("optim.safetensors"), state.step)?;
+        } else {
+            fresh()?;
+        }
+        Ok(Self {
+            run,
+            per_epoch,
+            total,
+            eval_every: if optim.eval_every == 0 {
+                per_epoch
+            } else {
+                optim.eval_every
+            },
+            pb: progress_bar(total, state.step, progress && !state.finished),
+            state,
+            window: (0, Instant::now()),
+        })
+    }
+
+    pub fn epoch(&self) -> usize {
+        self.state.step / self.per_epoch
+    }
+
+    /// The learning rate of the current step.
+    pub fn lr(&self, optim: &OptimConfig) -> f64 {
+        optim.lr
+            * lr_factor(
+                optim.schedule,
+                self.state.step,
+                self.total,
+                optim.warmup_steps,
+            )
+    }
+
+    /// Counts a finished step of `samples` and logs it.
+    pub fn logged(
+        &mut self,
+        samples: usize,
+        loss: f32,
+        lr: f64,
+        grad_norm: f64,
+        values: &[(String, f32)],
+    ) -> Result<()> {
+        let epoch = self.epoch();
+        self.state.step += 1;
+        let step = self.state.step;
+        self.window.0 += samples;
+        let secs = self.window.1.elapsed().as_secs_f64();
+        let rate = self.window.0 as f64 / secs.max(1e-9);
+        let mut log = serde_json::json!({"event": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm});
+        for (n, v) in values {
+            log[n.as_str()] = serde_json::json!(v);
+        }
+        if step % 10 == 0 || step == self.total {
+            log["samples_per_s"] = serde_json::json!(rate);
+            self.run.log_metrics(&log)?;
+            self.window = (0, Instant::now());
+        }
+        let msg = values
+            .iter()
+            .map(|(n, v)| format!("{n} {v:.3}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        self.pb.set_message(format!(
+            "loss {loss:.3} ({msg})  {rate:.0} samples/s  best {:.1}%",
+            self.state.best_acc
+        ));
+        self.pb.set_position(step as u64);
+        Ok(())
+    }
+
+    /// Whether this step evaluates (and checkpoints).
+    pub fn evaluates(&self) -> bool {
+        self.state.step % self.eval_every == 0 || self.state.step == self.total
+    }
+
+    /// Logs a validation `summary` with its Acc@0.5 and keeps the best weights.
+    pub fn evaluated(&mut self, map: &VarMap, acc: f64, summary: serde_json::Value) -> Result<()> {
+        let epoch = (self.state.step - 1) / self.per_epoch;
+        self.run.log_metrics(&serde_json::json!({"event": "eval", "step": self.state.step, "epoch": epoch, "val": summary}))?;
+        if acc > self.state.best_acc || self.state.best_step == 0 {
+            self.state.best_acc = acc;
+            self.state.best_step = self.state.step;
+            self.run.save_weights(map, "best.safetensors")?;
+        }
+        Ok(())
+    }
+
+    /// Writes the checkpoint when this step evaluates or `stop`s; true when the loop must
+    /// stop (`stop_after` reached).
+    pub fn checkpointed(
+        &mut self,
+        map: &VarMap,
+        opt: &AdamW,
+        stop_after: Option<usize>,
+    ) -> Result<bool> {
+        let stop = stop_after.is_some_and(|s| self.state.step >= s);
+        if stop || self.evaluates() {
+            self.state.finished = self.state.step == self.total;
+            self.run.save_weights(map, "model.safetensors")?;
+            opt.save(&self.run.file("optim.safetensors"))?;
+            self.run.save_json("trainer_state.json", &self.state)?;
+        }
+        if stop {
+            self.pb.finish_and_clear();
+        }
+        Ok(stop)
+    }
+
+    pub fn finish(self) -> TrainerState {
+        self.pb.finish_and_clear();
+        self.state
+    }
+}
+
 /// Trains (or resumes) the run in `run`. Returns the final state and the last validation report.
 pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalReport)> {
     let dev = Device::Cpu;
@@ -447,56 +601,39 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
     };
     let train_loader = make_loader(&cfg, train_ds, &tok, true);
     let val_loader = eval_loader(&cfg, load_set(&cfg, &cfg.data.val)?, &tok);
-    let per_epoch = train_loader.batches_per_epoch();
-    if per_epoch == 0 {
-        return Err(TrainError::Config(format!(
-            "training set smaller than one batch of {}",
-            cfg.optim.batch_size
-        )));
-    }
-    let total = per_epoch * cfg.optim.epochs;
-    let eval_every = if cfg.optim.eval_every == 0 {
-        per_epoch
-    } else {
-        cfg.optim.eval_every
-    };
 
     // optimiser and state (resume if a checkpoint exists)
     let mut opt = AdamW::new(&map, &cfg.optim.groups, cfg.optim.weight_decay)?;
-    let mut state = TrainerState {
-        total_steps: total,
-        ..TrainerState::default()
-    };
-    if run.file("trainer_state.json").is_file() {
-        state = run.load_json("trainer_state.json")?;
-        run.load_weights(&map, "model.safetensors")?;
-        opt.load(&run.file("optim.safetensors"), state.step)?;
-    } else {
-        if cfg.sincos_positions {
-            crate::init::sincos_positions(&map, &cfg.model)?;
-        }
-        for p in &cfg.pretrained {
-            let report = crate::weights::load_prefixed(
-                &map,
-                &p.file,
-                &[(p.from.as_str(), p.to.as_str())],
-                p.strict,
-            )?;
-            if opts.progress || !report.is_clean() {
-                eprintln!("{}: {report}", p.file.display());
+    let per_epoch = train_loader.batches_per_epoch();
+    let mut steps = Steps::start(
+        run,
+        &cfg.optim,
+        per_epoch,
+        &map,
+        &mut opt,
+        opts.progress,
+        || {
+            if cfg.sincos_positions {
+                crate::init::sincos_positions(&map, &cfg.model)?;
             }
-        }
-    }
+            for p in &cfg.pretrained {
+                let report = crate::weights::load_prefixed(
+                    &map,
+                    &p.file,
+                    &[(p.from.as_str(), p.to.as_str())],
+                    p.strict,
+                )?;
+                if opts.progress || !report.is_clean() {
+                    eprintln!("{}: {report}", p.file.display());
+                }
+            }
+            Ok(())
+        },
+    )?;
     let mut last_report = EvalReport::default();
-    if state.finished {
-        return Ok((state, last_report));
-    }
-
-    let pb = progress_bar(total, state.step, opts.progress);
-    let mut window = (0usize, Instant::now());
-    while state.step < total {
-        let epoch = state.step / per_epoch;
-        for batch in train_loader.epoch_from(epoch as u64, state.step % per_epoch) {
+    while steps.state.step < steps.total {
+        let epoch = steps.epoch();
+        for batch in train_loader.epoch_from(epoch as u64, steps.state.step % per_epoch) {
             let batch = batch?;
             // forward, loss, backward, clip, step
             let out = model.forward(
@@ -508,7 +645,7 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
             )?;
             if !out.pred_box.sum_all()?.to_scalar::<f32>()?.is_finite() {
                 return Err(TrainError::NonFinite {
-                    step: state.step,
+                    step: steps.state.step,
                     parts: "the predicted boxes hold NaN or inf".into(),
                 });
             }
@@ -530,70 +667,25 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
             let values = parts.values()?;
             if !loss_v.is_finite() {
                 return Err(TrainError::NonFinite {
-                    step: state.step,
+                    step: steps.state.step,
                     parts: format_parts(&values),
                 });
             }
             let mut grads = loss.backward()?;
             let grad_norm = opt.clip_grad_norm(&mut grads, cfg.optim.clip_grad)?;
-            let lr = cfg.optim.lr
-                * lr_factor(
-                    cfg.optim.schedule,
-                    state.step,
-                    total,
-                    cfg.optim.warmup_steps,
-                );
+            let lr = steps.lr(&cfg.optim);
             opt.step(&grads, lr)?;
-            state.step += 1;
-
-            // logging
-            window.0 += batch.len();
-            let secs = window.1.elapsed().as_secs_f64();
-            let mut log = serde_json::json!({"event": "train", "step": state.step, "epoch": epoch, "loss": loss_v, "lr": lr, "grad_norm": grad_norm});
-            for (n, v) in &values {
-                log[n.as_str()] = serde_json::json!(v);
-            }
-            if state.step % 10 == 0 || state.step == total {
-                log["samples_per_s"] = serde_json::json!(window.0 as f64 / secs.max(1e-9));
-                run.log_metrics(&log)?;
-                window = (0, Instant::now());
-            }
-            let msg = values
-                .iter()
-                .map(|(n, v)| format!("{n} {v:.3}"))
-                .collect::<Vec<_>>()
-                .join("  ");
-            pb.set_message(format!(
-                "loss {loss_v:.3} ({msg})  {:.0} samples/s  best {:.1}%",
-                window.0 as f64 / secs.max(1e-9),
-                state.best_acc
-            ));
-            pb.set_position(state.step as u64);
+            steps.logged(batch.len(), loss_v, lr, grad_norm, &values)?;
 
             // evaluation and checkpoints
-            let stop = opts.stop_after.is_some_and(|s| state.step >= s);
-            if state.step % eval_every == 0 || state.step == total {
+            if steps.evaluates() {
                 last_report = evaluate(&model, &val_loader, GtBoxes::Stored, |_| {})?;
-                let acc = last_report.all.acc50();
-                run.log_metrics(&serde_json::json!({"event": "eval", "step": state.step, "epoch": epoch, "val": last_report.summary()}))?;
-                if acc > state.best_acc || state.best_step == 0 {
-                    state.best_acc = acc;
-                    state.best_step = state.step;
-                    run.save_weights(&map, "best.safetensors")?;
-                }
+                steps.evaluated(&map, last_report.all.acc50(), last_report.summary())?;
             }
-            if stop || state.step % eval_every == 0 || state.step == total {
-                state.finished = state.step == total;
-                run.save_weights(&map, "model.safetensors")?;
-                opt.save(&run.file("optim.safetensors"))?;
-                run.save_json("trainer_state.json", &state)?;
-            }
-            if stop {
-                pb.finish_and_clear();
-                return Ok((state, last_report));
+            if steps.checkpointed(&map, &opt, opts.stop_after)? {
+                return Ok((steps.state, last_report));
             }
         }
     }
-    pb.finish_and_clear();
-    Ok((state, last_report))
+    Ok((steps.finish(), last_report))
 }
