@@ -33,7 +33,7 @@ use crate::train::{DataConfig, OptimConfig, Steps, TrainOptions, TrainerState};
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::VarMap;
 use gk_box::Box4;
-use gk_data::batch::{Batch, Loader, LoaderConfig};
+use gk_data::batch::{Batch, Loader};
 use gk_data::dataset::{resolve_image, Dataset};
 use gk_data::phrases::{record_phrases, ClassMap, Labels, Phrase};
 use gk_data::proposals::{propose, ProposalConfig};
@@ -46,7 +46,6 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// How the detector's posteriors over the K regions become the teacher's logits.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -686,24 +685,10 @@ pub fn load_run(run: &RunDir, weights: Option<&str>, dev: &Device) -> Result<Loa
     })
 }
 
+/// No augmentation, in training too: proposals belong to the original image.
 fn loader(cfg: &CkdRunConfig, ds: Dataset, tok: &TextTokenizer, train: bool) -> Loader {
-    Loader::new(
-        Arc::new(ds),
-        Arc::new(tok.clone()),
-        LoaderConfig {
-            batch_size: cfg.optim.batch_size,
-            shuffle: train,
-            drop_last: train,
-            workers: cfg.optim.workers,
-            seed: cfg.seed,
-            train: false, // no augmentation: proposals belong to the original image
-            transform: TransformConfig {
-                side: cfg.model.image_size as u32,
-                ..cfg.optim.augment.clone()
-            },
-            max_text_len: cfg.model.max_phrase_len,
-        },
-    )
+    let (side, len) = (cfg.model.image_size, cfg.model.max_phrase_len);
+    crate::train::loader_for(&cfg.optim, cfg.seed, side, len, ds, tok, train, false)
 }
 
 /// An eval loader over `ds` with the run's settings.

@@ -298,25 +298,42 @@ pub fn load_run(run: &RunDir, weights: Option<&str>, dev: &Device) -> Result<Loa
 /// A loader over `ds` with the run's settings: training (shuffled, augmented, whole
 /// batches only) or evaluation (fixed order, eval transform, every sample).
 pub fn make_loader(cfg: &RunConfig, ds: Dataset, tok: &TextTokenizer, train: bool) -> Loader {
+    let (side, len) = (cfg.model.image_size, cfg.model.max_text_len);
+    loader_for(&cfg.optim, cfg.seed, side, len, ds, tok, train, train)
+}
+
+/// A loader from the optimiser settings: `train` shuffles whole batches, `augment` applies
+/// the training transform (else the eval transform with the same normalisation).
+#[allow(clippy::too_many_arguments)]
+pub fn loader_for(
+    optim: &OptimConfig,
+    seed: u64,
+    side: usize,
+    max_text_len: usize,
+    ds: Dataset,
+    tok: &TextTokenizer,
+    train: bool,
+    augment: bool,
+) -> Loader {
     Loader::new(
         Arc::new(ds),
         Arc::new(tok.clone()),
         LoaderConfig {
             batch_size: if train {
-                cfg.optim.batch_size
+                optim.batch_size
             } else {
-                cfg.optim.batch_size.max(16)
+                optim.batch_size.max(16)
             },
             shuffle: train,
             drop_last: train,
-            workers: cfg.optim.workers,
-            seed: cfg.seed,
-            train,
+            workers: optim.workers,
+            seed,
+            train: augment,
             transform: TransformConfig {
-                side: cfg.model.image_size as u32,
-                ..cfg.optim.augment.clone()
+                side: side as u32,
+                ..optim.augment.clone()
             },
-            max_text_len: cfg.model.max_text_len,
+            max_text_len,
         },
     )
 }
