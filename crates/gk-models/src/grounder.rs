@@ -219,6 +219,7 @@ impl GrounderConfig {
                 text_dim: 128,
                 text_len: 20,
                 proj_dim: 128,
+                contrastive_dim: 128,
             }),
             text: TextConfig::ClipText(ClipTextConfig {
                 vocab_size: 73,
@@ -604,15 +605,55 @@ pub struct GrounderOutput {
     pub cells: Option<(Tensor, Tensor)>,
     /// HiVG grounders: the auxiliary heads' token similarities and mask logits.
     pub aux: Option<HivgAux>,
+    /// HiVG grounders with `contrastive_dim`: CLIP's image and text embeddings.
+    pub clip: Option<ClipEmbeds>,
     /// Backbone outputs before fusion (distillation and region losses read these).
     pub visual: VisualFeatures,
     pub text: TextFeatures,
 }
 
+/// CLIP's embeddings of a batch: `image`, `text` `[B, P]` (not normalised) and the
+/// logit scale `exp(logit_scale)` (a scalar).
+#[derive(Debug, Clone)]
+pub struct ClipEmbeds {
+    pub image: Tensor,
+    pub text: Tensor,
+    pub scale: Tensor,
+}
+
+/// CLIP's projections and logit scale, with CLIP's top-level keys (`visual_projection`,
+/// `text_projection`, `logit_scale`), so a Hugging Face CLIP file maps by name.
+#[derive(Debug, Clone)]
+struct ClipHead {
+    visual_projection: Linear,
+    text_projection: Linear,
+    logit_scale: Tensor,
+}
+
+impl ClipHead {
+    fn new(vb: VarBuilder, visual: usize, text: usize, dim: usize) -> Result<Self> {
+        Ok(Self {
+            visual_projection: nn::linear(vb.pp("visual_projection"), visual, dim, false)?,
+            text_projection: nn::linear(vb.pp("text_projection"), text, dim, false)?,
+            logit_scale: vb.get_with_hints((), "logit_scale", candle_nn::Init::Const(2.6592))?,
+        })
+    }
+
+    /// `visual, text: [B, C]` pooled outputs -> [`ClipEmbeds`].
+    fn forward(&self, visual: &Tensor, text: &Tensor) -> Result<ClipEmbeds> {
+        Ok(ClipEmbeds {
+            image: self.visual_projection.forward(visual)?,
+            text: self.text_projection.forward(text)?,
+            scale: self.logit_scale.exp()?,
+        })
+    }
+}
+
 /// The grounder. Keys: `visual.*`, `text.*`, `visu_proj`, `text_proj`, `reg_token`,
 /// `vl_pos_embed`, `vl_transformer.layers.{i}`, `vl_transformer.norm` (pre-norm only), `bbox_embed`,
 /// and per head `token_attn.{q,k}`, `dense_coord`, `dense_direct.{q,k}`; with HiVG's visual
-/// encoder `hivg_aux.*` ([`HivgAuxHeads`]).
+/// encoder `hivg_aux.*` ([`HivgAuxHeads`]) and, with `contrastive_dim`, CLIP's
+/// `visual_projection`, `text_projection`, `logit_scale`.
 #[derive(Debug, Clone)]
 pub struct Grounder {
     pub visual: VisualEncoder,
@@ -631,6 +672,7 @@ pub struct Grounder {
     /// `BoxHead::Dense`: query and key projections of the unfused text mean and cells.
     dense_direct: Option<(Linear, Linear)>,
     hivg_aux: Option<HivgAuxHeads>,
+    clip_head: Option<ClipHead>,
     cfg: GrounderConfig,
 }
 
@@ -711,6 +753,15 @@ impl Grounder {
             },
             hivg_aux: match cfg.visual {
                 VisualConfig::Hivg(_) => Some(HivgAuxHeads::new(vb.pp("hivg_aux"), d)?),
+                _ => None,
+            },
+            clip_head: match &cfg.visual {
+                VisualConfig::Hivg(h) if h.contrastive_dim > 0 => Some(ClipHead::new(
+                    vb.clone(),
+                    h.vision.hidden_size,
+                    cfg.text_dim(),
+                    h.contrastive_dim,
+                )?),
                 _ => None,
             },
             cfg: cfg.clone(),
@@ -849,11 +900,16 @@ impl Grounder {
             Some(h) => Some(h.forward(&visual_tokens, &text_tokens, text_mask, visual.grid)?),
             None => None,
         };
+        let clip = match &self.clip_head {
+            Some(h) => Some(h.forward(&visual.pooled, &text.pooled)?),
+            None => None,
+        };
         Ok(GrounderOutput {
             pred_box,
             token_probs,
             cells,
             aux,
+            clip,
             reg,
             text_tokens,
             visual_tokens,
@@ -978,6 +1034,10 @@ mod tests {
         let mut loss = (out.pred_box.sum_all()? + out.visual.pooled.sqr()?.sum_all()?)?;
         if let Some(aux) = &out.aux {
             loss = (loss + aux.token_sim.sqr()?.mean_all()? + aux.seg.sqr()?.mean_all()?)?;
+        }
+        if let Some(c) = &out.clip {
+            let logits = c.text.matmul(&c.image.t()?)?.broadcast_mul(&c.scale)?;
+            loss = (loss + nn::softmax(&logits)?.narrow(1, 0, 1)?.sum_all()?)?;
         }
         if let Some((scores, boxes)) = &out.cells {
             let first = nn::softmax(scores)?.narrow(1, 0, 1)?.sum_all()?;

@@ -44,6 +44,10 @@ pub struct HivgConfig {
     pub text_len: usize,
     /// Output width of `ml_visual_projection`.
     pub proj_dim: usize,
+    /// CLIP's embedding width for HiVG's contrastive term (the grounder then holds CLIP's
+    /// `visual_projection`, `text_projection` and `logit_scale`); 0 = no term.
+    #[serde(default)]
+    pub contrastive_dim: usize,
 }
 
 impl HivgConfig {
@@ -57,6 +61,7 @@ impl HivgConfig {
             text_dim: 512,
             text_len: 77,
             proj_dim: 512,
+            contrastive_dim: 512,
         }
     }
 
@@ -70,6 +75,7 @@ impl HivgConfig {
             text_dim,
             text_len,
             proj_dim: 32,
+            contrastive_dim: 16,
         }
     }
 }

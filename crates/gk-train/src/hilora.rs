@@ -96,6 +96,10 @@ pub fn hilora_groups(k: usize, vision_layers: usize) -> Vec<ParamGroup> {
     groups.push(g("visual.ml_visual_projection.".into(), 1.0));
     groups.push(g("visual.".into(), 0.0));
     groups.push(g("text.".into(), 0.0));
+    // CLIP's projections and logit scale (the contrastive term) stay frozen with CLIP
+    for p in ["visual_projection.", "text_projection.", "logit_scale"] {
+        groups.push(g(p.into(), 0.0));
+    }
     groups
 }
 
@@ -235,6 +239,13 @@ mod tests {
             0.0
         );
         assert_eq!(scale(&g, "visual.bridge.0.gate.weight"), 1.0);
+        for clip in [
+            "visual_projection.weight",
+            "text_projection.weight",
+            "logit_scale",
+        ] {
+            assert_eq!(scale(&g, clip), 0.0, "{clip} is CLIP's");
+        }
         assert_eq!(scale(&g, "vl_transformer.layers.0.linear1.weight"), 1.0);
         let warm = hilora_groups(0, 0);
         assert_eq!(

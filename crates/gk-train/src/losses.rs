@@ -28,6 +28,10 @@ pub struct BoxLossConfig {
     pub mask_focal: f64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub mask_dice: f64,
+    /// HiVG's CLIP contrastive term (HiVG grounders with `contrastive_dim`; HiVG: 1; 0 =
+    /// off): symmetric InfoNCE of CLIP's image and text embeddings at CLIP's logit scale.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub contrastive: f64,
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -49,6 +53,7 @@ impl Default for BoxLossConfig {
             token_dice: 0.0,
             mask_focal: 0.0,
             mask_dice: 0.0,
+            contrastive: 0.0,
         }
     }
 }

@@ -390,6 +390,19 @@ pub fn criterion(
     if let Some(aux) = &out.aux {
         crate::losses::hivg_aux_losses(aux, out.visual.grid, target, &cfg.loss, &mut parts)?;
     }
+    match (&out.clip, cfg.loss.contrastive > 0.0) {
+        (Some(c), true) => parts.push(
+            "contrastive",
+            cfg.loss.contrastive,
+            crate::distill::info_nce(&c.image, &c.text, &c.scale)?,
+        ),
+        (None, true) => {
+            return Err(TrainError::Config(
+                "[loss] contrastive needs a HiVG grounder with contrastive_dim > 0".into(),
+            ))
+        }
+        _ => {}
+    }
     Ok(parts)
 }
 

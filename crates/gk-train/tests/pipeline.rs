@@ -500,3 +500,108 @@ fn hilora_stages_train_in_sequence() {
     let img = image::RgbImage::from_pixel(64, 48, image::Rgb([90, 120, 200]));
     p.predict(&img, "the blue square").unwrap();
 }
+
+/// HiVG's contrastive term: CLIP's symmetric cross-entropy over `exp(logit_scale) · cos` of
+/// the projected pooled outputs, checked against the formula in plain f32; asking for it
+/// without a contrastive head is a config error.
+#[test]
+fn hivg_contrastive_term_is_clips_loss() {
+    use candle_core::{DType, Tensor};
+    use gk_models::clip::{ClipTextConfig, ClipVisionConfig};
+    use gk_models::grounder::{Grounder, TextConfig, VisualConfig};
+    use gk_models::hivg::HivgConfig;
+    let dev = Device::Cpu;
+    let mut cfg = RunConfig::synth(Path::new("unused"), 1);
+    cfg.model = GrounderConfig::tiny();
+    cfg.model.text = TextConfig::ClipText(ClipTextConfig {
+        max_position_embeddings: 20,
+        ..ClipTextConfig::tiny()
+    });
+    cfg.model.max_text_len = 12;
+    cfg.model.visual = VisualConfig::Hivg(HivgConfig {
+        vision: ClipVisionConfig::tiny(),
+        ..HivgConfig::tiny(cfg.model.text_dim(), 12)
+    });
+    cfg.loss.contrastive = 1.0;
+    let map = candle_nn::VarMap::new();
+    let g = Grounder::new(
+        candle_nn::VarBuilder::from_varmap(&map, DType::F32, &dev),
+        &cfg.model,
+    )
+    .unwrap();
+    let (b, s, l) = (3, cfg.model.image_size, 12);
+    let ids = Tensor::from_vec(
+        (0..b * l).map(|i| (i % 40) as u32 + 1).collect(),
+        (b, l),
+        &dev,
+    )
+    .unwrap();
+    let out = g
+        .forward(
+            &Tensor::randn(0f32, 1.0, (b, 3, s, s), &dev).unwrap(),
+            &Tensor::ones((b, s, s), DType::F32, &dev).unwrap(),
+            &ids,
+            &Tensor::ones((b, l), DType::F32, &dev).unwrap(),
+            false,
+        )
+        .unwrap();
+    let target = Tensor::new(&[[0.5f32, 0.5, 0.2, 0.2]; 3], &dev).unwrap();
+    let parts = train::criterion(&cfg, &out, &target).unwrap();
+    let got = parts
+        .values()
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == "contrastive")
+        .expect("a contrastive part")
+        .1;
+    let c = out.clip.unwrap();
+    let norm = |t: &Tensor| -> Vec<Vec<f32>> {
+        t.to_vec2::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                let n = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+                r.iter().map(|x| x / n).collect()
+            })
+            .collect()
+    };
+    let (im, tx) = (norm(&c.image), norm(&c.text));
+    let scale = 2.6592f32.exp();
+    let logit =
+        |i: usize, j: usize| scale * im[i].iter().zip(&tx[j]).map(|(a, b)| a * b).sum::<f32>();
+    let ce = |f: &dyn Fn(usize, usize) -> f32| -> f32 {
+        (0..b)
+            .map(|i| {
+                let z: f32 = (0..b).map(|j| f(i, j).exp()).sum();
+                z.ln() - f(i, i)
+            })
+            .sum::<f32>()
+            / b as f32
+    };
+    let want = (ce(&logit) + ce(&|i, j| logit(j, i))) / 2.0;
+    assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    // no contrastive head: a clear error
+    let mut plain = cfg.clone();
+    plain.model = GrounderConfig::tiny();
+    let map = candle_nn::VarMap::new();
+    let g = Grounder::new(
+        candle_nn::VarBuilder::from_varmap(&map, DType::F32, &dev),
+        &plain.model,
+    )
+    .unwrap();
+    let s = plain.model.image_size;
+    let l = plain.model.max_text_len;
+    let out = g
+        .forward(
+            &Tensor::randn(0f32, 1.0, (b, 3, s, s), &dev).unwrap(),
+            &Tensor::ones((b, s, s), DType::F32, &dev).unwrap(),
+            &Tensor::ones((b, l), DType::U32, &dev).unwrap(),
+            &Tensor::ones((b, l), DType::F32, &dev).unwrap(),
+            false,
+        )
+        .unwrap();
+    let e = train::criterion(&plain, &out, &target)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("contrastive_dim"), "{e}");
+}
