@@ -248,7 +248,7 @@ pub fn ablate_run(
             let p = r.phrases.summary();
             for k in ["r1", "r5", "r10"] {
                 phrase.push((
-                    format!("val phrase R@{}", &k[1..]),
+                    format!("val R@{}", &k[1..]),
                     p[k].as_f64().unwrap_or(0.0),
                 ));
             }
