@@ -247,10 +247,7 @@ pub fn ablate_run(
         if name == "val" {
             let p = r.phrases.summary();
             for k in ["r1", "r5", "r10"] {
-                phrase.push((
-                    format!("val R@{}", &k[1..]),
-                    p[k].as_f64().unwrap_or(0.0),
-                ));
+                phrase.push((format!("val R@{}", &k[1..]), p[k].as_f64().unwrap_or(0.0)));
             }
         }
     }
