@@ -160,6 +160,7 @@ fn distill_for(variant: &str, teacher: &Path) -> Result<Option<DistillConfig>> {
 /// Val and test splits of a run, Acc@0.5 per split name.
 type Scores = Vec<(String, f64)>;
 
+/// One run's scores, cached in its `ablate_scores.json` (finished runs are not redone).
 fn run_one(a: &AblateArgs, variant: &str, fraction: f64, seed: u64) -> Result<Scores> {
     let dir = a
         .out
@@ -167,15 +168,15 @@ fn run_one(a: &AblateArgs, variant: &str, fraction: f64, seed: u64) -> Result<Sc
         .join(format!("f{fraction}"))
         .join(variant)
         .join(format!("seed{seed}"));
+    let scores_file = dir.join("ablate_scores.json");
+    if scores_file.is_file() {
+        return Ok(serde_json::from_str(&std::fs::read_to_string(
+            &scores_file,
+        )?)?);
+    }
     let epochs = ((a.epochs as f64 / fraction).round() as usize).max(1);
-    if a.recipe == Recipe::Ckd && variant != "supervised" {
-        let scores_file = dir.join("ablate_scores.json");
-        if scores_file.is_file() {
-            return Ok(serde_json::from_str(&std::fs::read_to_string(
-                &scores_file,
-            )?)?);
-        }
-        let scores = crate::weak::ablate_run(
+    let scores = if a.recipe == Recipe::Ckd && variant != "supervised" {
+        crate::weak::ablate_run(
             &a.data,
             &dir,
             variant,
@@ -183,12 +184,25 @@ fn run_one(a: &AblateArgs, variant: &str, fraction: f64, seed: u64) -> Result<Sc
             epochs,
             fraction,
             seed,
-        )?;
-        gk_train::weights::write_atomic(&scores_file, serde_json::to_string(&scores)?.as_bytes())?;
-        return Ok(scores);
-    }
+        )?
+    } else {
+        grounder_run(a, &dir, variant, epochs, fraction, seed)?
+    };
+    gk_train::weights::write_atomic(&scores_file, serde_json::to_string(&scores)?.as_bytes())?;
+    Ok(scores)
+}
+
+/// Trains (or resumes) one grounder run and scores its best weights on val and the tests.
+fn grounder_run(
+    a: &AblateArgs,
+    dir: &Path,
+    variant: &str,
+    epochs: usize,
+    fraction: f64,
+    seed: u64,
+) -> Result<Scores> {
     let run = if dir.join("config.toml").is_file() {
-        RunDir::open(&dir)?
+        RunDir::open(dir)?
     } else {
         let mut cfg = RunConfig::synth(&a.data, epochs);
         cfg.seed = seed;
@@ -196,14 +210,8 @@ fn run_one(a: &AblateArgs, variant: &str, fraction: f64, seed: u64) -> Result<Sc
         apply_variant(a, variant, &mut cfg)?;
         // One evaluation, at the end: the table reports the last checkpoint of every run.
         cfg.optim.eval_every = 1_000_000;
-        train::prepare(&dir, cfg)?
+        train::prepare(dir, cfg)?
     };
-    let scores_file = run.file("ablate_scores.json");
-    if scores_file.is_file() {
-        return Ok(serde_json::from_str(&std::fs::read_to_string(
-            &scores_file,
-        )?)?);
-    }
     train::train(
         &run,
         &TrainOptions {
@@ -217,12 +225,10 @@ fn run_one(a: &AblateArgs, variant: &str, fraction: f64, seed: u64) -> Result<Sc
         .chain(loaded.cfg.data.test.clone())
         .collect();
     let reports = report::evaluate_sets(&loaded, &sets, GtBoxes::Stored)?;
-    let scores: Scores = reports
+    Ok(reports
         .iter()
         .map(|(n, r)| (n.clone(), r.all.acc50()))
-        .collect();
-    gk_train::weights::write_atomic(&scores_file, serde_json::to_string(&scores)?.as_bytes())?;
-    Ok(scores)
+        .collect())
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {

@@ -54,7 +54,7 @@ pub fn train_detector(a: DetectorArgs) -> Result<()> {
 
 /// Whether the run in `dir` is a CKD run.
 pub fn is_ckd_run(dir: &Path) -> bool {
-    ckd::read_text(&dir.join("config.toml")).is_ok_and(|t| ckd::is_ckd_config(&t))
+    std::fs::read_to_string(dir.join("config.toml")).is_ok_and(|t| ckd::is_ckd_config(&t))
 }
 
 /// `groundkit train` with a CKD config (`text`) or on a CKD run directory.
@@ -96,16 +96,8 @@ fn best_weights(run: &RunDir) -> &'static str {
     }
 }
 
-/// The set drawn by `eval`: the first given, else the run's val set.
-fn first_set(dir: &Path, sets: &[PathBuf]) -> Result<PathBuf> {
-    match sets.first() {
-        Some(s) => Ok(s.clone()),
-        None => Ok(RunDir::open(dir)?.load_config::<CkdRunConfig>()?.data.val),
-    }
-}
-
-/// Evaluates a CKD run on `sets` (default: its val and test sets).
-pub fn evaluate(dir: &Path, sets: &[PathBuf]) -> Result<Vec<(String, CkdReport)>> {
+/// Evaluates a CKD run on `sets` (default: its val and test sets): name, file, report.
+pub fn evaluate(dir: &Path, sets: &[PathBuf]) -> Result<Vec<(String, PathBuf, CkdReport)>> {
     let run = RunDir::open(dir)?;
     let cfg: CkdRunConfig = run.load_config()?;
     let sets: Vec<PathBuf> = if sets.is_empty() {
@@ -115,23 +107,22 @@ pub fn evaluate(dir: &Path, sets: &[PathBuf]) -> Result<Vec<(String, CkdReport)>
     } else {
         sets.to_vec()
     };
-    sets.iter()
-        .map(|s| {
-            let r = ckd::eval_run(&run, best_weights(&run), s, true)
-                .with_context(|| format!("evaluating {}", s.display()))?;
-            Ok((crate::report::split_name(s), r))
-        })
-        .collect()
+    let reports = ckd::eval_run(&run, best_weights(&run), &sets, true)
+        .with_context(|| format!("evaluating {}", dir.display()))?;
+    Ok(sets
+        .into_iter()
+        .zip(reports)
+        .map(|(s, r)| (crate::report::split_name(&s), s, r))
+        .collect())
 }
 
 /// `groundkit eval` on a CKD run: expression Acc@0.5 / mIoU and phrase R@1/5/10; a sheet
 /// of right and wrong predictions of the first set in `RUN/<set>_predictions.png`.
 pub fn eval(dir: &Path, sets: &[PathBuf], json: bool) -> Result<()> {
     let reports = evaluate(dir, sets)?;
-    if let Some((name, r)) = reports.first() {
-        let set = first_set(dir, sets)?;
+    if let Some((name, set, r)) = reports.first() {
         let cfg: CkdRunConfig = RunDir::open(dir)?.load_config()?;
-        let ds = gk_train::train::load_set_with(&cfg.data, &set)?;
+        let ds = gk_train::train::load_set_with(&cfg.data, set)?;
         let out = dir.join(format!("{name}_predictions.png"));
         crate::report::prediction_sheet_of(&ds, &r.expressions, 8, &out)?;
         eprintln!("predictions drawn in {}", out.display());
@@ -139,7 +130,7 @@ pub fn eval(dir: &Path, sets: &[PathBuf], json: bool) -> Result<()> {
     if json {
         let v: serde_json::Map<String, serde_json::Value> = reports
             .iter()
-            .map(|(n, r)| (n.clone(), r.summary()))
+            .map(|(n, _, r)| (n.clone(), r.summary()))
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -148,7 +139,7 @@ pub fn eval(dir: &Path, sets: &[PathBuf], json: bool) -> Result<()> {
         "{:<10} {:>6} {:>8} {:>7} | {:>7} {:>7} {:>7} {:>7} {:>12}",
         "split", "exprs", "Acc@0.5", "mIoU", "phrases", "R@1", "R@5", "R@10", "upper bound"
     );
-    for (name, r) in &reports {
+    for (name, _, r) in &reports {
         let p = r.phrases.summary();
         let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
         println!(
@@ -242,7 +233,7 @@ pub fn ablate_run(
     .with_context(|| format!("training {}", dir.display()))?;
     let mut scores = Vec::new();
     let mut phrase = Vec::new();
-    for (name, r) in evaluate(dir, &[])? {
+    for (name, _, r) in evaluate(dir, &[])? {
         scores.push((name.clone(), r.expressions.all.acc50()));
         if name == "val" {
             let p = r.phrases.summary();

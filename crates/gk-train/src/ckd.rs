@@ -23,7 +23,7 @@
 //! one query without any detector file.
 
 use crate::detector::TrainedDetector;
-use crate::error::{io_err, Result, TrainError};
+use crate::error::{Result, TrainError};
 use crate::eval::{EvalReport, Tally};
 use crate::init::seeded_var_builder;
 use crate::losses::LossParts;
@@ -378,9 +378,10 @@ impl Proposals {
             };
         }
         let mut todo: Vec<(String, PathBuf)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for ds in sets {
             for r in &ds.records {
-                if !cache.images.contains_key(&r.image) && !todo.iter().any(|t| t.0 == r.image) {
+                if !cache.images.contains_key(&r.image) && seen.insert(r.image.as_str()) {
                     todo.push((r.image.clone(), resolve_image(&ds.image_root, &r.image)));
                 }
             }
@@ -889,14 +890,32 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, CkdRepo
     Ok((steps.finish(), last))
 }
 
-/// Evaluates a finished CKD run's `weights` on `set` (proposals cached in the run).
-pub fn eval_run(run: &RunDir, weights: &str, set: &Path, progress: bool) -> Result<CkdReport> {
+/// Evaluates a CKD run's `weights` on each of `sets`: the model and the proposal cache are
+/// loaded once, proposals of images not yet cached are added to it.
+pub fn eval_run(
+    run: &RunDir,
+    weights: &str,
+    sets: &[PathBuf],
+    progress: bool,
+) -> Result<Vec<CkdReport>> {
     let dev = Device::Cpu;
     let loaded = load_run(run, Some(weights), &dev)?;
-    let ds = crate::train::load_set_with(&loaded.cfg.data, set)?;
-    let proposals = Proposals::load_or_build(run, &loaded.cfg.ckd.proposals, &[&ds], progress)?;
-    let l = eval_loader(&loaded.cfg, ds, &loaded.tok);
-    evaluate(&loaded.model, &l, &proposals, loaded.cfg.ckd.max_phrases)
+    let sets = sets
+        .iter()
+        .map(|s| crate::train::load_set_with(&loaded.cfg.data, s))
+        .collect::<Result<Vec<_>>>()?;
+    let proposals = Proposals::load_or_build(
+        run,
+        &loaded.cfg.ckd.proposals,
+        &sets.iter().collect::<Vec<_>>(),
+        progress,
+    )?;
+    sets.into_iter()
+        .map(|ds| {
+            let l = eval_loader(&loaded.cfg, ds, &loaded.tok);
+            evaluate(&loaded.model, &l, &proposals, loaded.cfg.ckd.max_phrases)
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------- prediction
@@ -986,9 +1005,4 @@ impl CkdPredictor {
                 .collect(),
         })
     }
-}
-
-/// Reads `path`'s text (for config-kind checks).
-pub fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(io_err(path))
 }

@@ -185,15 +185,13 @@ fn samples(
     cfg: &DetectorTrainConfig,
     side: u32,
     background: usize,
-) -> Result<(Vec<RgbImage>, Vec<u32>, usize)> {
+) -> Result<(Vec<RgbImage>, Vec<u32>)> {
     let (mut crops, mut labels) = (Vec::new(), Vec::new());
-    let mut objects = 0;
     for im in images {
         let img = image_io::load_rgb(&data.join(&im.image))?;
         for &(c, b) in &im.objects {
             crops.push(crop_image(&img, b, side));
             labels.push(c as u32);
-            objects += 1;
         }
         for p in propose(&img, &cfg.proposals) {
             let best = im
@@ -212,7 +210,7 @@ fn samples(
             labels.push(label as u32);
         }
     }
-    Ok((crops, labels, objects))
+    Ok((crops, labels))
 }
 
 /// Trains a detector on the `train` split of a benchmark folder (`objects.jsonl`,
@@ -230,7 +228,7 @@ pub fn train_detector(
     let side = model.net.image_size as u32;
     let background = labels.classes.len();
     let norm = Normalize::IMAGENET;
-    let (crops, targets, _) = samples(
+    let (crops, targets) = samples(
         data,
         &read_objects(data, &labels, "train")?,
         cfg,
@@ -278,7 +276,7 @@ pub fn train_detector(
     }
     // validation
     let val = read_objects(data, &labels, "val")?;
-    let (vcrops, vtargets, _) = samples(data, &val, cfg, side, background)?;
+    let (vcrops, vtargets) = samples(data, &val, cfg, side, background)?;
     let (mut right, mut obj_right, mut obj_total) = (0usize, 0usize, 0usize);
     for (chunk, ys) in vcrops.chunks(256).zip(vtargets.chunks(256)) {
         let logits = net.forward(&crops_tensor(

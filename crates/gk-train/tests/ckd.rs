@@ -10,11 +10,11 @@ use gk_models::ckd::CkdModelConfig;
 use gk_models::convnet::ConvNetConfig;
 use gk_models::grounder::VisualConfig;
 use gk_train::ckd::{self, CkdRunConfig};
-use gk_train::detector::{train_detector, DetectorTrainConfig, TrainedDetector};
+use gk_train::detector::{train_detector, DetectorMeta, DetectorTrainConfig, TrainedDetector};
 use gk_train::run::RunDir;
 use gk_train::train::TrainOptions;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 fn proposals() -> ProposalConfig {
     ProposalConfig {
@@ -57,22 +57,81 @@ fn weights(run: &RunDir, name: &str) -> Vec<(String, Vec<f32>)> {
     v
 }
 
-#[test]
-fn ckd_trains_resumes_evaluates_and_predicts_without_the_detector() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+/// The tiny benchmark in `dir/data` and a detector trained on it in `dir/detector`;
+/// `on_loss` sees every detector step's loss.
+fn data_and_detector(
+    dir: &Path,
+    epochs: usize,
+    on_loss: impl FnMut(usize, usize, f32),
+) -> (PathBuf, PathBuf, DetectorMeta) {
+    let data = dir.join("data");
     generate(&SynthConfig::tiny(), &data, &mut |_, _| {}).unwrap();
-
-    // the detector: object classes + background on proposals
-    let det = dir.path().join("detector");
+    let det = dir.join("detector");
     let dcfg = DetectorTrainConfig {
-        epochs: 2,
+        epochs,
         batch_size: 16,
         proposals: proposals(),
         ..DetectorTrainConfig::default()
     };
+    let meta = train_detector(&data, &det, &dcfg, on_loss).unwrap();
+    (data, det, meta)
+}
+
+/// A fresh run of `cfg` and the first batch of its training set (eval order) in CKD's form.
+struct FirstBatch {
+    loaded: ckd::LoadedCkd,
+    loader: gk_data::batch::Loader,
+    batch: gk_data::batch::Batch,
+    cb: ckd::CkdBatch,
+    props: ckd::Proposals,
+    classes: gk_data::phrases::ClassMap,
+}
+
+impl FirstBatch {
+    fn new(dir: &Path, cfg: &CkdRunConfig) -> Self {
+        use gk_data::phrases::{ClassMap, Labels};
+        let run = ckd::prepare(&dir.join("r"), cfg.clone()).unwrap();
+        let loaded = ckd::load_run(&run, None, &Device::Cpu).unwrap();
+        let ds = gk_train::train::load_set_with(&cfg.data, &cfg.data.train).unwrap();
+        let props = ckd::Proposals::load_or_build(&run, &cfg.ckd.proposals, &[&ds], false).unwrap();
+        let loader = ckd::eval_loader(cfg, ds, &loaded.tok);
+        let batch = loader.epoch(0).next().unwrap().unwrap();
+        let cb = ckd::ckd_batch(
+            &batch,
+            loader.dataset(),
+            &props,
+            &loaded.tok,
+            &cfg.model,
+            16,
+        )
+        .unwrap();
+        let classes = ClassMap::new(&Labels::load(&cfg.ckd.labels).unwrap());
+        Self {
+            loaded,
+            loader,
+            batch,
+            cb,
+            props,
+            classes,
+        }
+    }
+
+    fn images(&self) -> Vec<&str> {
+        let ds = self.loader.dataset();
+        self.batch
+            .indices
+            .iter()
+            .map(|&i| ds.records[i].image.as_str())
+            .collect()
+    }
+}
+
+#[test]
+fn ckd_trains_resumes_evaluates_and_predicts_without_the_detector() {
+    let dir = tempfile::tempdir().unwrap();
+    // the detector: object classes + background on proposals
     let mut losses = Vec::new();
-    let meta = train_detector(&data, &det, &dcfg, |_, _, l| losses.push(l)).unwrap();
+    let (data, det, meta) = data_and_detector(dir.path(), 2, |_, _, l| losses.push(l));
     assert_eq!(meta.model.classes, 5);
     assert!(losses.iter().all(|l| l.is_finite()) && losses.len() >= 4);
     assert!((0.0..=100.0).contains(&meta.val_accuracy));
@@ -135,8 +194,8 @@ fn ckd_trains_resumes_evaluates_and_predicts_without_the_detector() {
         );
     }
     std::fs::rename(&det, dir.path().join("gone")).unwrap();
-    let eval = ckd::eval_run(&a, "best.safetensors", &cfg.data.val, false).unwrap();
-    assert_eq!(eval.expressions.all.n, 10);
+    let eval = ckd::eval_run(&a, "best.safetensors", &[cfg.data.val.clone()], false).unwrap();
+    assert_eq!(eval[0].expressions.all.n, 10);
     let predictor = ckd::CkdPredictor::open(&a).unwrap();
     let g = predictor.predict(&img, "the red circle").unwrap();
     assert!(g.bbox_xyxy[2] <= 64.0 && g.bbox_xyxy[0] >= 0.0 && g.score.is_finite());
@@ -148,52 +207,29 @@ fn ckd_trains_resumes_evaluates_and_predicts_without_the_detector() {
 /// NCE + distillation on one batch.
 #[test]
 fn every_student_parameter_gets_a_gradient() {
-    use gk_data::phrases::{ClassMap, Labels};
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    generate(&SynthConfig::tiny(), &data, &mut |_, _| {}).unwrap();
-    let det = dir.path().join("detector");
-    let dcfg = DetectorTrainConfig {
-        epochs: 1,
-        batch_size: 16,
-        proposals: proposals(),
-        ..DetectorTrainConfig::default()
-    };
-    train_detector(&data, &det, &dcfg, |_, _, _| {}).unwrap();
+    let (data, det, _) = data_and_detector(dir.path(), 1, |_, _, _| {});
     let cfg = tiny_config(&data, &det);
-    let run = ckd::prepare(&dir.path().join("r"), cfg.clone()).unwrap();
-    let loaded = ckd::load_run(&run, None, &Device::Cpu).unwrap();
-    let ds = gk_train::train::load_set_with(&cfg.data, &cfg.data.train).unwrap();
-    let props = ckd::Proposals::load_or_build(&run, &cfg.ckd.proposals, &[&ds], false).unwrap();
-    let loader = ckd::eval_loader(&cfg, ds, &loaded.tok);
-    let batch = loader.epoch(0).next().unwrap().unwrap();
-    let ds = loader.dataset();
-    let cb = ckd::ckd_batch(&batch, ds, &props, &loaded.tok, &cfg.model, 16).unwrap();
-    let s = ckd::forward(&loaded.model, &batch, &cb).unwrap();
+    let f = FirstBatch::new(dir.path(), &cfg);
+    let s = ckd::forward(&f.loaded.model, &f.batch, &f.cb).unwrap();
     let detector = TrainedDetector::open(&det, &Device::Cpu).unwrap();
     let mut post = HashMap::new();
-    for &i in &batch.indices {
-        let r = &ds.records[i];
-        let img = gk_data::image_io::load_rgb(&data.join(&r.image)).unwrap();
+    for im in f.images() {
+        let img = gk_data::image_io::load_rgb(&data.join(im)).unwrap();
         post.insert(
-            r.image.clone(),
-            detector.posteriors(&img, &props.images[&r.image]).unwrap(),
+            im.to_string(),
+            detector.posteriors(&img, &f.props.images[im]).unwrap(),
         );
     }
-    let images: Vec<&str> = batch
-        .indices
-        .iter()
-        .map(|&i| ds.records[i].image.as_str())
-        .collect();
-    let classes = ClassMap::new(&Labels::load(&cfg.ckd.labels).unwrap());
-    let parts = ckd::criterion(&cfg.ckd, &s, &cb, &images, &classes, Some(&post), 5).unwrap();
+    let parts =
+        ckd::criterion(&cfg.ckd, &s, &f.cb, &f.images(), &f.classes, Some(&post), 5).unwrap();
     let values = parts.values().unwrap();
     assert!(
         values.iter().any(|(n, v)| n == "distill" && *v > 0.0),
         "{values:?}"
     );
     let grads = parts.total().unwrap().backward().unwrap();
-    let data = loaded.map.data().lock().unwrap();
+    let data = f.loaded.map.data().lock().unwrap();
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     let mut missing = Vec::new();
@@ -224,32 +260,19 @@ fn every_student_parameter_gets_a_gradient() {
 /// NCE alone drives the loss down on one fixed batch (the student can separate images).
 #[test]
 fn nce_falls_on_a_fixed_batch() {
-    use gk_data::phrases::{ClassMap, Labels};
     use gk_train::optim::AdamW;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     generate(&SynthConfig::tiny(), &data, &mut |_, _| {}).unwrap();
     let mut cfg = tiny_config(&data, Path::new("unused"));
     cfg.ckd.detector = None;
-    let run = ckd::prepare(&dir.path().join("r"), cfg.clone()).unwrap();
-    let loaded = ckd::load_run(&run, None, &Device::Cpu).unwrap();
-    let ds = gk_train::train::load_set_with(&cfg.data, &cfg.data.train).unwrap();
-    let props = ckd::Proposals::load_or_build(&run, &cfg.ckd.proposals, &[&ds], false).unwrap();
-    let loader = ckd::eval_loader(&cfg, ds, &loaded.tok);
-    let batch = loader.epoch(0).next().unwrap().unwrap();
-    let ds = loader.dataset();
-    let cb = ckd::ckd_batch(&batch, ds, &props, &loaded.tok, &cfg.model, 16).unwrap();
-    let images: Vec<&str> = batch
-        .indices
-        .iter()
-        .map(|&i| ds.records[i].image.as_str())
-        .collect();
-    let classes = ClassMap::new(&Labels::load(&cfg.ckd.labels).unwrap());
-    let mut opt = AdamW::new(&loaded.map, &[], 0.0).unwrap();
+    let f = FirstBatch::new(dir.path(), &cfg);
+    let images = f.images();
+    let mut opt = AdamW::new(&f.loaded.map, &[], 0.0).unwrap();
     let mut losses = Vec::new();
     for step in 0..40 {
-        let s = ckd::forward(&loaded.model, &batch, &cb).unwrap();
-        let parts = ckd::criterion(&cfg.ckd, &s, &cb, &images, &classes, None, step).unwrap();
+        let s = ckd::forward(&f.loaded.model, &f.batch, &f.cb).unwrap();
+        let parts = ckd::criterion(&cfg.ckd, &s, &f.cb, &images, &f.classes, None, step).unwrap();
         let loss = parts.total().unwrap();
         losses.push(loss.to_scalar::<f32>().unwrap());
         opt.step(&loss.backward().unwrap(), 1e-3).unwrap();
