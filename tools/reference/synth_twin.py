@@ -157,11 +157,12 @@ class FusionLayer(nn.Module):
 
 
 class Grounder(nn.Module):
-    def __init__(self, vocab, d=128, layers=3, heads=4, ffn=256, text_len=20, image=128):
+    def __init__(self, vocab, d=128, layers=3, heads=4, ffn=256, text_len=20, image=128,
+                 channels=(32, 64, 128), depths=(1, 1, 2)):
         super().__init__()
-        self.visual = ConvBackbone(image=image)
+        self.visual = ConvBackbone(channels=channels, depths=depths, image=image)
         self.text = Bert(vocab)
-        self.visu_proj = nn.Linear(128, d)
+        self.visu_proj = nn.Linear(channels[-1], d)
         self.text_proj = nn.Linear(128, d)
         self.reg = nn.Parameter(torch.randn(1, 1, d))
         g = self.visual.grid
@@ -182,8 +183,10 @@ class Grounder(nn.Module):
         self.register_buffer("cell_xy", torch.stack([(cells % g).float(), (cells // g).float()], 1) + 0.5)
         self.register_buffer("cell_pm", self.cell_xy * (2.0 / g) - 1.0)  # centres in [-1, 1]
 
-    def forward(self, pixels, ids, text_mask):
+    def forward(self, pixels, ids, text_mask, inv=None):
         v = self.visu_proj(self.visual(pixels))
+        if inv is not None:  # pixels hold each image once; inv maps expressions to images
+            v = v[inv]
         t = self.text_proj(self.text(ids, text_mask))
         b, n, d = v.shape
         x = torch.cat([self.reg.expand(b, 1, d), t, v], 1)
@@ -204,6 +207,7 @@ class Grounder(nn.Module):
         raw = self.box(vis)  # [B, N, 4]
         centre = (self.cell_xy + torch.tanh(raw[..., :2])) / self.grid
         boxes = torch.cat([centre, torch.sigmoid(raw[..., 2:])], -1)
+        self.last_cells = v  # [B, N, d] projected cells before fusion (auxiliary word loss)
         return scores, boxes
 
 
@@ -284,26 +288,36 @@ def flip_text(t):
     return t.replace("left", "\0").replace("right", "left").replace("\0", "right")
 
 
-def make_batch(rows, imgs, idx, vocab, text_len, rng=None):
-    pix, ids, masks, tgt = [], [], [], []
+def make_batch(rows, imgs, idx, vocab, text_len, rng=None, group=False):
+    """group: each distinct image once in the pixels (one augmentation shared by its
+    expressions) and an index from expressions to images as a fifth output."""
+    pix, ids, masks, tgt, inv, seen = [], [], [], [], [], {}
     for i in idx:
         r, im = rows[i], imgs[i]
         s = im.shape[-1]
         x1, y1, x2, y2 = r["bbox_xyxy"]
         text = r["expr"]
-        if rng is not None:
-            if rng.random() < 0.5:
-                im = im.flip(-1)
-                x1, x2 = s - x2, s - x1
-                text = flip_text(text)
-            a, c = rng.uniform(0.9, 1.1), rng.uniform(0.9, 1.1)
-            im = ((im - im.mean()) * c + im.mean() * a).clamp(0, 1)
-        pix.append(im)
+        key = r["image"] if group else i
+        if key not in seen:
+            aug = (rng.random() < 0.5, rng.uniform(0.9, 1.1), rng.uniform(0.9, 1.1)) if rng is not None else None
+            if aug is not None:
+                if aug[0]:
+                    im = im.flip(-1)
+                im = ((im - im.mean()) * aug[2] + im.mean() * aug[1]).clamp(0, 1)
+            seen[key] = (len(pix), aug)
+            pix.append(im)
+        k, aug = seen[key]
+        inv.append(k)
+        if aug is not None and aug[0]:
+            x1, x2 = s - x2, s - x1
+            text = flip_text(text)
         e = encode(vocab, text, text_len)
         ids.append(e[0])
         masks.append(e[1])
         tgt.append([(x1 + x2) / 2 / s, (y1 + y2) / 2 / s, (x2 - x1) / s, (y2 - y1) / s])
     pix = (torch.stack(pix) - MEAN) / STD
+    if group:
+        return pix, torch.tensor(ids), torch.tensor(masks), torch.tensor(tgt), torch.tensor(inv)
     return pix, torch.tensor(ids), torch.tensor(masks), torch.tensor(tgt)
 
 
@@ -339,7 +353,9 @@ def cmd_train(a):
     rows, imgs = load_split(Path(a.train_data) if a.train_data else data, "train")
     vrows, vimgs = load_split(data, "val")
     vocab = {w: i + 4 for i, w in enumerate(sorted({w for r in rows for w in words(r["expr"])}))}
-    model = Grounder(len(vocab) + 4)
+    model = Grounder(len(vocab) + 4, layers=a.layers, channels=tuple(a.channels), depths=tuple(a.depths))
+    if a.aux_words > 0:  # bag of the expression's words predicted from the target cell
+        model.word_head = nn.Linear(128, len(vocab) + 4)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.wd)
     per_epoch = len(rows) // a.batch
     total = per_epoch * a.epochs
@@ -347,14 +363,31 @@ def cmd_train(a):
     step = 0
     for epoch in range(a.epochs):
         order = rng.permutation(len(rows))
+        if a.group:  # images in random order, each image's expressions together
+            by_image = {}
+            for i in range(len(rows)):
+                by_image.setdefault(rows[i]["image"], []).append(i)
+            keys = list(by_image)
+            order = [i for j in rng.permutation(len(keys)) for i in by_image[keys[j]]]
         for k in range(per_epoch):
             lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * step / total)))
             for gr in opt.param_groups:
                 gr["lr"] = lr
-            pix, ids, mask, tgt = make_batch(rows, imgs, order[k * a.batch:(k + 1) * a.batch], vocab, 20, rng)
-            scores, boxes = model(pix, ids, mask)
+            batch = make_batch(rows, imgs, order[k * a.batch:(k + 1) * a.batch], vocab, 20, rng, a.group)
+            pix, ids, mask, tgt = batch[:4]
+            scores, boxes = model(pix, ids, mask, batch[4] if a.group else None)
             ce, l1, gi = criterion(scores, boxes, tgt, model.grid)
             loss = ce + l1 + gi
+            if a.aux_words > 0:
+                g = model.grid
+                cell = (tgt[:, 1] * g).long().clamp(0, g - 1) * g + (tgt[:, 0] * g).long().clamp(0, g - 1)
+                feat = model.last_cells[torch.arange(len(cell)), cell]  # [B, d]
+                bag = torch.zeros(len(cell), len(vocab) + 4)
+                bag.scatter_(1, ids, 1.0)
+                bag[:, :4] = 0.0  # pad, unk, cls, sep
+                logits = model.word_head(feat)
+                aux = F.binary_cross_entropy_with_logits(logits[:, 4:], bag[:, 4:])
+                loss = loss + a.aux_words * aux
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -423,6 +456,12 @@ def main():
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--no-direct", dest="direct", action="store_false",
                    help="drop the unfused text-mean x cell score (dense_direct; the Rust model has it)")
+    t.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128], help="conv net channels per stage")
+    t.add_argument("--depths", type=int, nargs="+", default=[1, 1, 2], help="conv blocks per stage")
+    t.add_argument("--layers", type=int, default=3, help="fusion layers")
+    t.add_argument("--aux-words", type=float, default=0.0,
+                   help="weight of a bag-of-words loss predicting the expression's words from the target cell")
+    t.add_argument("--group", action="store_true", help="batch each image's expressions together, its pixels encoded once")
     t.add_argument("--multi-pos", action="store_true", help="every cell near the centre and inside the box is a positive")
     bch = sub.add_parser("bench")
     bch.add_argument("--model", choices=["synth-small", "synth-small-train"], default="synth-small-train")

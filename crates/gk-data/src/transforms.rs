@@ -13,7 +13,7 @@ use crate::image_io::{self, Normalize};
 use candle_core::{Device, Tensor};
 use gk_box::{Box4, Letterbox};
 use image::RgbImage;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 /// Augmentation settings; `Default` is the eval transform at 224 px with ImageNet stats.
@@ -218,8 +218,13 @@ pub fn apply(
     if flipped {
         s = hflip(s);
     }
-    if train && !has_spatial_words(&s.expr) && rng.random::<f32>() < cfg.crop {
-        s = crop_around_box(s, rng);
+    // The crop's draws come from their own stream, drawn for every training sample: the
+    // draws after it do not depend on the expression or the box, so the expressions of one
+    // image seeded alike get one image (grouped batches share it).
+    let crop = train && rng.random::<f32>() < cfg.crop;
+    let crop_seed: u64 = if train { rng.random() } else { 0 };
+    if crop && !has_spatial_words(&s.expr) {
+        s = crop_around_box(s, &mut rand_chacha::ChaCha8Rng::seed_from_u64(crop_seed));
     }
     if train && cfg.jitter > 0.0 {
         jitter(&mut s.image, cfg.jitter, rng);

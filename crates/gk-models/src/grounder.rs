@@ -292,8 +292,6 @@ pub struct VisualFeatures {
     pub pooled: Tensor,
     /// `(gh, gw)` of the patch grid, for region pooling.
     pub grid: (usize, usize),
-    /// Every layer's hidden state (multi-level features, bridges).
-    pub hidden_states: Vec<Tensor>,
 }
 
 impl VisualEncoder {
@@ -313,6 +311,40 @@ impl VisualEncoder {
             Self::Hivg(h) => Self::Hivg(h.merge_lora()?),
             other => other.clone(),
         })
+    }
+
+    /// [`Self::forward`] for pixels that hold each distinct image once: `image_index [B]`
+    /// (u32) is the row of `pixels` of each sample. Query-independent backbones (CLIP ViT,
+    /// conv net) encode each image once and share its tokens; query-aware ones (QRNet,
+    /// HiVG) encode a copy per sample.
+    pub fn forward_indexed(
+        &self,
+        pixels: &Tensor,
+        pixel_mask: &Tensor,
+        image_index: Option<&Tensor>,
+        text: &TextFeatures,
+        text_mask: &Tensor,
+    ) -> Result<VisualFeatures> {
+        let Some(ix) = image_index else {
+            return self.forward(pixels, pixel_mask, text, text_mask);
+        };
+        match self {
+            Self::ClipVit(_) | Self::ConvNet(_) => {
+                let f = self.forward(pixels, pixel_mask, text, text_mask)?; // [U, ...]
+                Ok(VisualFeatures {
+                    tokens: f.tokens.index_select(ix, 0)?, // [B, N, C]
+                    mask: f.mask.index_select(ix, 0)?,
+                    pooled: f.pooled.index_select(ix, 0)?,
+                    grid: f.grid,
+                })
+            }
+            Self::QrNet(_) | Self::Hivg(_) => self.forward(
+                &pixels.index_select(ix, 0)?,
+                &pixel_mask.index_select(ix, 0)?,
+                text,
+                text_mask,
+            ),
+        }
     }
 
     /// `pixels: [B, 3, S, S]`, `pixel_mask: [B, S, S]` (1 = image); the text encoder's
@@ -335,7 +367,6 @@ impl VisualEncoder {
                     mask,
                     pooled: out.pooled,
                     grid,
-                    hidden_states: out.hidden_states,
                 })
             }
             Self::Hivg(net) => {
@@ -346,7 +377,6 @@ impl VisualEncoder {
                     mask,
                     pooled: out.pooled,
                     grid,
-                    hidden_states: out.hidden_states,
                 })
             }
             Self::ConvNet(net) => {
@@ -358,7 +388,6 @@ impl VisualEncoder {
                     tokens: out.tokens,
                     mask,
                     grid: (g, g),
-                    hidden_states: out.stages,
                 })
             }
             Self::QrNet(net) => {
@@ -379,7 +408,6 @@ impl VisualEncoder {
                     tokens: out.tokens,
                     mask,
                     grid,
-                    hidden_states: out.stages,
                 })
             }
         }
@@ -595,7 +623,7 @@ pub struct GrounderOutput {
     pub reg: Tensor,
     /// `[B, N, d]` fused visual tokens.
     pub visual_tokens: Tensor,
-    /// `[B, L, d]` fused text tokens.
+    /// `[B, L, d]` fused text tokens (zeros past the batch's longest expression).
     pub text_tokens: Tensor,
     /// `[B, gh * gw]` attention of the box head over the patches (`BoxHead::TokenAttention`),
     /// or the softmax of the cell scores (`BoxHead::Dense`).
@@ -607,7 +635,8 @@ pub struct GrounderOutput {
     pub aux: Option<HivgAux>,
     /// HiVG grounders with `contrastive_dim`: CLIP's image and text embeddings.
     pub clip: Option<ClipEmbeds>,
-    /// Backbone outputs before fusion (distillation and region losses read these).
+    /// Backbone outputs before fusion (distillation and region losses read these); text
+    /// tokens and hidden states are zeros past the batch's longest expression.
     pub visual: VisualFeatures,
     pub text: TextFeatures,
 }
@@ -792,15 +821,37 @@ impl Grounder {
         text_mask: &Tensor,
         train: bool,
     ) -> Result<GrounderOutput> {
+        self.forward_indexed(pixels, pixel_mask, None, ids, text_mask, train)
+    }
+
+    /// [`Self::forward`] on a grouped batch: `pixels [U, 3, S, S]` hold each distinct
+    /// image once and `image_index [B]` (u32) names each sample's row
+    /// ([`VisualEncoder::forward_indexed`]); `None` is [`Self::forward`].
+    pub fn forward_indexed(
+        &self,
+        pixels: &Tensor,
+        pixel_mask: &Tensor,
+        image_index: Option<&Tensor>,
+        ids: &Tensor,
+        text_mask: &Tensor,
+        train: bool,
+    ) -> Result<GrounderOutput> {
+        // Slots past the batch's longest expression are padding in every row: encode and
+        // fuse the first `l` only (the same numbers: padded keys are masked out anyway) and
+        // pad the text outputs back to `full` with zeros.
+        let full = ids.dim(1)?;
+        let l = used_text_len(text_mask)?;
+        let (ids, text_mask) = (&ids.narrow(1, 0, l)?, &text_mask.narrow(1, 0, l)?);
         let text = self.text.forward(ids, text_mask)?;
-        let visual = self.visual.forward(pixels, pixel_mask, &text, text_mask)?;
+        let visual =
+            self.visual
+                .forward_indexed(pixels, pixel_mask, image_index, &text, text_mask)?;
         let v = self.visu_proj.forward(&visual.tokens)?; // [B, N, d]
-        let t = self.text_proj.forward(&text.tokens)?; // [B, L, d]
+        let t = self.text_proj.forward(&text.tokens)?; // [B, l, d]
         let (b, n, d) = v.dims3()?;
-        let l = t.dim(1)?;
-        if 1 + l + n != self.vl_pos_embed.dim(0)? {
+        if 1 + full + n != self.vl_pos_embed.dim(0)? {
             candle_core::bail!(
-                "grounder expects {} tokens (1 + text {} + visual {}), got 1 + {l} + {n}",
+                "grounder expects {} tokens (1 + text {} + visual {}), got 1 + {full} + {n}",
                 self.vl_pos_embed.dim(0)?,
                 self.cfg.max_text_len,
                 self.cfg.visual_tokens()
@@ -818,7 +869,13 @@ impl Grounder {
             1,
         )?;
         let bias = nn::key_padding_bias(&mask, x.dtype())?;
-        let pos = self.vl_pos_embed.unsqueeze(0)?;
+        let pos = if l == full {
+            self.vl_pos_embed.clone()
+        } else {
+            let p = &self.vl_pos_embed; // [1 + full + N, d]: [REG], text slots, visual
+            Tensor::cat(&[p.narrow(0, 0, 1 + l)?, p.narrow(0, 1 + full, n)?], 0)?
+        }
+        .unsqueeze(0)?;
         for layer in &self.layers {
             x = layer.forward(&x, &pos, &bias, train)?;
         }
@@ -904,6 +961,12 @@ impl Grounder {
             Some(h) => Some(h.forward(&visual.pooled, &text.pooled)?),
             None => None,
         };
+        let pad = |t: &Tensor| t.pad_with_zeros(1, 0, full - l); // [B, l, C] -> [B, full, C]
+        let text = TextFeatures {
+            tokens: pad(&text.tokens)?,
+            pooled: text.pooled,
+            hidden_states: text.hidden_states.iter().map(pad).collect::<Result<_>>()?,
+        };
         Ok(GrounderOutput {
             pred_box,
             token_probs,
@@ -911,12 +974,22 @@ impl Grounder {
             aux,
             clip,
             reg,
-            text_tokens,
+            text_tokens: pad(&text_tokens)?,
             visual_tokens,
             visual,
             text,
         })
     }
+}
+
+/// One past the last text slot that any row of `text_mask [B, L]` keeps (at least 1).
+fn used_text_len(text_mask: &Tensor) -> Result<usize> {
+    let rows = text_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let last = rows
+        .iter()
+        .filter_map(|r| r.iter().rposition(|&m| m > 0.0))
+        .max();
+    Ok(last.map_or(1, |i| i + 1))
 }
 
 /// `[gh * gw, 2]` normalised (x, y) centres of the grid cells, row-major.
@@ -960,6 +1033,72 @@ mod tests {
                 }
                 check_gradients(&map, vb, &cfg)?;
             }
+        }
+        Ok(())
+    }
+
+    /// A sample's output does not depend on its batch: shared images (`image_index`) give
+    /// what per-sample copies give, and a short expression gives the same whether or not
+    /// a longer one shares the batch (text slots past the longest are cut).
+    #[test]
+    fn shared_images_and_cut_text_slots_change_nothing() -> Result<()> {
+        let dev = Device::Cpu;
+        for backbone in ["conv", "qrnet"] {
+            let map = VarMap::new();
+            let mut cfg = GrounderConfig {
+                head: BoxHead::Dense,
+                visual: VisualConfig::ConvNet(ConvNetConfig::tiny()),
+                ..GrounderConfig::tiny()
+            };
+            if backbone == "qrnet" {
+                cfg.visual = VisualConfig::QrNet(QrNetConfig::tiny(cfg.text_dim()));
+            }
+            let g = Grounder::new(VarBuilder::from_varmap(&map, DType::F32, &dev), &cfg)?;
+            let (s, l) = (cfg.image_size, cfg.max_text_len);
+            let images = Tensor::randn(0f32, 1.0, (2, 3, s, s), &dev)?;
+            let image_mask = Tensor::ones((2, s, s), DType::F32, &dev)?;
+            let index = Tensor::new(&[1u32, 0, 1], &dev)?;
+            // rows: 3, 5 and all l tokens
+            let lens = [3usize, 5, l];
+            let mask: Vec<f32> = (lens.iter())
+                .flat_map(|&n| (0..l).map(move |j| (j < n) as u8 as f32))
+                .collect();
+            let mask = Tensor::from_vec(mask, (3, l), &dev)?;
+            let ids = Tensor::arange(1u32, 1 + 3 * l as u32, &dev)? // ids < 1000 (tiny vocab)
+                .reshape((3, l))?
+                .mul(&mask.to_dtype(DType::U32)?)?;
+            let shared =
+                g.forward_indexed(&images, &image_mask, Some(&index), &ids, &mask, false)?;
+            let copies = g.forward(
+                &images.index_select(&index, 0)?,
+                &image_mask.index_select(&index, 0)?,
+                &ids,
+                &mask,
+                false,
+            )?;
+            let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+            };
+            assert!(
+                diff(&shared.pred_box, &copies.pred_box)? < 1e-5,
+                "{backbone}"
+            );
+            // the first two rows alone: text cut to 5 slots instead of l
+            let two = Tensor::new(&[0u32, 1], &dev)?;
+            let short = g.forward(
+                &images.index_select(&index.index_select(&two, 0)?, 0)?,
+                &image_mask.narrow(0, 0, 2)?,
+                &ids.narrow(0, 0, 2)?,
+                &mask.narrow(0, 0, 2)?,
+                false,
+            )?;
+            let (c_short, c_full) = (
+                short.cells.as_ref().unwrap().0.clone(),
+                copies.cells.as_ref().unwrap().0.narrow(0, 0, 2)?,
+            );
+            assert!(diff(&c_short, &c_full)? < 1e-4, "{backbone}: cell scores");
+            assert_eq!(short.text_tokens.dims(), &[2, l, cfg.fusion.hidden]);
+            assert_eq!(short.text.tokens.dims()[1], l);
         }
         Ok(())
     }

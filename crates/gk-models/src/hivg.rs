@@ -126,12 +126,13 @@ impl Bridge {
         })
     }
 
-    /// The bridge's text `T̃ = gate(concat_k(E_k ⊙ T_k + T_k))`: `[B, L, Cv]`.
+    /// The bridge's text `T̃ = gate(concat_k(E_k ⊙ T_k + T_k))`: `[B, L, Cv]` for any
+    /// `L <= text_len` (the grounder cuts slots past a batch's longest expression).
     fn text(&self, texts: &[&Tensor]) -> Result<Tensor> {
         let parts = texts
             .iter()
             .zip(&self.adaptive)
-            .map(|(t, e)| t.broadcast_mul(e)? + *t)
+            .map(|(t, e)| t.broadcast_mul(&e.narrow(0, 0, t.dim(1)?)?)? + *t)
             .collect::<Result<Vec<_>>>()?;
         self.gate.forward(&Tensor::cat(&parts, D::Minus1)?)
     }

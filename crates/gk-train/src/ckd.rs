@@ -198,6 +198,7 @@ impl CkdRunConfig {
         let base = crate::train::RunConfig::synth(data, epochs);
         let mut optim = base.optim;
         optim.augment = TransformConfig::eval(base.model.image_size as u32);
+        optim.group_images = false; // CKD batches its own way (captions, proposals)
         Self {
             seed: 0,
             model: CkdModelConfig::synth(),

@@ -208,7 +208,7 @@ impl Teacher {
         norm: &Normalize,
         sla: bool,
     ) -> Result<TeacherBatch> {
-        let images = unnormalize(&batch.pixels, norm)?;
+        let images = unnormalize(&batch.sample_pixels()?.0, norm)?;
         let side = images.first().map_or(1, |im| im.width()) as f32;
         let texts: Vec<&str> = batch.exprs.iter().map(String::as_str).collect();
         let text = self.text_embeds(&texts)?;
