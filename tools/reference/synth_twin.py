@@ -3,8 +3,9 @@
 
 Two uses:
   * train it on a benchmark written by `groundkit synth` (same splits, same word-level
-    vocabulary rule, same augmentation, same loss) to compare accuracy per sample seen:
-        .venv-ref/bin/python tools/reference/synth_twin.py train --data demo-run/data --epochs 6
+    vocabulary rule, same augmentation, same losses incl. the word loss, batches grouped by
+    image) to compare accuracy per sample seen:
+        .venv-ref/bin/python tools/reference/synth_twin.py train --data demo-run/data --epochs 8
   * time it (training samples/s and inference latency), for docs/benchmarks.md:
         .venv-ref/bin/python tools/reference/synth_twin.py bench --model synth-small-train --batch 32
     prints one JSON line (`model`, `batch`, `threads`, `median_ms`, `samples_per_s`): model
@@ -158,7 +159,7 @@ class FusionLayer(nn.Module):
 
 class Grounder(nn.Module):
     def __init__(self, vocab, d=128, layers=3, heads=4, ffn=256, text_len=20, image=128,
-                 channels=(32, 64, 128), depths=(1, 1, 2)):
+                 channels=(32, 64, 128), depths=(1, 1, 2), words=True):
         super().__init__()
         self.visual = ConvBackbone(channels=channels, depths=depths, image=image)
         self.text = Bert(vocab)
@@ -175,6 +176,8 @@ class Grounder(nn.Module):
         self.q = nn.Linear(d, d)
         self.k = nn.Linear(d, d)
         self.coord = nn.Linear(d, 2)
+        # word_head: every unfused cell -> vocabulary logits (the Rust model's `word_head`)
+        self.word_head = nn.Linear(d, vocab) if words else None
         if DIRECT:
             self.q2 = nn.Linear(d, d)
             self.k2 = nn.Linear(d, d)
@@ -229,6 +232,16 @@ def giou(a, b):
 
 MULTI_POS = False
 DIRECT = True  # dense_direct, as in gk-models; `train --no-direct` ablates it
+
+
+def word_bag_loss(model, ids, target):
+    """gk-train's `word_bag_loss`: the target cell's unfused token predicts the expression's
+    words (multi-hot, ids < 4 are [PAD] [UNK] [CLS] [SEP]); BCE averaged over words and batch."""
+    g = model.grid
+    cell = (target[:, 1] * g).long().clamp(0, g - 1) * g + (target[:, 0] * g).long().clamp(0, g - 1)
+    logits = model.word_head(model.last_cells[torch.arange(len(cell)), cell])  # [B, V]
+    bag = torch.zeros_like(logits).scatter_(1, ids, 1.0)
+    return F.binary_cross_entropy_with_logits(logits[:, 4:], bag[:, 4:])
 
 
 def criterion(scores, boxes, target, grid):
@@ -353,9 +366,8 @@ def cmd_train(a):
     rows, imgs = load_split(Path(a.train_data) if a.train_data else data, "train")
     vrows, vimgs = load_split(data, "val")
     vocab = {w: i + 4 for i, w in enumerate(sorted({w for r in rows for w in words(r["expr"])}))}
-    model = Grounder(len(vocab) + 4, layers=a.layers, channels=tuple(a.channels), depths=tuple(a.depths))
-    if a.aux_words > 0:  # bag of the expression's words predicted from the target cell
-        model.word_head = nn.Linear(128, len(vocab) + 4)
+    model = Grounder(len(vocab) + 4, layers=a.layers, channels=tuple(a.channels), depths=tuple(a.depths),
+                     words=a.words > 0)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.wd)
     per_epoch = len(rows) // a.batch
     total = per_epoch * a.epochs
@@ -378,16 +390,8 @@ def cmd_train(a):
             scores, boxes = model(pix, ids, mask, batch[4] if a.group else None)
             ce, l1, gi = criterion(scores, boxes, tgt, model.grid)
             loss = ce + l1 + gi
-            if a.aux_words > 0:
-                g = model.grid
-                cell = (tgt[:, 1] * g).long().clamp(0, g - 1) * g + (tgt[:, 0] * g).long().clamp(0, g - 1)
-                feat = model.last_cells[torch.arange(len(cell)), cell]  # [B, d]
-                bag = torch.zeros(len(cell), len(vocab) + 4)
-                bag.scatter_(1, ids, 1.0)
-                bag[:, :4] = 0.0  # pad, unk, cls, sep
-                logits = model.word_head(feat)
-                aux = F.binary_cross_entropy_with_logits(logits[:, 4:], bag[:, 4:])
-                loss = loss + a.aux_words * aux
+            if a.words > 0:
+                loss = loss + a.words * word_bag_loss(model, ids, tgt)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -416,7 +420,7 @@ def cmd_bench(a):
 
     def train_step():
         scores, boxes = model(pix, ids, mask)
-        loss = sum(criterion(scores, boxes, tgt, model.grid))
+        loss = sum(criterion(scores, boxes, tgt, model.grid)) + 10.0 * word_bag_loss(model, ids, tgt)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -459,9 +463,10 @@ def main():
     t.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128], help="conv net channels per stage")
     t.add_argument("--depths", type=int, nargs="+", default=[1, 1, 2], help="conv blocks per stage")
     t.add_argument("--layers", type=int, default=3, help="fusion layers")
-    t.add_argument("--aux-words", type=float, default=0.0,
-                   help="weight of a bag-of-words loss predicting the expression's words from the target cell")
-    t.add_argument("--group", action="store_true", help="batch each image's expressions together, its pixels encoded once")
+    t.add_argument("--words", type=float, default=10.0,
+                   help="weight of the word loss (the expression's words from the target cell; 0 = no word head)")
+    t.add_argument("--no-group", dest="group", action="store_false",
+                   help="shuffle expressions, not images (default: each image's expressions in one batch, encoded once)")
     t.add_argument("--multi-pos", action="store_true", help="every cell near the centre and inside the box is a positive")
     bch = sub.add_parser("bench")
     bch.add_argument("--model", choices=["synth-small", "synth-small-train"], default="synth-small-train")

@@ -109,7 +109,8 @@ fn case(name: &str, vb: VarBuilder) -> Result<Case> {
                 Ok(Box::new(move || {
                     let out = g.forward(&x, &pm, &ids, &tm, train)?;
                     if train {
-                        let loss = gk_train::train::criterion(&run_cfg, &out, &target)?.total()?;
+                        let loss =
+                            gk_train::train::criterion(&run_cfg, &out, &target, &ids)?.total()?;
                         let mut grads = loss.backward()?;
                         let mut opt = opt.borrow_mut();
                         opt.clip_grad_norm(&mut grads, 1.0)?;

@@ -15,6 +15,11 @@ use clap::{Parser, Subcommand};
 
 use std::process::ExitCode;
 
+/// candle allocates a fresh buffer for every op; glibc's malloc hands large ones back to
+/// the kernel, so each training step page-faults them in again. mimalloc keeps them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Visual grounding toolkit: an image and an expression in, the box of the object out.
 #[derive(Debug, Parser)]
 #[command(name = "groundkit", version, about, long_about = None)]

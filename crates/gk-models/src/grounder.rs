@@ -91,6 +91,12 @@ pub struct GrounderConfig {
     pub max_text_len: usize,
     #[serde(default)]
     pub head: BoxHead,
+    /// `BoxHead::Dense` only: a linear head from every unfused cell token to the text
+    /// vocabulary (`word_head`), for the loss that predicts an expression's words from its
+    /// target cell (MAttNet's attribute supervision taken from the expression). Meant for
+    /// word-level vocabularies: its output is `[B, cells, vocab]`.
+    #[serde(default)]
+    pub word_head: bool,
 }
 
 impl GrounderConfig {
@@ -111,6 +117,7 @@ impl GrounderConfig {
             image_size: 224,
             max_text_len: 77,
             head: BoxHead::RegMlp,
+            word_head: false,
         }
     }
 
@@ -133,6 +140,7 @@ impl GrounderConfig {
             image_size: 32,
             max_text_len: 12,
             head: BoxHead::RegMlp,
+            word_head: false,
         }
     }
 
@@ -163,6 +171,7 @@ impl GrounderConfig {
             image_size: 128,
             max_text_len: 20,
             head: BoxHead::Dense,
+            word_head: true,
         }
     }
 
@@ -268,6 +277,14 @@ impl GrounderConfig {
         match &self.text {
             TextConfig::Bert(c) => c.hidden_size,
             TextConfig::ClipText(c) => c.hidden_size,
+        }
+    }
+
+    /// Size of the text encoder's vocabulary.
+    pub fn text_vocab(&self) -> usize {
+        match &self.text {
+            TextConfig::Bert(c) => c.vocab_size,
+            TextConfig::ClipText(c) => c.vocab_size,
         }
     }
 }
@@ -633,6 +650,8 @@ pub struct GrounderOutput {
     pub cells: Option<(Tensor, Tensor)>,
     /// HiVG grounders: the auxiliary heads' token similarities and mask logits.
     pub aux: Option<HivgAux>,
+    /// `word_head`: `[B, gh * gw, vocab]` word logits of every unfused cell token.
+    pub word_logits: Option<Tensor>,
     /// HiVG grounders with `contrastive_dim`: CLIP's image and text embeddings.
     pub clip: Option<ClipEmbeds>,
     /// Backbone outputs before fusion (distillation and region losses read these); text
@@ -700,6 +719,8 @@ pub struct Grounder {
     dense_coord: Option<Linear>,
     /// `BoxHead::Dense`: query and key projections of the unfused text mean and cells.
     dense_direct: Option<(Linear, Linear)>,
+    /// `word_head`: unfused cell token -> vocabulary logits.
+    word_head: Option<Linear>,
     hivg_aux: Option<HivgAuxHeads>,
     clip_head: Option<ClipHead>,
     cfg: GrounderConfig,
@@ -731,6 +752,9 @@ impl Grounder {
         let f = &cfg.fusion;
         let d = f.hidden;
         let n_tokens = 1 + cfg.max_text_len + cfg.visual_tokens();
+        if cfg.word_head && cfg.head != BoxHead::Dense {
+            candle_core::bail!("word_head needs the dense head (it reads the cells)");
+        }
         let vl = vb.pp("vl_transformer");
         Ok(Self {
             visual,
@@ -779,6 +803,10 @@ impl Grounder {
                     candle_nn::linear(d, d, vb.pp("dense_direct.k"))?,
                 )),
                 _ => None,
+            },
+            word_head: match cfg.word_head {
+                true => Some(candle_nn::linear(d, cfg.text_vocab(), vb.pp("word_head"))?),
+                false => None,
             },
             hivg_aux: match cfg.visual {
                 VisualConfig::Hivg(_) => Some(HivgAuxHeads::new(vb.pp("hivg_aux"), d)?),
@@ -961,6 +989,13 @@ impl Grounder {
             Some(h) => Some(h.forward(&visual.pooled, &text.pooled)?),
             None => None,
         };
+        let word_logits = match &self.word_head {
+            Some(h) => {
+                let (gh, gw) = visual.grid;
+                Some(h.forward(&v.narrow(1, n - gh * gw, gh * gw)?)?) // [B, N', V]
+            }
+            None => None,
+        };
         let pad = |t: &Tensor| t.pad_with_zeros(1, 0, full - l); // [B, l, C] -> [B, full, C]
         let text = TextFeatures {
             tokens: pad(&text.tokens)?,
@@ -972,6 +1007,7 @@ impl Grounder {
             token_probs,
             cells,
             aux,
+            word_logits,
             clip,
             reg,
             text_tokens: pad(&text_tokens)?,
@@ -1020,6 +1056,7 @@ mod tests {
                 let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
                 let mut cfg = GrounderConfig {
                     head,
+                    word_head: head == BoxHead::Dense,
                     ..GrounderConfig::tiny()
                 };
                 match backbone {
@@ -1182,6 +1219,9 @@ mod tests {
         if let Some((scores, boxes)) = &out.cells {
             let first = nn::softmax(scores)?.narrow(1, 0, 1)?.sum_all()?;
             loss = (loss + first + boxes.sum_all()?)?;
+        }
+        if let Some(w) = &out.word_logits {
+            loss = (loss + w.sqr()?.mean_all()?)?;
         }
         let grads = loss.backward()?;
         let data = map.data().lock().unwrap();

@@ -32,6 +32,10 @@ pub struct BoxLossConfig {
     /// off): symmetric InfoNCE of CLIP's image and text embeddings at CLIP's logit scale.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub contrastive: f64,
+    /// Grounders with a `word_head` (0 = off; the demo: 10): [`word_bag_loss`], the
+    /// expression's words predicted from its target cell.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub words: f64,
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -54,6 +58,7 @@ impl Default for BoxLossConfig {
             mask_focal: 0.0,
             mask_dice: 0.0,
             contrastive: 0.0,
+            words: 0.0,
         }
     }
 }
@@ -233,6 +238,51 @@ pub fn box_masks(target: &Tensor, (gh, gw): (usize, usize)) -> Result<Tensor> {
 }
 
 /// Row-major index of the grid cell holding each target centre (`target: [B, 4]` cxcywh).
+/// MAttNet-style attribute supervision taken from the expression itself: the unfused
+/// token of the cell holding each target centre predicts which vocabulary words its
+/// expression uses. `logits [B, N, V]` (the grounder's `word_logits`), `ids [B, L]` (u32);
+/// ids below [`FIRST_WORD_ID`] (the word-level tokenizer's `[PAD] [UNK] [CLS] [SEP]`) are
+/// not words. Binary cross-entropy with logits against the multi-hot bag, averaged over the
+/// words of the vocabulary and the batch.
+pub fn word_bag_loss(
+    logits: &Tensor,
+    grid: (usize, usize),
+    target: &Tensor,
+    ids: &Tensor,
+) -> Result<Tensor> {
+    let (b, _, v) = logits.dims3()?;
+    let cells = target_cells(target, grid)?;
+    let mut bag = vec![0f32; b * v];
+    for (i, row) in ids
+        .to_dtype(candle_core::DType::U32)?
+        .to_vec2::<u32>()?
+        .iter()
+        .enumerate()
+    {
+        for &id in row
+            .iter()
+            .filter(|&&id| id >= FIRST_WORD_ID && (id as usize) < v)
+        {
+            bag[i * v + id as usize] = 1.0;
+        }
+    }
+    let first = FIRST_WORD_ID as usize;
+    let bag = Tensor::from_vec(bag, (b, v), logits.device())?.narrow(1, first, v - first)?;
+    let idx = Tensor::from_vec(cells, (b, 1, 1), logits.device())?
+        .broadcast_as((b, 1, v))?
+        .contiguous()?;
+    let x = logits
+        .gather(&idx, 1)?
+        .squeeze(1)?
+        .narrow(1, first, v - first)?; // [B, V']
+                                       // stable BCE with logits: max(x, 0) - x t + log(1 + e^{-|x|})
+    let bce = ((x.relu()? - (&x * &bag)?)? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+    Ok(bce.mean_all()?)
+}
+
+/// The first id of a word in the word-level tokenizer (`[PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3`).
+pub const FIRST_WORD_ID: u32 = 4;
+
 pub fn target_cells(target: &Tensor, (gh, gw): (usize, usize)) -> Result<Vec<u32>> {
     Ok(target
         .to_vec2::<f32>()?
@@ -243,4 +293,50 @@ pub fn target_cells(target: &Tensor, (gh, gw): (usize, usize)) -> Result<Vec<u32
             (row * gw + col) as u32
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The word loss against BCE written out per entry, and its gradient: only the target
+    /// cells' logits of real words move.
+    #[test]
+    fn word_bag_loss_is_bce_of_the_target_cells_bag() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, n, v) = (2, 4, 7); // a 2x2 grid, ids 4..7 are words
+        let vals: Vec<f32> = (0..b * n * v)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0)
+            .collect();
+        let logits = Var::from_vec(vals.clone(), (b, n, v), &dev)?;
+        // centres in cell 3 (bottom right) and cell 0 (top left)
+        let target = Tensor::new(&[[0.8f32, 0.7, 0.2, 0.2], [0.1, 0.2, 0.1, 0.1]], &dev)?;
+        // [CLS] w4 w6 w4 [SEP] [PAD] / [CLS] w5 [UNK] [SEP] [PAD] [PAD]
+        let ids = Tensor::new(&[[2u32, 4, 6, 4, 3, 0], [2, 5, 1, 3, 0, 0]], &dev)?;
+        let loss = word_bag_loss(logits.as_tensor(), (2, 2), &target, &ids)?;
+        let bags = [[1f32, 0.0, 1.0], [0.0, 1.0, 0.0]];
+        let cells = [3usize, 0];
+        let mut want = 0f32;
+        for i in 0..b {
+            for (k, t) in bags[i].iter().enumerate() {
+                let x = vals[(i * n + cells[i]) * v + 4 + k];
+                let p = 1.0 / (1.0 + (-x).exp());
+                want -= t * p.ln() + (1.0 - t) * (1.0 - p).ln();
+            }
+        }
+        want /= (b * 3) as f32;
+        let got = loss.to_scalar::<f32>()?;
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        let g = loss.backward()?.get(&logits).unwrap().to_vec3::<f32>()?;
+        for i in 0..b {
+            for c in 0..n {
+                for k in 0..v {
+                    let moves = c == cells[i] && k >= 4;
+                    assert_eq!(g[i][c][k] != 0.0, moves, "sample {i} cell {c} id {k}");
+                }
+            }
+        }
+        Ok(())
+    }
 }

@@ -159,7 +159,10 @@ impl RunConfig {
                 },
             },
             model,
-            loss: BoxLossConfig::default(),
+            loss: BoxLossConfig {
+                words: 10.0,
+                ..BoxLossConfig::default()
+            },
             pretrained: Vec::new(),
             distill: None,
             hilora: None,
@@ -380,6 +383,7 @@ pub fn criterion(
     cfg: &RunConfig,
     out: &gk_models::grounder::GrounderOutput,
     target: &candle_core::Tensor,
+    ids: &candle_core::Tensor,
 ) -> Result<LossParts> {
     let mut parts = LossParts::new();
     match &out.cells {
@@ -395,6 +399,19 @@ pub fn criterion(
     }
     if let Some(aux) = &out.aux {
         crate::losses::hivg_aux_losses(aux, out.visual.grid, target, &cfg.loss, &mut parts)?;
+    }
+    match (&out.word_logits, cfg.loss.words > 0.0) {
+        (Some(logits), true) => parts.push(
+            "words",
+            cfg.loss.words,
+            crate::losses::word_bag_loss(logits, out.visual.grid, target, ids)?,
+        ),
+        (None, true) => {
+            return Err(TrainError::Config(
+                "[loss] words needs a grounder with word_head = true".into(),
+            ))
+        }
+        _ => {}
     }
     match (&out.clip, cfg.loss.contrastive > 0.0) {
         (Some(c), true) => parts.push(
@@ -686,7 +703,7 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
                     parts: "the predicted boxes hold NaN or inf".into(),
                 });
             }
-            let mut parts = criterion(&cfg, &out, &batch.target)?;
+            let mut parts = criterion(&cfg, &out, &batch.target, &batch.ids)?;
             if let Some((d, heads, features)) = &distill {
                 let teacher = features.batch(train_loader.dataset(), &batch, d.duet_self > 0.0)?;
                 distill_losses(

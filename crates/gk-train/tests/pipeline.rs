@@ -20,6 +20,7 @@ fn tiny_config(data: &Path) -> RunConfig {
         ..ConvNetConfig::tiny()
     });
     model.head = gk_models::grounder::BoxHead::Dense;
+    model.word_head = true;
     if let gk_models::grounder::TextConfig::Bert(b) = &mut model.text {
         b.max_position_embeddings = 20;
     }
@@ -513,6 +514,7 @@ fn hivg_contrastive_term_is_clips_loss() {
     let dev = Device::Cpu;
     let mut cfg = RunConfig::synth(Path::new("unused"), 1);
     cfg.model = GrounderConfig::tiny();
+    cfg.loss.words = 0.0; // no word head on this model
     cfg.model.text = TextConfig::ClipText(ClipTextConfig {
         max_position_embeddings: 20,
         ..ClipTextConfig::tiny()
@@ -546,7 +548,7 @@ fn hivg_contrastive_term_is_clips_loss() {
         )
         .unwrap();
     let target = Tensor::new(&[[0.5f32, 0.5, 0.2, 0.2]; 3], &dev).unwrap();
-    let parts = train::criterion(&cfg, &out, &target).unwrap();
+    let parts = train::criterion(&cfg, &out, &target, &ids).unwrap();
     let got = parts
         .values()
         .unwrap()
@@ -600,7 +602,7 @@ fn hivg_contrastive_term_is_clips_loss() {
             false,
         )
         .unwrap();
-    let e = train::criterion(&plain, &out, &target)
+    let e = train::criterion(&plain, &out, &target, &ids)
         .unwrap_err()
         .to_string();
     assert!(e.contains("contrastive_dim"), "{e}");
