@@ -391,6 +391,8 @@ fn hilora_stages_train_in_sequence() {
     cfg.optim.epochs = 1;
     cfg.optim.eval_every = 0;
     cfg.model.head = gk_models::grounder::BoxHead::RegMlp;
+    cfg.model.word_head = false; // (it reads the dense head's cells)
+    cfg.loss.words = 0.0;
     cfg.model.text = TextConfig::ClipText(ClipTextConfig {
         max_position_embeddings: 20,
         ..ClipTextConfig::tiny()
