@@ -582,7 +582,7 @@ impl FusionLayer {
     }
 
     fn ffn(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.drop(self.linear1.forward(x)?.relu()?, train)?;
+        let h = self.drop(nn::relu(&self.linear1.forward(x)?)?, train)?;
         self.linear2.forward(&h)
     }
 
@@ -624,7 +624,7 @@ impl Module for Mlp {
         for (i, l) in self.layers.iter().enumerate() {
             x = l.forward(&x)?;
             if i + 1 < self.layers.len() {
-                x = x.relu()?;
+                x = nn::relu(&x)?;
             }
         }
         Ok(x)
@@ -915,7 +915,10 @@ impl Grounder {
         let (gh, gw) = visual.grid;
         let (pred_box, token_probs, cells) = match (&self.token_attn, self.cfg.head) {
             (Some((q, k)), head) => {
-                let patches = visual_tokens.narrow(1, n - gh * gw, gh * gw)?; // [B, N', d] (no CLS)
+                // contiguous: a strided input sends candle's Linear to a broadcast batched matmul
+                let patches = visual_tokens
+                    .narrow(1, n - gh * gw, gh * gw)?
+                    .contiguous()?; // [B, N', d] (no CLS)
                 let query = if head == BoxHead::Dense {
                     // [REG] + the mean fused text token: a direct text path into the scores
                     (&reg + nn::masked_mean(&x.narrow(1, 1, l)?, text_mask)?)?

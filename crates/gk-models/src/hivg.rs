@@ -337,7 +337,7 @@ impl HivgAuxHeads {
                 .reshape((b, 2 * h, 2 * w, c))?;
             (h, w) = (2 * h, 2 * w);
             if i < 2 {
-                x = x.relu()?;
+                x = crate::nn::relu(&x)?;
             }
         }
         let seg = x

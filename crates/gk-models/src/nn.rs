@@ -70,6 +70,14 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax(x, D::Minus1)
 }
 
+/// `max(x, 0)`: the fused CPU kernel for f32 (one-pass backward), else candle's op.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1(crate::fused::ReluOp);
+    }
+    x.relu()
+}
+
 /// Rows scaled to unit L2 norm over the last dimension (the norm is clamped at 1e-12 so a
 /// zero row stays finite).
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
@@ -117,9 +125,12 @@ impl Module for Activation {
                 x.contiguous()?.apply_op1(crate::fused::QuickGeluOp)
             }
             Activation::QuickGelu => x * sigmoid(&(x * 1.702)?)?,
+            Activation::Gelu if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                x.contiguous()?.apply_op1(crate::fused::GeluErfOp)
+            }
             Activation::Gelu => x.gelu_erf(),
             Activation::GeluNew => x.gelu(),
-            Activation::Relu => x.relu(),
+            Activation::Relu => relu(x),
         }
     }
 }
@@ -250,6 +261,16 @@ mod tests {
         let gf = (&qf * &up)?.sum_all()?.backward()?;
         let gc = (&qc * &up)?.sum_all()?.backward()?;
         assert!(max_diff(gf.get(&x).unwrap(), gc.get(&x).unwrap())? < 1e-5);
+        let ef = Activation::Gelu.forward(x.as_tensor())?;
+        assert!(max_diff(&ef, &x.as_tensor().gelu_erf()?)? == 0.0);
+        let gf = (&ef * &up)?.sum_all()?.backward()?;
+        let gc = (&x.as_tensor().gelu_erf()? * &up)?.sum_all()?.backward()?;
+        assert!(max_diff(gf.get(&x).unwrap(), gc.get(&x).unwrap())? < 1e-5);
+        let rf = relu(x.as_tensor())?;
+        assert!(max_diff(&rf, &x.as_tensor().relu()?)? == 0.0);
+        let gf = (&rf * &up)?.sum_all()?.backward()?;
+        let gc = (&x.as_tensor().relu()? * &up)?.sum_all()?.backward()?;
+        assert!(max_diff(gf.get(&x).unwrap(), gc.get(&x).unwrap())? == 0.0);
         let sf = softmax(x.as_tensor())?;
         let sc = candle_nn::ops::softmax(x.as_tensor(), D::Minus1)?;
         assert!(max_diff(&sf, &sc)? < 1e-6);

@@ -202,7 +202,9 @@ impl QdAtt {
     pub fn forward(&self, x: &Tensor, q: &Tensor) -> Result<Tensor> {
         let mut x = x.clone();
         if let Some((l1, l2)) = &self.channel {
-            let mlp = |p: Tensor| -> Result<Tensor> { l2.forward(&l1.forward(&p, q)?.relu()?, q) };
+            let mlp = |p: Tensor| -> Result<Tensor> {
+                l2.forward(&crate::nn::relu(&l1.forward(&p, q)?)?, q)
+            };
             let avg = x.mean_keepdim(1)?; // [B, 1, C]
             let max = x.max_keepdim(1)?;
             let gate = sigmoid(&(mlp(avg)? + mlp(max)?)?)?;

@@ -1499,10 +1499,9 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
-        for step in 0..b {
+        let one = |step: usize, dst_p: &mut [T], parallelism: Parallelism| {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
             unsafe {
                 gemm(
                     /* m: usize = */ m,
@@ -1525,6 +1524,19 @@ impl Map2 for MatMul {
                     /* conj_rhs: bool = */ false,
                     parallelism,
                 )
+            }
+        };
+        if b >= num_threads && num_threads > 1 && c_skip > 0 {
+            // Many small products (attention heads): one single-threaded gemm per batch
+            // entry, the entries spread over the threads, instead of a sequential loop of
+            // gemms each paying a parallel fork/join. Same values (each entry's gemm is the
+            // same single-threaded kernel either way).
+            dst.par_chunks_mut(c_skip)
+                .enumerate()
+                .for_each(|(step, dst_p)| one(step, dst_p, Parallelism::None));
+        } else {
+            for step in 0..b {
+                one(step, &mut dst[step * c_skip..], parallelism);
             }
         }
         Ok(dst)
