@@ -21,6 +21,10 @@ pub enum SourceFormat {
     /// Flickr30k Entities' own layout: `<split>.txt`, `Sentences/`, `Annotations/` (one
     /// record per caption, its phrases with their boxes; `--dataset flickr`).
     Entities,
+    /// ReferItGame's JSON layout (text_objseg's `exp-referit/data`, which ReSC and TransVG
+    /// built their lists from): `referit_query_<split>.json` + `referit_bbox.json`
+    /// (+ `referit_imsize.json`); `--dataset referit`.
+    TextObjseg,
 }
 
 #[derive(Debug, clap::Args)]
@@ -37,7 +41,7 @@ pub struct ConvertArgs {
     pub split: String,
     /// transvg: the split root (holding <dataset>/<dataset>_<split>.pth) or one .pth file.
     /// refer: the data/<dataset> folder (refs(<split_by>).p and instances.json).
-    /// entities: the flickr30k_entities folder.
+    /// entities: the flickr30k_entities folder. text-objseg: the folder of the referit_*.json.
     #[arg(long)]
     pub input: PathBuf,
     /// The JSONL to write; `<out>.meta.json` records the sources, their sha256 and the row count.
@@ -129,6 +133,12 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
                 bail!("Flickr30k Entities has splits train, val, test");
             }
             conv = gk_data::entities::read(&a.input, &a.split, a.skip_bad)?;
+        }
+        SourceFormat::TextObjseg => {
+            if key != DatasetKey::Referit {
+                bail!("--from text-objseg reads ReferItGame: use --dataset referit");
+            }
+            conv = gk_data::referit::read(&a.input, &a.split, a.skip_bad)?;
         }
     }
     validate(&mut conv, a.skip_bad)?;

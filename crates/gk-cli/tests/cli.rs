@@ -627,3 +627,61 @@ fn flickr30k_entities_converts() {
         "--dataset flickr",
     );
 }
+
+/// ReferItGame's text_objseg JSON layout converts crop by crop, query by query; a missing
+/// image is caught by --check-images.
+#[test]
+fn referit_text_objseg_layout_converts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join("referit_query_val.json"),
+        r#"{"42_2.png": ["dog on the right", "brown dog"], "42_1.png": ["man"]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("referit_bbox.json"),
+        r#"{"42_1.png": [1, 1, 30, 39], "42_2.png": [31, 20, 59, 39]}"#,
+    )
+    .unwrap();
+    let images = dir.path().join("ln_data");
+    std::fs::create_dir_all(images.join("referit/images")).unwrap();
+    let convert = |input: &Path, out: &Path| {
+        groundkit(&[
+            "convert",
+            "--from",
+            "text-objseg",
+            "--dataset",
+            "referit",
+            "--split",
+            "val",
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--images",
+            images.to_str().unwrap(),
+            "--check-images",
+        ])
+    };
+    let out = dir.path().join("referit_val.jsonl");
+    assert_clean_failure(&convert(&d, &out), "42.jpg");
+    image::RgbImage::new(60, 40)
+        .save(images.join("referit/images/42.jpg"))
+        .unwrap();
+    let o = convert(&d, &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let exprs: Vec<&str> = rows.iter().map(|r| r["expr"].as_str().unwrap()).collect();
+    assert_eq!(exprs, ["dog on the right", "brown dog", "man"]);
+    assert_eq!(
+        rows[2]["bbox_xyxy"],
+        serde_json::json!([1.0, 1.0, 30.0, 39.0])
+    );
+    assert_eq!(rows[0]["image"], "referit/images/42.jpg");
+}

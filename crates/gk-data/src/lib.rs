@@ -11,6 +11,7 @@ pub mod pth;
 pub mod published;
 pub mod record;
 pub mod refer;
+pub mod referit;
 pub mod sha256;
 pub mod synth;
 pub mod tokenize;
