@@ -13,8 +13,8 @@ pub struct DemoArgs {
     /// Folder for the benchmark and the run (replaced if it holds an earlier demo).
     #[arg(long, default_value = "demo-run")]
     pub out: PathBuf,
-    /// Training epochs over the demo's training split (8 fit the 10-minute budget on 2 cores).
-    #[arg(long, default_value_t = 8)]
+    /// Training epochs over the demo's training split (12 fit the 10-minute budget on 2 cores).
+    #[arg(long, default_value_t = 12)]
     pub epochs: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

@@ -174,6 +174,41 @@ impl CustomOp1 for SoftmaxLastOp {
     }
 }
 
+/// An element-wise op's forward: `f` over a contiguous f32 CPU tensor, in parallel chunks.
+fn map_fwd(
+    s: &CpuStorage,
+    l: &Layout,
+    f: impl Fn(f32) -> f32 + Sync,
+) -> Result<(CpuStorage, Shape)> {
+    let x = slice(s, l)?;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(4096)
+        .zip(x.par_chunks(4096))
+        .for_each(|(o, xs)| {
+            for (o, &v) in o.iter_mut().zip(xs) {
+                *o = f(v);
+            }
+        });
+    Ok((CpuStorage::F32(out), l.shape().clone()))
+}
+
+/// An element-wise op's backward `dy * df(saved)`, `saved` being the op's input or output
+/// (whichever its derivative is written in), read in place.
+fn map_bwd(saved: &Tensor, dy: &Tensor, df: impl Fn(f32) -> f32 + Sync) -> Result<Option<Tensor>> {
+    let (saved, dy) = (saved.contiguous()?, dy.contiguous()?);
+    let (gs, gdy) = (saved.storage_and_layout(), dy.storage_and_layout());
+    let (ss, dys) = (host(&gs)?, host(&gdy)?);
+    let mut dx = vec![0f32; ss.len()];
+    dx.par_chunks_mut(4096)
+        .zip(ss.par_chunks(4096).zip(dys.par_chunks(4096)))
+        .for_each(|(d, (sr, gr))| {
+            for k in 0..d.len() {
+                d[k] = gr[k] * df(sr[k]);
+            }
+        });
+    Ok(Some(Tensor::from_vec(dx, saved.shape(), saved.device())?))
+}
+
 /// `x * sigmoid(1.702 x)` (OpenAI CLIP's QuickGELU) in one pass, with its derivative
 /// `s + 1.702 x s (1 - s)` in the backward.
 pub struct QuickGeluOp;
@@ -188,32 +223,14 @@ impl CustomOp1 for QuickGeluOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l)?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096))
-            .for_each(|(o, xs)| {
-                for (o, &v) in o.iter_mut().zip(xs) {
-                    *o = v * quick_sigmoid(v);
-                }
-            });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        map_fwd(s, l, |v| v * quick_sigmoid(v))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let (x, dy) = (x.contiguous()?, dy.contiguous()?);
-        let (gx, gdy) = (x.storage_and_layout(), dy.storage_and_layout());
-        let (xs, dys) = (host(&gx)?, host(&gdy)?);
-        let mut dx = vec![0f32; xs.len()];
-        dx.par_chunks_mut(4096)
-            .zip(xs.par_chunks(4096).zip(dys.par_chunks(4096)))
-            .for_each(|(d, (xr, gr))| {
-                for k in 0..d.len() {
-                    let s = quick_sigmoid(xr[k]);
-                    d[k] = gr[k] * (s + 1.702 * xr[k] * s * (1.0 - s));
-                }
-            });
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        map_bwd(x, dy, |v| {
+            let s = quick_sigmoid(v);
+            s + 1.702 * v * s * (1.0 - s)
+        })
     }
 }
 
@@ -232,34 +249,14 @@ impl CustomOp1 for GeluErfOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l)?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096))
-            .for_each(|(o, xs)| {
-                for (o, &v) in o.iter_mut().zip(xs) {
-                    *o = (erf_half(v) + 1.) * 0.5 * v;
-                }
-            });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        map_fwd(s, l, |v| (erf_half(v) + 1.) * 0.5 * v)
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let (x, dy) = (x.contiguous()?, dy.contiguous()?);
-        let (gx, gdy) = (x.storage_and_layout(), dy.storage_and_layout());
-        let (xs, dys) = (host(&gx)?, host(&gdy)?);
         const INV_SQRT_2PI: f32 = 0.398_942_3;
-        let mut dx = vec![0f32; xs.len()];
-        dx.par_chunks_mut(4096)
-            .zip(xs.par_chunks(4096).zip(dys.par_chunks(4096)))
-            .for_each(|(d, (xr, gr))| {
-                for k in 0..d.len() {
-                    let v = xr[k];
-                    let pdf = INV_SQRT_2PI * (-0.5 * v * v).exp();
-                    d[k] = gr[k] * (0.5 * (1.0 + erf_half(v)) + v * pdf);
-                }
-            });
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        map_bwd(x, dy, |v| {
+            0.5 * (1.0 + erf_half(v)) + v * INV_SQRT_2PI * (-0.5 * v * v).exp()
+        })
     }
 }
 
@@ -273,31 +270,11 @@ impl CustomOp1 for ReluOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l)?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096))
-            .for_each(|(o, xs)| {
-                for (o, &v) in o.iter_mut().zip(xs) {
-                    *o = v.max(0.0);
-                }
-            });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        map_fwd(s, l, |v| v.max(0.0))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let (y, dy) = (y.contiguous()?, dy.contiguous()?);
-        let (gy, gdy) = (y.storage_and_layout(), dy.storage_and_layout());
-        let (ys, dys) = (host(&gy)?, host(&gdy)?);
-        let mut dx = vec![0f32; ys.len()];
-        dx.par_chunks_mut(4096)
-            .zip(ys.par_chunks(4096).zip(dys.par_chunks(4096)))
-            .for_each(|(d, (yr, gr))| {
-                for k in 0..d.len() {
-                    d[k] = if yr[k] > 0.0 { gr[k] } else { 0.0 };
-                }
-            });
-        Ok(Some(Tensor::from_vec(dx, y.shape(), y.device())?))
+        map_bwd(y, dy, |v| if v > 0.0 { 1.0 } else { 0.0 })
     }
 }
 
