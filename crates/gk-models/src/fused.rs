@@ -192,9 +192,13 @@ fn map_fwd(
     Ok((CpuStorage::F32(out), l.shape().clone()))
 }
 
-/// An element-wise op's backward `dy * df(saved)`, `saved` being the op's input or output
-/// (whichever its derivative is written in), read in place.
-fn map_bwd(saved: &Tensor, dy: &Tensor, df: impl Fn(f32) -> f32 + Sync) -> Result<Option<Tensor>> {
+/// An element-wise op's backward `dx = grad(saved, dy)`, `saved` being the op's input or
+/// output (whichever its derivative is written in), read in place.
+fn map_bwd(
+    saved: &Tensor,
+    dy: &Tensor,
+    grad: impl Fn(f32, f32) -> f32 + Sync,
+) -> Result<Option<Tensor>> {
     let (saved, dy) = (saved.contiguous()?, dy.contiguous()?);
     let (gs, gdy) = (saved.storage_and_layout(), dy.storage_and_layout());
     let (ss, dys) = (host(&gs)?, host(&gdy)?);
@@ -203,7 +207,7 @@ fn map_bwd(saved: &Tensor, dy: &Tensor, df: impl Fn(f32) -> f32 + Sync) -> Resul
         .zip(ss.par_chunks(4096).zip(dys.par_chunks(4096)))
         .for_each(|(d, (sr, gr))| {
             for k in 0..d.len() {
-                d[k] = gr[k] * df(sr[k]);
+                d[k] = grad(sr[k], gr[k]);
             }
         });
     Ok(Some(Tensor::from_vec(dx, saved.shape(), saved.device())?))
@@ -227,9 +231,9 @@ impl CustomOp1 for QuickGeluOp {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        map_bwd(x, dy, |v| {
+        map_bwd(x, dy, |v, g| {
             let s = quick_sigmoid(v);
-            s + 1.702 * v * s * (1.0 - s)
+            g * (s + 1.702 * v * s * (1.0 - s))
         })
     }
 }
@@ -254,8 +258,9 @@ impl CustomOp1 for GeluErfOp {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         const INV_SQRT_2PI: f32 = 0.398_942_3;
-        map_bwd(x, dy, |v| {
-            0.5 * (1.0 + erf_half(v)) + v * INV_SQRT_2PI * (-0.5 * v * v).exp()
+        map_bwd(x, dy, |v, g| {
+            let pdf = INV_SQRT_2PI * (-0.5 * v * v).exp();
+            g * (0.5 * (1.0 + erf_half(v)) + v * pdf)
         })
     }
 }
@@ -274,7 +279,7 @@ impl CustomOp1 for ReluOp {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        map_bwd(y, dy, |v| if v > 0.0 { 1.0 } else { 0.0 })
+        map_bwd(y, dy, |v, g| if v > 0.0 { g } else { 0.0 })
     }
 }
 
