@@ -31,6 +31,13 @@ pub const SPLITS: [&str; 5] = ["train", "val", "trainval", "test", "all"];
 /// Images the published ReferIt split lists leave out (`../shared/data.md` §1.1).
 const LEFT_OUT: [&str; 3] = ["19579", "17975", "19575"];
 
+/// Why a crop gives no records: one of the left-out images (always skipped) or a defect
+/// (an error, or skipped and counted with `skip_bad`).
+enum Drop {
+    LeftOut(String),
+    Bad(String),
+}
+
 /// A JSON object's entries in file order (the query files' order is the records' order).
 struct Ordered(Vec<(String, Value)>);
 
@@ -118,36 +125,35 @@ pub fn read(dir: &Path, split: &str, skip_bad: bool) -> Result<Converted> {
     };
     let mut index = 0usize;
     for (row, (crop, list)) in queries.iter().enumerate() {
-        let one = (|| -> std::result::Result<Vec<Record>, (String, usize)> {
-            let image = image_of(crop).map_err(|m| (m, 0))?;
+        let one = (|| -> std::result::Result<Vec<Record>, Drop> {
+            let image = image_of(crop).map_err(Drop::Bad)?;
             if LEFT_OUT.contains(&image) {
-                return Err((
-                    format!("image {image}.jpg is one of the three the published lists leave out"),
-                    1,
-                ));
+                return Err(Drop::LeftOut(format!(
+                    "image {image}.jpg is one of the three the published lists leave out"
+                )));
             }
             let raw = boxes
                 .get(crop)
-                .ok_or_else(|| (format!("crop `{crop}` has no box in referit_bbox.json"), 0))
+                .ok_or_else(|| Drop::Bad(format!("crop `{crop}` has no box in referit_bbox.json")))
                 .and_then(|b| {
                     numbers::<4>(b)
-                        .ok_or_else(|| (format!("box of `{crop}` is {b}, not 4 numbers"), 0))
+                        .ok_or_else(|| Drop::Bad(format!("box of `{crop}` is {b}, not 4 numbers")))
                 })?;
-            let xyxy = to_xyxy(raw, false).map_err(|m| (format!("crop `{crop}`: {m}"), 0))?;
+            let xyxy = to_xyxy(raw, false).map_err(|m| Drop::Bad(format!("crop `{crop}`: {m}")))?;
             let size = sizes
                 .get(&format!("{image}.jpg"))
                 .and_then(numbers::<2>)
                 .filter(|s| s.iter().all(|d| *d > 0.0 && d.fract() == 0.0));
             let texts = list
                 .as_array()
-                .ok_or_else(|| (format!("queries of `{crop}` are {list}, not a list"), 0))?;
+                .ok_or_else(|| Drop::Bad(format!("queries of `{crop}` are {list}, not a list")))?;
             let mut out = Vec::new();
             for q in texts {
                 let expr = q
                     .as_str()
-                    .ok_or_else(|| (format!("a query of `{crop}` is {q}, not text"), 0))?;
+                    .ok_or_else(|| Drop::Bad(format!("a query of `{crop}` is {q}, not text")))?;
                 if expr.trim().is_empty() {
-                    return Err((format!("crop `{crop}` has an empty query"), 0));
+                    return Err(Drop::Bad(format!("crop `{crop}` has an empty query")));
                 }
                 let mut extra = serde_json::Map::new();
                 extra.insert("imcrop".into(), crop.clone().into());
@@ -176,10 +182,9 @@ pub fn read(dir: &Path, split: &str, skip_bad: bool) -> Result<Converted> {
                     conv.records.push(r);
                 }
             }
-            // the left-out images are skipped whatever `skip_bad` says
-            Err((reason, 1)) => conv.skipped.push(Skipped { line: row, reason }),
-            Err((reason, _)) if skip_bad => conv.skipped.push(Skipped { line: row, reason }),
-            Err((msg, _)) => {
+            Err(Drop::LeftOut(reason)) => conv.skipped.push(Skipped { line: row, reason }),
+            Err(Drop::Bad(reason)) if skip_bad => conv.skipped.push(Skipped { line: row, reason }),
+            Err(Drop::Bad(msg)) => {
                 return Err(DataError::Row {
                     path: qpath,
                     row,

@@ -139,7 +139,7 @@ impl Conv {
 /// `[B, H, W, C]` -> `[B, H, W, k*k*C]` zero-padded neighbourhoods, `(ky, kx, c)` order:
 /// the fused kernel on CPU f32, shifted views and a concatenation elsewhere.
 fn unfold(x: &Tensor, k: usize) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if crate::fused::applies(x) {
         return x.contiguous()?.apply_op1(crate::fused::Unfold { k });
     }
     let (_, h, w, _) = x.dims4()?;

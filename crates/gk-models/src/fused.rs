@@ -12,6 +12,11 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+/// Whether these kernels take `x` (f32 on the CPU); callers fall back to composed ops otherwise.
+pub fn applies(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {

@@ -32,7 +32,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.device().is_cpu() && x.dtype() == DType::F32 {
+        if crate::fused::applies(x) {
             let (x, w, b) = (
                 x.contiguous()?,
                 self.weight.contiguous()?,
@@ -64,7 +64,7 @@ impl LayerNorm {
 /// Softmax over the last dimension: the fused CPU kernel for f32, else the
 /// differentiable composed candle op.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if crate::fused::applies(x) {
         return x.contiguous()?.apply_op1(crate::fused::SoftmaxLastOp);
     }
     candle_nn::ops::softmax(x, D::Minus1)
@@ -72,7 +72,7 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
 
 /// `max(x, 0)`: the fused CPU kernel for f32 (one-pass backward), else candle's op.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if crate::fused::applies(x) {
         return x.contiguous()?.apply_op1(crate::fused::ReluOp);
     }
     x.relu()
@@ -121,11 +121,11 @@ pub enum Activation {
 impl Module for Activation {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Activation::QuickGelu if x.device().is_cpu() && x.dtype() == DType::F32 => {
+            Activation::QuickGelu if crate::fused::applies(x) => {
                 x.contiguous()?.apply_op1(crate::fused::QuickGeluOp)
             }
             Activation::QuickGelu => x * sigmoid(&(x * 1.702)?)?,
-            Activation::Gelu if x.device().is_cpu() && x.dtype() == DType::F32 => {
+            Activation::Gelu if crate::fused::applies(x) => {
                 x.contiguous()?.apply_op1(crate::fused::GeluErfOp)
             }
             Activation::Gelu => x.gelu_erf(),
@@ -277,6 +277,26 @@ mod tests {
         let gf = (&sf * &up)?.sum_all()?.backward()?;
         let gc = (&sc * &up)?.sum_all()?.backward()?;
         assert!(max_diff(gf.get(&x).unwrap(), gc.get(&x).unwrap())? < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn batched_matmul_equals_its_entries_one_by_one() -> Result<()> {
+        // The vendored candle spreads a batched product's entries over the threads
+        // (`third_party/candle-core-matmul.patch`); attention relies on it giving the same
+        // numbers as one product per entry.
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (8, 78, 32), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, (8, 32, 78), &dev)?;
+        let batched = a.matmul(&b)?;
+        for i in 0..8 {
+            let one = a.get(i)?.matmul(&b.get(i)?)?;
+            let diff = (batched.get(i)? - one)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "entry {i}");
+        }
         Ok(())
     }
 
