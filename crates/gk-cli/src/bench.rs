@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use gk_models::clip::{ClipVisionConfig, ClipVisionTransformer};
 use gk_models::grounder::{Grounder, GrounderConfig};
+use gk_models::nn::Mode;
 use std::time::Instant;
 
 #[derive(Debug, clap::Args)]
@@ -17,7 +18,8 @@ pub struct BenchArgs {
     /// Timed iterations per case (after one warm-up).
     #[arg(long, default_value_t = 5)]
     iters: usize,
-    /// Which models: clip-b16-vision, grounder-clip-b16 (forward); synth-small (the demo
+    /// Which models: clip-b16-vision, grounder-clip-b16 (forward); grounder-hivg-b16 and
+    /// grounder-qrnet-swin-s (forward at the papers' sizes: 224 and 640 px); synth-small (the demo
     /// grounder's forward) and synth-small-train (one training step of it: forward, loss,
     /// backward, clipping, AdamW); qrnet-synth[-train], hivg-synth[-train] the same for
     /// QRNet-tiny and HiVG-tiny (the benchmark presets).
@@ -60,17 +62,22 @@ fn case(name: &str, vb: VarBuilder) -> Result<Case> {
                 }))
             })
         }
-        "grounder-clip-b16" => {
-            let cfg = GrounderConfig::clip_b16();
+        "grounder-clip-b16" | "grounder-hivg-b16" | "grounder-qrnet-swin-s" => {
+            let cfg = match name {
+                "grounder-hivg-b16" => GrounderConfig::hivg_b16(),
+                "grounder-qrnet-swin-s" => GrounderConfig::qrnet_swin_s(),
+                _ => GrounderConfig::clip_b16(),
+            };
             let g = std::rc::Rc::new(Grounder::new(vb, &cfg)?);
             Box::new(move |b| {
-                let x = Tensor::randn(0f32, 1.0, (b, 3, 224, 224), &dev)?;
-                let pm = Tensor::ones((b, 224, 224), DType::F32, &dev)?;
+                let s = cfg.image_size;
+                let x = Tensor::randn(0f32, 1.0, (b, 3, s, s), &dev)?;
+                let pm = Tensor::ones((b, s, s), DType::F32, &dev)?;
                 let ids = Tensor::ones((b, cfg.max_text_len), DType::U32, &dev)?;
                 let tm = Tensor::ones((b, cfg.max_text_len), DType::F32, &dev)?;
                 let g = g.clone();
                 Ok(Box::new(move || {
-                    g.forward(&x, &pm, &ids, &tm, false)
+                    g.forward(&x, &pm, &ids, &tm, Mode::Eval)
                         .map(|_| ())
                         .map_err(Into::into)
                 }))
@@ -107,7 +114,12 @@ fn case(name: &str, vb: VarBuilder) -> Result<Case> {
                 let target = (Tensor::rand(0f32, 0.3, (b, 4), &dev)? + 0.3)?;
                 let (g, run_cfg, opt) = (g.clone(), run_cfg.clone(), opt.clone());
                 Ok(Box::new(move || {
-                    let out = g.forward(&x, &pm, &ids, &tm, train)?;
+                    let mode = if train {
+                        Mode::Train { seed: 0 }
+                    } else {
+                        Mode::Eval
+                    };
+                    let out = g.forward(&x, &pm, &ids, &tm, mode)?;
                     if train {
                         let loss =
                             gk_train::train::criterion(&run_cfg, &out, &target, &ids)?.total()?;
@@ -121,7 +133,7 @@ fn case(name: &str, vb: VarBuilder) -> Result<Case> {
             })
         }
         other => {
-            anyhow::bail!("unknown bench model {other:?} (clip-b16-vision, grounder-clip-b16, synth-small[-train], qrnet-synth[-train], hivg-synth[-train])")
+            anyhow::bail!("unknown bench model {other:?} (clip-b16-vision, grounder-clip-b16, grounder-hivg-b16, grounder-qrnet-swin-s, synth-small[-train], qrnet-synth[-train], hivg-synth[-train])")
         }
     })
 }

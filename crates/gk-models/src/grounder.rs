@@ -11,7 +11,7 @@ use crate::bert::{Bert, BertConfig};
 use crate::clip::{ClipTextConfig, ClipTextTransformer, ClipVisionConfig, ClipVisionTransformer};
 use crate::convnet::{ConvNet, ConvNetConfig};
 use crate::hivg::{HivgAux, HivgAuxHeads, HivgConfig, HivgVisual};
-use crate::nn::{self, LayerNorm};
+use crate::nn::{self, LayerNorm, Mode};
 use crate::qrnet::{grid_mask, QrNetBackbone, QrNetConfig};
 use candle_core::{DType, IndexOp, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
@@ -118,6 +118,36 @@ impl GrounderConfig {
             max_text_len: 77,
             head: BoxHead::RegMlp,
             word_head: false,
+        }
+    }
+
+    /// HiVG-B/16 at its paper size (`configs/hivg-b16-refcoco.toml`): [`Self::clip_b16`] with
+    /// the CLIP vision tower replaced by HiVG's (bridges in layers 0, 3, 7, 11 fed by the last
+    /// text layer, multi-level tokens from hidden states 1, 4, 8, 12, the auxiliary heads and
+    /// CLIP's contrastive head).
+    pub fn hivg_b16() -> Self {
+        Self {
+            visual: VisualConfig::Hivg(HivgConfig::clip_b16()),
+            ..Self::clip_b16()
+        }
+    }
+
+    /// QRNet at its paper size: Swin-S at 640 px refined by the BERT-base [CLS] query, the
+    /// neck at 256 and its two coarsest levels as tokens (500), a TransVG fusion (6 post-norm
+    /// layers of width 256, 8 heads, FFN 2048), 20 text tokens and the regression head.
+    pub fn qrnet_swin_s() -> Self {
+        let base = Self::clip_b16();
+        Self {
+            visual: VisualConfig::QrNet(QrNetConfig::swin_s()),
+            text: TextConfig::Bert(BertConfig::base()),
+            fusion: FusionConfig {
+                hidden: 256,
+                pre_norm: false,
+                ..base.fusion
+            },
+            image_size: 640,
+            max_text_len: 20,
+            ..base
         }
     }
 
@@ -561,12 +591,8 @@ impl FusionLayer {
             .reshape((b, t, d))
     }
 
-    fn drop(&self, x: Tensor, train: bool) -> Result<Tensor> {
-        if train && self.dropout > 0.0 {
-            candle_nn::ops::dropout(&x, self.dropout)
-        } else {
-            Ok(x)
-        }
+    fn drop(&self, x: Tensor) -> Result<Tensor> {
+        nn::dropout(&x, self.dropout)
     }
 
     /// Self-attention with `pos` added to queries and keys (not values).
@@ -581,22 +607,21 @@ impl FusionLayer {
             .forward(&nn::attention(&q, &k, &v, self.heads, Some(bias))?)
     }
 
-    fn ffn(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.drop(nn::relu(&self.linear1.forward(x)?)?, train)?;
+    fn ffn(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.drop(nn::relu(&self.linear1.forward(x)?)?)?;
         self.linear2.forward(&h)
     }
 
     /// `x: [B, T, d]`, `pos: [1, T, d]`, `bias: [B, 1, 1, T]`.
-    fn forward(&self, x: &Tensor, pos: &Tensor, bias: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pos: &Tensor, bias: &Tensor) -> Result<Tensor> {
         if self.pre_norm {
-            let x = (x + self.drop(self.attend(&self.norm1.forward(x)?, pos, bias)?, train)?)?;
-            &x + self.drop(self.ffn(&self.norm2.forward(&x)?, train)?, train)?
+            let x = (x + self.drop(self.attend(&self.norm1.forward(x)?, pos, bias)?)?)?;
+            &x + self.drop(self.ffn(&self.norm2.forward(&x)?)?)?
         } else {
             let x = self
                 .norm1
-                .forward(&(x + self.drop(self.attend(x, pos, bias)?, train)?)?)?;
-            self.norm2
-                .forward(&(&x + self.drop(self.ffn(&x, train)?, train)?)?)
+                .forward(&(x + self.drop(self.attend(x, pos, bias)?)?)?)?;
+            self.norm2.forward(&(&x + self.drop(self.ffn(&x)?)?)?)
         }
     }
 }
@@ -840,16 +865,17 @@ impl Grounder {
     }
 
     /// `pixels: [B, 3, S, S]`, `pixel_mask: [B, S, S]` (1 = image), `ids, text_mask: [B, L]`
-    /// (L = `max_text_len`). `train` enables dropout.
+    /// (L = `max_text_len`). `mode`: inference, or training with seeded dropout (the
+    /// fusion's and the LoRA sets').
     pub fn forward(
         &self,
         pixels: &Tensor,
         pixel_mask: &Tensor,
         ids: &Tensor,
         text_mask: &Tensor,
-        train: bool,
+        mode: Mode,
     ) -> Result<GrounderOutput> {
-        self.forward_indexed(pixels, pixel_mask, None, ids, text_mask, train)
+        self.forward_indexed(pixels, pixel_mask, None, ids, text_mask, mode)
     }
 
     /// [`Self::forward`] on a grouped batch: `pixels [U, 3, S, S]` hold each distinct
@@ -862,161 +888,164 @@ impl Grounder {
         image_index: Option<&Tensor>,
         ids: &Tensor,
         text_mask: &Tensor,
-        train: bool,
+        mode: Mode,
     ) -> Result<GrounderOutput> {
-        // Slots past the batch's longest expression are padding in every row: encode and
-        // fuse the first `l` only (the same numbers: padded keys are masked out anyway) and
-        // pad the text outputs back to `full` with zeros.
-        let full = ids.dim(1)?;
-        let l = used_text_len(text_mask)?;
-        let (ids, text_mask) = (&ids.narrow(1, 0, l)?, &text_mask.narrow(1, 0, l)?);
-        let text = self.text.forward(ids, text_mask)?;
-        let visual =
-            self.visual
-                .forward_indexed(pixels, pixel_mask, image_index, &text, text_mask)?;
-        let v = self.visu_proj.forward(&visual.tokens)?; // [B, N, d]
-        let t = self.text_proj.forward(&text.tokens)?; // [B, l, d]
-        let (b, n, d) = v.dims3()?;
-        if 1 + full + n != self.vl_pos_embed.dim(0)? {
-            candle_core::bail!(
-                "grounder expects {} tokens (1 + text {} + visual {}), got 1 + {full} + {n}",
-                self.vl_pos_embed.dim(0)?,
-                self.cfg.max_text_len,
-                self.cfg.visual_tokens()
-            );
-        }
-        let reg = self.reg_token.unsqueeze(0)?.broadcast_as((b, 1, d))?;
-        let mut x = Tensor::cat(&[&reg, &t, &v], 1)?; // [B, 1+L+N, d]
-        let ones = Tensor::ones((b, 1), DType::F32, x.device())?;
-        let mask = Tensor::cat(
-            &[
-                &ones,
-                &text_mask.to_dtype(DType::F32)?,
-                &visual.mask.to_dtype(DType::F32)?,
-            ],
-            1,
-        )?;
-        let bias = nn::key_padding_bias(&mask, x.dtype())?;
-        let pos = if l == full {
-            self.vl_pos_embed.clone()
-        } else {
-            let p = &self.vl_pos_embed; // [1 + full + N, d]: [REG], text slots, visual
-            Tensor::cat(&[p.narrow(0, 0, 1 + l)?, p.narrow(0, 1 + full, n)?], 0)?
-        }
-        .unsqueeze(0)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &pos, &bias, train)?;
-        }
-        if let Some(norm) = &self.final_norm {
-            x = norm.forward(&x)?;
-        }
-        let reg = x.i((.., 0))?; // [B, d]
-        let visual_tokens = x.narrow(D::Minus2, 1 + l, n)?;
-        let (gh, gw) = visual.grid;
-        let (pred_box, token_probs, cells) = match (&self.token_attn, self.cfg.head) {
-            (Some((q, k)), head) => {
-                // contiguous: a strided input sends candle's Linear to a broadcast batched matmul
-                let patches = visual_tokens
-                    .narrow(1, n - gh * gw, gh * gw)?
-                    .contiguous()?; // [B, N', d] (no CLS)
-                let query = if head == BoxHead::Dense {
-                    // [REG] + the mean fused text token: a direct text path into the scores
-                    (&reg + nn::masked_mean(&x.narrow(1, 1, l)?, text_mask)?)?
-                } else {
-                    reg.clone()
-                };
-                let centres = cell_centres(gh, gw, x.device())?; // [N', 2]
-                let mut scores = (k
-                    .forward(&patches)?
-                    .matmul(&q.forward(&query)?.unsqueeze(2)?)?
-                    .squeeze(2)? // [B, N']
-                    / (d as f64).sqrt())?;
-                if let Some(coord) = &self.dense_coord {
-                    // + <coord(query), cell centre in [-1, 1]^2>: "leftmost", "at the top"
-                    // become one linear preference over the grid (CoordConv-like prior)
-                    let pm = centres.affine(2.0, -1.0)?; // [N', 2]
-                    scores = (scores + coord.forward(&query)?.matmul(&pm.t()?)?)?;
-                }
-                if let Some((dq, dk)) = &self.dense_direct {
-                    // + <q(mean projected text), k(projected cell)> before fusion: attribute
-                    // words meet cell features without passing through the fusion layers
-                    // (val Acc@0.5 +9 points at 4 epochs on the twin, attributes 27 -> 48%)
-                    let t_mean = nn::masked_mean(&t, text_mask)?; // [B, d]
-                    let cells = v.narrow(1, n - gh * gw, gh * gw)?; // [B, N', d]
-                    let direct = dk
-                        .forward(&cells)?
-                        .matmul(&dq.forward(&t_mean)?.unsqueeze(2)?)?
-                        .squeeze(2)?; // [B, N']
-                    scores = (scores + (direct / (d as f64).sqrt())?)?;
-                }
-                let pad = nn::key_padding_bias(
-                    &visual.mask.narrow(1, n - gh * gw, gh * gw)?,
-                    scores.dtype(),
-                )?
-                .flatten_from(1)?;
-                let scores = (scores + pad)?;
-                let probs = nn::softmax(&scores)?;
-                let step = Tensor::new(&[1.0 / gw as f32, 1.0 / gh as f32], x.device())?;
-                if head == BoxHead::Dense {
-                    let raw = self.bbox_embed.forward(&patches)?; // [B, N', 4]
-                    let offset = raw.narrow(2, 0, 2)?.tanh()?.broadcast_mul(&step)?;
-                    let centre = offset.broadcast_add(&centres)?;
-                    let boxes = Tensor::cat(&[centre, nn::sigmoid(&raw.narrow(2, 2, 2)?)?], 2)?;
-                    let best = scores
-                        .argmax_keepdim(1)? // [B, 1]
-                        .unsqueeze(2)?
-                        .broadcast_as((b, 1, 4))?
-                        .contiguous()?;
-                    let pred = boxes.gather(&best, 1)?.squeeze(1)?; // [B, 4]
-                    (pred, Some(probs), Some((scores, boxes)))
-                } else {
-                    let centre = probs.matmul(&centres)?; // [B, 2]
-                    let raw = self.bbox_embed.forward(&reg)?; // [B, 4]
-                    let offset = raw.narrow(1, 0, 2)?.tanh()?.broadcast_mul(&step)?;
-                    let wh = nn::sigmoid(&raw.narrow(1, 2, 2)?)?;
-                    (
-                        Tensor::cat(&[(centre + offset)?, wh], 1)?,
-                        Some(probs),
-                        None,
-                    )
-                }
+        // dropout inside draws from the mode's seed
+        mode.run(|| {
+            // Slots past the batch's longest expression are padding in every row: encode and
+            // fuse the first `l` only (the same numbers: padded keys are masked out anyway) and
+            // pad the text outputs back to `full` with zeros.
+            let full = ids.dim(1)?;
+            let l = used_text_len(text_mask)?;
+            let (ids, text_mask) = (&ids.narrow(1, 0, l)?, &text_mask.narrow(1, 0, l)?);
+            let text = self.text.forward(ids, text_mask)?;
+            let visual =
+                self.visual
+                    .forward_indexed(pixels, pixel_mask, image_index, &text, text_mask)?;
+            let v = self.visu_proj.forward(&visual.tokens)?; // [B, N, d]
+            let t = self.text_proj.forward(&text.tokens)?; // [B, l, d]
+            let (b, n, d) = v.dims3()?;
+            if 1 + full + n != self.vl_pos_embed.dim(0)? {
+                candle_core::bail!(
+                    "grounder expects {} tokens (1 + text {} + visual {}), got 1 + {full} + {n}",
+                    self.vl_pos_embed.dim(0)?,
+                    self.cfg.max_text_len,
+                    self.cfg.visual_tokens()
+                );
             }
-            (None, _) => (nn::sigmoid(&self.bbox_embed.forward(&reg)?)?, None, None),
-        };
-        let text_tokens = x.narrow(D::Minus2, 1, l)?;
-        let aux = match &self.hivg_aux {
-            Some(h) => Some(h.forward(&visual_tokens, &text_tokens, text_mask, visual.grid)?),
-            None => None,
-        };
-        let clip = match &self.clip_head {
-            Some(h) => Some(h.forward(&visual.pooled, &text.pooled)?),
-            None => None,
-        };
-        let word_logits = match &self.word_head {
-            Some(h) => {
-                let (gh, gw) = visual.grid;
-                Some(h.forward(&v.narrow(1, n - gh * gw, gh * gw)?)?) // [B, N', V]
+            let reg = self.reg_token.unsqueeze(0)?.broadcast_as((b, 1, d))?;
+            let mut x = Tensor::cat(&[&reg, &t, &v], 1)?; // [B, 1+L+N, d]
+            let ones = Tensor::ones((b, 1), DType::F32, x.device())?;
+            let mask = Tensor::cat(
+                &[
+                    &ones,
+                    &text_mask.to_dtype(DType::F32)?,
+                    &visual.mask.to_dtype(DType::F32)?,
+                ],
+                1,
+            )?;
+            let bias = nn::key_padding_bias(&mask, x.dtype())?;
+            let pos = if l == full {
+                self.vl_pos_embed.clone()
+            } else {
+                let p = &self.vl_pos_embed; // [1 + full + N, d]: [REG], text slots, visual
+                Tensor::cat(&[p.narrow(0, 0, 1 + l)?, p.narrow(0, 1 + full, n)?], 0)?
             }
-            None => None,
-        };
-        let pad = |t: &Tensor| t.pad_with_zeros(1, 0, full - l); // [B, l, C] -> [B, full, C]
-        let text = TextFeatures {
-            tokens: pad(&text.tokens)?,
-            pooled: text.pooled,
-            hidden_states: text.hidden_states.iter().map(pad).collect::<Result<_>>()?,
-        };
-        Ok(GrounderOutput {
-            pred_box,
-            token_probs,
-            cells,
-            aux,
-            word_logits,
-            clip,
-            reg,
-            text_tokens: pad(&text_tokens)?,
-            visual_tokens,
-            visual,
-            text,
+            .unsqueeze(0)?;
+            for layer in &self.layers {
+                x = layer.forward(&x, &pos, &bias)?;
+            }
+            if let Some(norm) = &self.final_norm {
+                x = norm.forward(&x)?;
+            }
+            let reg = x.i((.., 0))?; // [B, d]
+            let visual_tokens = x.narrow(D::Minus2, 1 + l, n)?;
+            let (gh, gw) = visual.grid;
+            let (pred_box, token_probs, cells) = match (&self.token_attn, self.cfg.head) {
+                (Some((q, k)), head) => {
+                    // contiguous: a strided input sends candle's Linear to a broadcast batched matmul
+                    let patches = visual_tokens
+                        .narrow(1, n - gh * gw, gh * gw)?
+                        .contiguous()?; // [B, N', d] (no CLS)
+                    let query = if head == BoxHead::Dense {
+                        // [REG] + the mean fused text token: a direct text path into the scores
+                        (&reg + nn::masked_mean(&x.narrow(1, 1, l)?, text_mask)?)?
+                    } else {
+                        reg.clone()
+                    };
+                    let centres = cell_centres(gh, gw, x.device())?; // [N', 2]
+                    let mut scores = (k
+                        .forward(&patches)?
+                        .matmul(&q.forward(&query)?.unsqueeze(2)?)?
+                        .squeeze(2)? // [B, N']
+                        / (d as f64).sqrt())?;
+                    if let Some(coord) = &self.dense_coord {
+                        // + <coord(query), cell centre in [-1, 1]^2>: "leftmost", "at the top"
+                        // become one linear preference over the grid (CoordConv-like prior)
+                        let pm = centres.affine(2.0, -1.0)?; // [N', 2]
+                        scores = (scores + coord.forward(&query)?.matmul(&pm.t()?)?)?;
+                    }
+                    if let Some((dq, dk)) = &self.dense_direct {
+                        // + <q(mean projected text), k(projected cell)> before fusion: attribute
+                        // words meet cell features without passing through the fusion layers
+                        // (val Acc@0.5 +9 points at 4 epochs on the twin, attributes 27 -> 48%)
+                        let t_mean = nn::masked_mean(&t, text_mask)?; // [B, d]
+                        let cells = v.narrow(1, n - gh * gw, gh * gw)?; // [B, N', d]
+                        let direct = dk
+                            .forward(&cells)?
+                            .matmul(&dq.forward(&t_mean)?.unsqueeze(2)?)?
+                            .squeeze(2)?; // [B, N']
+                        scores = (scores + (direct / (d as f64).sqrt())?)?;
+                    }
+                    let pad = nn::key_padding_bias(
+                        &visual.mask.narrow(1, n - gh * gw, gh * gw)?,
+                        scores.dtype(),
+                    )?
+                    .flatten_from(1)?;
+                    let scores = (scores + pad)?;
+                    let probs = nn::softmax(&scores)?;
+                    let step = Tensor::new(&[1.0 / gw as f32, 1.0 / gh as f32], x.device())?;
+                    if head == BoxHead::Dense {
+                        let raw = self.bbox_embed.forward(&patches)?; // [B, N', 4]
+                        let offset = raw.narrow(2, 0, 2)?.tanh()?.broadcast_mul(&step)?;
+                        let centre = offset.broadcast_add(&centres)?;
+                        let boxes = Tensor::cat(&[centre, nn::sigmoid(&raw.narrow(2, 2, 2)?)?], 2)?;
+                        let best = scores
+                            .argmax_keepdim(1)? // [B, 1]
+                            .unsqueeze(2)?
+                            .broadcast_as((b, 1, 4))?
+                            .contiguous()?;
+                        let pred = boxes.gather(&best, 1)?.squeeze(1)?; // [B, 4]
+                        (pred, Some(probs), Some((scores, boxes)))
+                    } else {
+                        let centre = probs.matmul(&centres)?; // [B, 2]
+                        let raw = self.bbox_embed.forward(&reg)?; // [B, 4]
+                        let offset = raw.narrow(1, 0, 2)?.tanh()?.broadcast_mul(&step)?;
+                        let wh = nn::sigmoid(&raw.narrow(1, 2, 2)?)?;
+                        (
+                            Tensor::cat(&[(centre + offset)?, wh], 1)?,
+                            Some(probs),
+                            None,
+                        )
+                    }
+                }
+                (None, _) => (nn::sigmoid(&self.bbox_embed.forward(&reg)?)?, None, None),
+            };
+            let text_tokens = x.narrow(D::Minus2, 1, l)?;
+            let aux = match &self.hivg_aux {
+                Some(h) => Some(h.forward(&visual_tokens, &text_tokens, text_mask, visual.grid)?),
+                None => None,
+            };
+            let clip = match &self.clip_head {
+                Some(h) => Some(h.forward(&visual.pooled, &text.pooled)?),
+                None => None,
+            };
+            let word_logits = match &self.word_head {
+                Some(h) => {
+                    let (gh, gw) = visual.grid;
+                    Some(h.forward(&v.narrow(1, n - gh * gw, gh * gw)?)?) // [B, N', V]
+                }
+                None => None,
+            };
+            let pad = |t: &Tensor| t.pad_with_zeros(1, 0, full - l); // [B, l, C] -> [B, full, C]
+            let text = TextFeatures {
+                tokens: pad(&text.tokens)?,
+                pooled: text.pooled,
+                hidden_states: text.hidden_states.iter().map(pad).collect::<Result<_>>()?,
+            };
+            Ok(GrounderOutput {
+                pred_box,
+                token_probs,
+                cells,
+                aux,
+                word_logits,
+                clip,
+                reg,
+                text_tokens: pad(&text_tokens)?,
+                visual_tokens,
+                visual,
+                text,
+            })
         })
     }
 }
@@ -1108,13 +1137,13 @@ mod tests {
                 .reshape((3, l))?
                 .mul(&mask.to_dtype(DType::U32)?)?;
             let shared =
-                g.forward_indexed(&images, &image_mask, Some(&index), &ids, &mask, false)?;
+                g.forward_indexed(&images, &image_mask, Some(&index), &ids, &mask, Mode::Eval)?;
             let copies = g.forward(
                 &images.index_select(&index, 0)?,
                 &image_mask.index_select(&index, 0)?,
                 &ids,
                 &mask,
-                false,
+                Mode::Eval,
             )?;
             let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
                 (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
@@ -1130,7 +1159,7 @@ mod tests {
                 &image_mask.narrow(0, 0, 2)?,
                 &ids.narrow(0, 0, 2)?,
                 &mask.narrow(0, 0, 2)?,
-                false,
+                Mode::Eval,
             )?;
             let (c_short, c_full) = (
                 short.cells.as_ref().unwrap().0.clone(),
@@ -1159,7 +1188,7 @@ mod tests {
             &Tensor::ones((3, s, s), DType::F32, &dev)?,
             &Tensor::ones((3, cfg.max_text_len), DType::U32, &dev)?,
             &Tensor::ones((3, cfg.max_text_len), DType::F32, &dev)?,
-            false,
+            Mode::Eval,
         )?;
         let (scores, boxes) = out.cells.expect("dense head gives cells");
         let (scores, boxes) = (scores.to_vec2::<f32>()?, boxes.to_vec3::<f32>()?);
@@ -1206,7 +1235,13 @@ mod tests {
         let mut tm = vec![1f32; b * cfg.max_text_len];
         tm[cfg.max_text_len + 5..].iter_mut().for_each(|v| *v = 0.0);
         let text_mask = Tensor::from_vec(tm, (b, cfg.max_text_len), &dev)?;
-        let out = g.forward(&pixels, &pixel_mask, &ids, &text_mask, true)?;
+        let out = g.forward(
+            &pixels,
+            &pixel_mask,
+            &ids,
+            &text_mask,
+            Mode::Train { seed: 0 },
+        )?;
         assert_eq!(out.pred_box.dims(), &[b, 4]);
         assert_eq!(out.visual_tokens.dims(), &[b, cfg.visual_tokens(), 32]);
         // a loss touching every output path

@@ -7,17 +7,23 @@
 //!   projected by the gate (`Ct·n → Cv`) into `T̃`; then `h ← h + MLP(CrossAttn(LN(h), T̃))`
 //!   with CLIP-style multi-head cross-attention (queries from the image tokens) and a
 //!   QuickGELU MLP `Cv → 4Cv → Cv`.
-//! - **Multi-level features**: the hidden states after the chosen vision layers, concatenated
-//!   over channels and projected (`ml_visual_projection`, `n·Cv → proj_dim`).
+//! - **Multi-level features**: the hidden states after the chosen vision layers, each layer
+//!   normed (`ml_norm.{i}`, ours), concatenated over channels and projected
+//!   (`ml_visual_projection`, `n·Cv → proj_dim`).
 //!
 //! Ours, where the public code differs: the cross-attention runs **per sample** with the
 //! text padding masked (HiVG's code reinterprets its `L×B` text buffer as `B×L`, which mixes
 //! text across the samples of a batch); the MLP's output layer starts at zero and `E_k` at
-//! zero, so a fresh bridge leaves the pretrained CLIP unchanged. Keys: the CLIP tower's own
+//! zero, so a fresh bridge leaves the pretrained CLIP unchanged. HiVG projects the raw
+//! hidden states, whose scale grows with depth (the benchmark teacher's: rms 1.0 after the
+//! embeddings, 3.0 and 4.6 after layers 2 and 4); its box head reads the fusion's final
+//! norm and does not mind, but our dense head scores the projected tokens directly and the
+//! raw scale put its initial cell logits far apart (cell loss 7.8 over 64 cells against a
+//! uniform 4.2); a layer norm per level (weight 1, bias 0) fixes the scale. Keys: the CLIP tower's own
 //! (`embeddings.*`, `pre_layrnorm`, `encoder.layers.*`, `post_layernorm`), then
 //! `bridge.{j}.{adaptive.{k}, gate, cross_norm, cross_attn.{q,k,v,out}_proj (a CLIP attention
 //! run as cross-attention), cross_mlp.fc1,
-//! cross_mlp.fc2}` and `ml_visual_projection`. LoRA sets of the vision config also land on
+//! cross_mlp.fc2}`, `ml_norm.{i}` and `ml_visual_projection`. LoRA sets of the vision config also land on
 //! the bridge's attention projections (HiVG's LoRA targets match them by name).
 
 use crate::clip::{ClipAttention, ClipMlp, ClipVisionConfig, ClipVisionTransformer};
@@ -158,6 +164,7 @@ impl Bridge {
 pub struct HivgVisual {
     pub clip: ClipVisionTransformer,
     bridges: Vec<Bridge>,
+    ml_norms: Vec<LayerNorm>,
     ml_visual_projection: Linear,
     cfg: HivgConfig,
 }
@@ -189,6 +196,12 @@ impl HivgVisual {
             clip: ClipVisionTransformer::new(vb.clone(), &cfg.vision)?,
             bridges: (0..cfg.bridge_layers.len())
                 .map(|j| Bridge::new(vb.pp(format!("bridge.{j}")), cfg))
+                .collect::<Result<_>>()?,
+            ml_norms: (0..cfg.multi_layers.len())
+                .map(|i| {
+                    let c = cfg.vision.hidden_size;
+                    LayerNorm::new(vb.pp(format!("ml_norm.{i}")), c, cfg.vision.layer_norm_eps)
+                })
                 .collect::<Result<_>>()?,
             ml_visual_projection: candle_nn::linear(
                 cfg.vision.hidden_size * cfg.multi_layers.len(),
@@ -236,7 +249,9 @@ impl HivgVisual {
             x = layer.mlp_block(&x)?;
             hidden.push(x.clone());
         }
-        let levels: Vec<&Tensor> = self.cfg.multi_layers.iter().map(|&i| &hidden[i]).collect();
+        let levels = (self.cfg.multi_layers.iter().zip(&self.ml_norms))
+            .map(|(&i, norm)| norm.forward(&hidden[i]))
+            .collect::<Result<Vec<_>>>()?;
         let tokens = self
             .ml_visual_projection
             .forward(&Tensor::cat(&levels, D::Minus1)?)?;

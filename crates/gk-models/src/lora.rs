@@ -117,22 +117,6 @@ impl LoraLinear {
         self.sets.len()
     }
 
-    /// `x: [..., in] -> [..., out]`; `train` applies each set's dropout.
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = self.base.forward(x)?;
-        for s in &self.sets {
-            let h = if train && s.dropout > 0.0 {
-                candle_nn::ops::dropout(x, s.dropout)?
-            } else {
-                x.clone()
-            };
-            // x A^T B^T, batched over the leading dims
-            let low = h.broadcast_matmul(&s.a.t()?)?; // [..., r]
-            y = (y + (low.broadcast_matmul(&s.b.t()?)? * s.scale)?)?;
-        }
-        Ok(y)
-    }
-
     /// The layer with every set folded into its weight: `W + Σ (α/r) B A`; equal outputs
     /// at inference, no extra cost.
     pub fn merged(&self) -> Result<Linear> {
@@ -150,9 +134,17 @@ impl LoraLinear {
 }
 
 impl Module for LoraLinear {
-    /// The inference forward (no dropout).
+    /// `x: [..., in] -> [..., out]`; each set's dropout applies inside a training
+    /// [`crate::nn::Mode::run`].
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_t(x, false)
+        let mut y = self.base.forward(x)?;
+        for s in &self.sets {
+            let h = crate::nn::dropout(x, s.dropout)?;
+            // x A^T B^T, batched over the leading dims
+            let low = h.broadcast_matmul(&s.a.t()?)?; // [..., r]
+            y = (y + (low.broadcast_matmul(&s.b.t()?)? * s.scale)?)?;
+        }
+        Ok(y)
     }
 }
 
@@ -230,8 +222,12 @@ mod tests {
         ] {
             assert!(names.iter().any(|n| n == k), "{k} not in {names:?}");
         }
-        // dropout only in training, and gradients reach A and B
-        let y = q.forward_t(&x, true)?;
+        // dropout only in training (the forward above was outside any run), and gradients
+        // reach A and B
+        let train = crate::nn::Mode::Train { seed: 1 };
+        let y = train.run(|| q.forward(&x))?;
+        let diff = (&y - &unmerged)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff > 0.0, "training forward equals inference: no dropout");
         let grads = y.sqr()?.sum_all()?.backward()?;
         for (name, var) in map.data().lock().unwrap().iter() {
             if name.starts_with("attn.q_proj") {

@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
         let text = g.text.forward(&ids, &tm)?;
         let vis = g.visual.forward(&x, &pm, &text, &tm)?;
         let t1 = Instant::now();
-        let out = g.forward(&x, &pm, &ids, &tm, true)?;
+        let out = g.forward(&x, &pm, &ids, &tm, gk_models::nn::Mode::Train { seed: 0 })?;
         let t2 = Instant::now();
         let loss = out.pred_box.sum_all()?;
         let grads = loss.backward()?;

@@ -705,7 +705,7 @@ mod tests {
             &Tensor::ones((b, s, s), DType::F32, &dev)?,
             &ids,
             &text_mask,
-            true,
+            gk_models::nn::Mode::Train { seed: 0 },
         )?;
         let target = Tensor::new(
             &[

@@ -108,7 +108,7 @@ pub fn evaluate(
             &batch.pixel_mask,
             &batch.ids,
             &batch.text_mask,
-            false,
+            gk_models::nn::Mode::Eval,
         )?;
         let preds = out.pred_box.to_vec2::<f32>()?;
         for (k, &i) in batch.indices.iter().enumerate() {

@@ -76,7 +76,7 @@ impl Predictor {
             &p.mask.unsqueeze(0)?,
             &ids,
             &mask,
-            false,
+            gk_models::nn::Mode::Eval,
         )?;
         let b = out.pred_box.squeeze(0)?.to_vec1::<f32>()?;
         let model_cxcywh = [b[0], b[1], b[2], b[3]];

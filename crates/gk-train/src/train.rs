@@ -21,6 +21,7 @@ use gk_data::dataset::{Dataset, LoadOptions};
 use gk_data::tokenize::{self, TextTokenizer};
 use gk_data::transforms::TransformConfig;
 use gk_models::grounder::{Grounder, GrounderConfig, TextConfig};
+use gk_models::nn::Mode;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -599,6 +600,12 @@ impl<'a> Steps<'a> {
     }
 }
 
+/// The dropout seed of training step `step`: a function of the run seed and the step only,
+/// so a resumed step draws the masks the uninterrupted run drew.
+pub fn dropout_seed(seed: u64, step: usize) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64
+}
+
 /// Trains (or resumes) the run in `run`. Returns the final state and the last validation report.
 pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalReport)> {
     let dev = Device::Cpu;
@@ -695,7 +702,9 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
                 batch.image_index.as_ref(),
                 &batch.ids,
                 &batch.text_mask,
-                true,
+                Mode::Train {
+                    seed: dropout_seed(cfg.seed, steps.state.step),
+                },
             )?;
             if !out.pred_box.sum_all()?.to_scalar::<f32>()?.is_finite() {
                 return Err(TrainError::NonFinite {

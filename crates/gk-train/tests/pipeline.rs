@@ -1,6 +1,6 @@
 //! The training pipeline end to end on the tiny benchmark: the loss falls, an interrupted
-//! and resumed run ends with exactly the weights of an uninterrupted one, and evaluation
-//! and prediction read what training wrote.
+//! and resumed run ends with exactly the weights of an uninterrupted one (dropout included),
+//! and evaluation and prediction read what training wrote.
 
 use candle_core::Device;
 use gk_data::synth::{generate, SynthConfig};
@@ -50,7 +50,9 @@ fn train_resume_eval_predict() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     generate(&SynthConfig::tiny(), &data, &mut |_, _| {}).unwrap();
-    let cfg = tiny_config(&data);
+    let mut cfg = tiny_config(&data);
+    // seeded dropout: the resumed steps must draw the uninterrupted run's masks
+    cfg.model.fusion.dropout = 0.1;
 
     // uninterrupted
     let a = train::prepare(&dir.path().join("a"), cfg.clone()).unwrap();
@@ -412,7 +414,7 @@ fn hilora_stages_train_in_sequence() {
     cfg.hilora = Some(HiLoraConfig {
         rank: 2,
         alpha: 4.0,
-        dropout: 0.0,
+        dropout: 0.1,
         targets: vec!["q_proj".into(), "v_proj".into()],
         stages: vec![stage(0), stage(1)],
     });
@@ -492,7 +494,7 @@ fn hilora_stages_train_in_sequence() {
             &batch.pixel_mask,
             &batch.ids,
             &batch.text_mask,
-            false,
+            gk_models::nn::Mode::Eval,
         )
         .unwrap()
         .pred_box
@@ -546,7 +548,7 @@ fn hivg_contrastive_term_is_clips_loss() {
             &Tensor::ones((b, s, s), DType::F32, &dev).unwrap(),
             &ids,
             &Tensor::ones((b, l), DType::F32, &dev).unwrap(),
-            false,
+            gk_models::nn::Mode::Eval,
         )
         .unwrap();
     let target = Tensor::new(&[[0.5f32, 0.5, 0.2, 0.2]; 3], &dev).unwrap();
@@ -601,7 +603,7 @@ fn hivg_contrastive_term_is_clips_loss() {
             &Tensor::ones((b, s, s), DType::F32, &dev).unwrap(),
             &Tensor::ones((b, l), DType::U32, &dev).unwrap(),
             &Tensor::ones((b, l), DType::F32, &dev).unwrap(),
-            false,
+            gk_models::nn::Mode::Eval,
         )
         .unwrap();
     let e = train::criterion(&plain, &out, &target, &ids)
