@@ -220,7 +220,7 @@ fn grounder_run(
         },
     )
     .with_context(|| format!("training {}", dir.display()))?;
-    let loaded = train::load_run(&run, Some("best.safetensors"), &candle_core::Device::Cpu)?;
+    let loaded = train::load_inference(&run, "best.safetensors", &candle_core::Device::Cpu)?;
     let sets: Vec<PathBuf> = std::iter::once(loaded.cfg.data.val.clone())
         .chain(loaded.cfg.data.test.clone())
         .collect();

@@ -46,14 +46,21 @@ fn median_ms(iters: usize, f: &dyn Fn() -> Result<()>) -> Result<f64> {
 /// One benchmark case: builds its inputs for a batch size, returns the timed forward.
 type Case = Box<dyn Fn(usize) -> Result<Box<dyn Fn() -> Result<()>>>>;
 
-fn case(name: &str, vb: VarBuilder) -> Result<Case> {
+/// A model for the timed forwards: seeded random weights, detached (no autograd graph, as
+/// the PyTorch side's `inference_mode`).
+fn inference<M>(build: impl Fn(VarBuilder) -> candle_core::Result<M>) -> Result<M> {
+    let (map, dev) = (VarMap::new(), Device::Cpu);
+    build(gk_train::init::seeded_var_builder(&map, 0, &dev))?;
+    Ok(build(gk_train::init::detached_var_builder(&map, &dev))?)
+}
+
+fn case(name: &str) -> Result<Case> {
     let dev = Device::Cpu;
     Ok(match name {
         "clip-b16-vision" => {
-            let vit = std::rc::Rc::new(ClipVisionTransformer::new(
-                vb,
-                &ClipVisionConfig::vit_base_patch16(),
-            )?);
+            let vit = std::rc::Rc::new(inference(|vb| {
+                ClipVisionTransformer::new(vb, &ClipVisionConfig::vit_base_patch16())
+            })?);
             Box::new(move |b| {
                 let x = Tensor::randn(0f32, 1.0, (b, 3, 224, 224), &dev)?;
                 let vit = vit.clone();
@@ -68,7 +75,7 @@ fn case(name: &str, vb: VarBuilder) -> Result<Case> {
                 "grounder-qrnet-swin-s" => GrounderConfig::qrnet_swin_s(),
                 _ => GrounderConfig::clip_b16(),
             };
-            let g = std::rc::Rc::new(Grounder::new(vb, &cfg)?);
+            let g = std::rc::Rc::new(inference(|vb| Grounder::new(vb, &cfg))?);
             Box::new(move |b| {
                 let s = cfg.image_size;
                 let x = Tensor::randn(0f32, 1.0, (b, 3, s, s), &dev)?;
@@ -91,11 +98,13 @@ fn case(name: &str, vb: VarBuilder) -> Result<Case> {
                 "hivg-synth" => GrounderConfig::hivg_synth(),
                 _ => GrounderConfig::synth_small(),
             };
+            // training: on the variables; forward only: detached
             let map = VarMap::new();
-            let g = std::rc::Rc::new(Grounder::new(
-                gk_train::init::seeded_var_builder(&map, 0, &dev),
-                &cfg,
-            )?);
+            let g = std::rc::Rc::new(if train {
+                Grounder::new(gk_train::init::seeded_var_builder(&map, 0, &dev), &cfg)?
+            } else {
+                inference(|vb| Grounder::new(vb, &cfg))?
+            });
             let run_cfg = std::rc::Rc::new(gk_train::train::RunConfig::synth(
                 std::path::Path::new("."),
                 1,
@@ -141,11 +150,7 @@ fn case(name: &str, vb: VarBuilder) -> Result<Case> {
 pub fn run(a: BenchArgs) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
     for name in &a.models {
-        let map = VarMap::new();
-        let run_case = case(
-            name,
-            VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu),
-        )?;
+        let run_case = case(name)?;
         for &b in &a.batch {
             let forward = run_case(b)?;
             let ms = median_ms(a.iters, &*forward)?;

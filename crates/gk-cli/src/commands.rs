@@ -213,7 +213,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     } else {
         "model.safetensors"
     };
-    let mut loaded = train::load_run(&run, Some(weights), &candle_core::Device::Cpu)?;
+    let mut loaded = train::load_inference(&run, weights, &candle_core::Device::Cpu)?;
     if a.images.is_some() {
         loaded.cfg.data.image_root = a.images.clone();
     }

@@ -55,7 +55,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         "3/4 evaluating the best checkpoint (step {}, val Acc@0.5 {:.2}%)",
         state.best_step, state.best_acc
     );
-    let loaded = train::load_run(&run, Some("best.safetensors"), &candle_core::Device::Cpu)?;
+    let loaded = train::load_inference(&run, "best.safetensors", &candle_core::Device::Cpu)?;
     let sets: Vec<PathBuf> = std::iter::once(loaded.cfg.data.val.clone())
         .chain(loaded.cfg.data.test.clone())
         .collect();

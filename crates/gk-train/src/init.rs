@@ -198,6 +198,21 @@ pub fn seeded_var_builder(map: &VarMap, seed: u64, dev: &Device) -> VarBuilder<'
     )
 }
 
+/// A `VarBuilder` over detached copies of `map`'s parameters (shared storage, no copy): a
+/// model built from it runs inference without an autograd graph. Built on the trainable
+/// variables, every intermediate of a forward stays referenced until its output is dropped
+/// (QRNet Swin-S at 640 px, batch 8: over 24 GB, killed).
+pub fn detached_var_builder(map: &VarMap, dev: &Device) -> VarBuilder<'static> {
+    let tensors = map
+        .data()
+        .lock()
+        .expect("var map lock")
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+        .collect();
+    VarBuilder::from_tensors(tensors, DType::F32, dev)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +226,24 @@ mod tests {
         )
         .unwrap();
         map
+    }
+
+    #[test]
+    fn detached_weights_predict_the_same_and_keep_no_graph() -> candle_core::Result<()> {
+        use candle_core::{Module, Tensor};
+        let (map, dev) = (VarMap::new(), Device::Cpu);
+        let trained = candle_nn::linear(4, 3, seeded_var_builder(&map, 1, &dev))?;
+        let frozen = candle_nn::linear(4, 3, detached_var_builder(&map, &dev))?;
+        let x = Tensor::randn(0f32, 1.0, (2, 4), &dev)?;
+        let (a, b) = (trained.forward(&x)?, frozen.forward(&x)?);
+        assert_eq!(a.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
+        let w = map.data().lock().unwrap()["weight"].clone();
+        assert!(a.sum_all()?.backward()?.get(&w).is_some());
+        assert!(
+            b.sum_all()?.backward()?.get(&w).is_none(),
+            "a graph back to the variable"
+        );
+        Ok(())
     }
 
     #[test]

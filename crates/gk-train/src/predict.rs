@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::run::RunDir;
-use crate::train::{load_run, Loaded};
+use crate::train::{load_inference, Loaded};
 use candle_core::{Device, Tensor};
 use gk_box::Box4;
 use gk_data::transforms::{self, TransformConfig};
@@ -37,7 +37,7 @@ impl Predictor {
         } else {
             "model.safetensors"
         };
-        let mut loaded = load_run(run, Some(weights), &dev)?;
+        let mut loaded = load_inference(run, weights, &dev)?;
         // LoRA (HiLoRA stages) folded into the weights: plain-model cost at inference
         loaded.model = loaded.model.merge_lora()?;
         let transform = TransformConfig {

@@ -305,6 +305,16 @@ pub fn load_run(run: &RunDir, weights: Option<&str>, dev: &Device) -> Result<Loa
     })
 }
 
+/// [`load_run`] with `weights` for inference (evaluation, prediction): the model is built on
+/// the loaded weights detached from the autograd graph
+/// ([`crate::init::detached_var_builder`]), so a forward keeps only what it still needs.
+pub fn load_inference(run: &RunDir, weights: &str, dev: &Device) -> Result<Loaded> {
+    let mut loaded = load_run(run, Some(weights), dev)?;
+    let vb = crate::init::detached_var_builder(&loaded.map, dev);
+    loaded.model = Grounder::new(vb, &loaded.cfg.model)?;
+    Ok(loaded)
+}
+
 /// A loader over `ds` with the run's settings: training (shuffled, augmented, whole
 /// batches only) or evaluation (fixed order, eval transform, every sample).
 pub fn make_loader(cfg: &RunConfig, ds: Dataset, tok: &TextTokenizer, train: bool) -> Loader {
