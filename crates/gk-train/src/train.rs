@@ -752,7 +752,10 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
 
             // evaluation and checkpoints
             if steps.evaluates() {
-                last_report = evaluate(&model, &val_loader, GtBoxes::Stored, |_| {})?;
+                // on the current weights detached: no autograd graph while evaluating
+                let frozen =
+                    Grounder::new(crate::init::detached_var_builder(&map, &dev), &cfg.model)?;
+                last_report = evaluate(&frozen, &val_loader, GtBoxes::Stored, |_| {})?;
                 steps.evaluated(&map, last_report.all.acc50(), last_report.summary())?;
             }
             if steps.checkpointed(&map, &opt, opts.stop_after)? {
