@@ -180,6 +180,8 @@ fn committed_configs_parse() {
             want.head = cfg.model.head;
             assert_eq!(cfg.model.visual, want.visual);
             assert_eq!(cfg.model.text, want.text);
+            assert_eq!(cfg.model.image_size, want.image_size);
+            assert_eq!(cfg.optim.augment.side as usize, want.image_size);
         }
         if p.ends_with("qrnet-synth.toml") {
             assert_eq!(cfg.model.visual, GrounderConfig::qrnet_synth().visual);
