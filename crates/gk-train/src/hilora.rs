@@ -33,8 +33,7 @@ pub struct HiLoraStage {
 pub struct HiLoraConfig {
     pub rank: usize,
     pub alpha: f64,
-    /// Kept in the sets' config; the CLIP towers run their inference forward, so it is not
-    /// applied (see `docs/methods.md`).
+    /// Dropout on every set's input in training (HiVG: 0.1; seeded, `gk_models::nn::dropout`).
     #[serde(default)]
     pub dropout: f32,
     pub targets: Vec<String>,
