@@ -303,6 +303,23 @@ pub struct Bars {
     pub values: Vec<(f64, f64)>,
 }
 
+/// Top-left corners of legend entries (a 12-px swatch, then the name) flowed left to right
+/// from `left` under the title, wrapping before `right_edge`; rows are 12 px apart from y 20.
+fn legend_layout(names: &[&str], left: i64, right_edge: i64) -> Vec<(i64, i64)> {
+    let (mut x, mut row) = (left, 0i64);
+    names
+        .iter()
+        .map(|name| {
+            let w = 26 + text_width(name, 1) as i64;
+            if x > left && x + w > right_edge {
+                (x, row) = (left, row + 1);
+            }
+            x += w;
+            (x - w, 20 + 12 * row)
+        })
+        .collect()
+}
+
 /// Grouped bars from 0 with a whisker of +-spread, group labels under the axis, a title
 /// and a legend.
 pub fn bar_chart(
@@ -313,12 +330,10 @@ pub fn bar_chart(
     height: u32,
 ) -> RgbImage {
     let mut img = RgbImage::from_pixel(width, height, WHITE);
-    let (left, right, top, bottom) = (
-        48i64,
-        12i64,
-        22i64 + 12 * series.len().div_ceil(4) as i64,
-        30i64,
-    );
+    let (left, right, bottom) = (48i64, 12i64, 30i64);
+    let names: Vec<&str> = series.iter().map(|s| s.name.as_str()).collect();
+    let legend = legend_layout(&names, left, width as i64 - right);
+    let top = 22 + legend.iter().map(|&(_, y)| y - 8).max().unwrap_or(12);
     let (pw, ph) = (width as i64 - left - right, height as i64 - top - bottom);
     let y1 = series
         .iter()
@@ -370,8 +385,7 @@ pub fn bar_chart(
     line(&mut img, (left, top), (left, top + ph), BLACK, 1);
     line(&mut img, (left, top + ph), (left + pw, top + ph), BLACK, 1);
     text(&mut img, left, 5, title, BLACK, 1);
-    for (k, s) in series.iter().enumerate() {
-        let (lx, ly) = (left + (k % 4) as i64 * (pw / 4), 20 + 12 * (k / 4) as i64);
+    for (s, &(lx, ly)) in series.iter().zip(&legend) {
         line(&mut img, (lx, ly + 5), (lx + 12, ly + 5), s.color, 4);
         text(&mut img, lx + 16, ly, &s.name, BLACK, 1);
     }
@@ -391,6 +405,34 @@ mod tests {
         assert_eq!(*img.get_pixel(20, 2), RED);
         assert_eq!(*img.get_pixel(30, 10), RED);
         assert_eq!(*img.get_pixel(20, 10), WHITE);
+    }
+
+    #[test]
+    fn legend_entries_never_overlap_and_wrap_inside_the_chart() {
+        let names = [
+            "baseline",
+            "qrnet",
+            "qrnet-no-channel",
+            "qrnet-no-spatial",
+            "qrnet-no-neck",
+        ];
+        let at = legend_layout(&names, 48, 428);
+        for (k, (&(x, y), name)) in at.iter().zip(names).enumerate() {
+            assert!(
+                x + 16 + text_width(name, 1) as i64 <= 428,
+                "{name} runs past the edge"
+            );
+            if let Some(&(nx, ny)) = at.get(k + 1) {
+                assert!(
+                    ny > y || nx >= x + 16 + text_width(name, 1) as i64,
+                    "{name} overlaps"
+                );
+            }
+        }
+        assert!(
+            at.last().unwrap().1 > 20,
+            "five long names need a second row at 440 px"
+        );
     }
 
     #[test]
