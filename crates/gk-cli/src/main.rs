@@ -8,6 +8,7 @@ mod datasets;
 mod demo;
 mod embed;
 mod report;
+mod serve;
 mod teacher;
 mod weak;
 
@@ -49,6 +50,9 @@ enum Command {
     Stats(datasets::StatsArgs),
     /// Ground one expression in one image with a trained run; prints JSON, writes a picture.
     Predict(commands::PredictArgs),
+    /// Serve a trained run over HTTP: `POST /v1/ground?expression=...` with an image body
+    /// answers the box as JSON; `GET /` is a page to try it.
+    Serve(serve::ServeArgs),
     /// Print CLIP image and text embeddings (L2-normalised) and their cosine similarity,
     /// from a Hugging Face CLIP folder (config.json, model.safetensors, tokenizer.json).
     Embed(embed::EmbedArgs),
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => datasets::convert(a),
         Command::Stats(a) => datasets::stats(a),
         Command::Predict(a) => commands::predict(a),
+        Command::Serve(a) => serve::run(a),
         Command::Embed(a) => embed::run(a),
         Command::PretrainTeacher(a) => teacher::run(a),
         Command::TrainDetector(a) => weak::train_detector(a),

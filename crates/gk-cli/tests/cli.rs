@@ -276,6 +276,133 @@ fn synth_train_eval_predict_end_to_end() {
         "bad.jsonl:1",
     );
     published_split_convert_stats_eval(dir.path(), &run);
+    serve_answers_and_survives_bad_requests(&run, &img);
+}
+
+/// One raw HTTP/1.1 request (`head` without the blank line) -> (status, body text). Write
+/// errors are ignored: a server may answer an oversize request before reading its body.
+fn http(addr: &str, head: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let _ = s
+        .write_all(format!("{head}\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
+        .and_then(|()| s.write_all(body));
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+/// `groundkit serve` on the trained run: a good request, then bad ones (each a clear 4xx),
+/// then the good one again: same answer, the server kept serving.
+fn serve_answers_and_survives_bad_requests(run: &Path, img: &Path) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_groundkit"))
+        .args([
+            "serve",
+            "--run",
+            run.to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--max-body-mb", "1", "--max-expr-chars", "100"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("first line: {line:?}"))
+        .to_string();
+    let png = std::fs::read(img).unwrap();
+    let (w, h) = image::image_dimensions(img).unwrap();
+    let post = |query: &str, body: &[u8]| {
+        http(
+            &addr,
+            &format!(
+                "POST /v1/ground{query} HTTP/1.1\r\nContent-Length: {}",
+                body.len()
+            ),
+            body,
+        )
+    };
+    let json = |b: &str| -> serde_json::Value {
+        serde_json::from_str(b.trim()).unwrap_or_else(|e| panic!("{e}: {b:?}"))
+    };
+    let good = || {
+        let (status, body) = post("?expression=the%20red%20circle", &png);
+        assert_eq!(status, 200, "{body}");
+        let v = json(&body);
+        let b: Vec<f64> = serde_json::from_value(v["bbox_xyxy"].clone()).unwrap();
+        assert!(
+            b[0] >= 0.0 && b[1] >= 0.0 && b[2] <= w as f64 && b[3] <= h as f64,
+            "{v}"
+        );
+        assert_eq!(v["image_size"], serde_json::json!([w, h]));
+        b
+    };
+    let first = good();
+    for (query, body, status, needle) in [
+        ("", &png[..], 400, "expression"),
+        ("?expression=%20%20", &png[..], 400, "empty"),
+        (
+            &*format!("?expression={}", "a".repeat(101)),
+            &png[..],
+            400,
+            "101 characters",
+        ),
+        (
+            "?expression=the%20red%20circle",
+            &b"not an image"[..],
+            400,
+            "decode",
+        ),
+        (
+            "?expression=the%20red%20circle",
+            &b""[..],
+            400,
+            "empty body",
+        ),
+    ] {
+        let (got, text) = post(query, body);
+        assert_eq!(got, status, "{query}: {text}");
+        let err = json(&text)["error"].as_str().unwrap().to_string();
+        assert!(err.contains(needle), "{query}: {err}");
+    }
+    // a body declared over the limit (1 MiB) is refused from its header, before it is read
+    // (none is sent: unread bytes would make the server's close a reset that eats the reply)
+    let (got, text) = http(
+        &addr,
+        &format!(
+            "POST /v1/ground?expression=x HTTP/1.1\r\nContent-Length: {}",
+            2 << 20
+        ),
+        b"",
+    );
+    assert_eq!(got, 413, "{text}");
+    assert!(
+        json(&text)["error"].as_str().unwrap().contains("1 MiB"),
+        "{text}"
+    );
+    let (got, text) = http(&addr, "GET /healthz HTTP/1.1", b"");
+    assert_eq!((got, text.trim()), (200, "ok"));
+    let (got, text) = http(&addr, "GET / HTTP/1.1", b"");
+    assert!(got == 200 && text.contains("/v1/ground"), "{got}");
+    assert_eq!(good(), first, "the same request after the bad ones");
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 fn split_fixture(p: &str) -> PathBuf {
