@@ -93,10 +93,6 @@ async fn ground(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let body = match read_body(&server, &headers, body).await {
-        Ok(b) => b,
-        Err(response) => return response,
-    };
     let Some(expr) = q.expression else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -113,6 +109,14 @@ async fn ground(
             ),
         );
     }
+    if expr.trim().is_empty() {
+        return error(StatusCode::BAD_REQUEST, "the expression is empty");
+    }
+    // the expression is checked before the body is read
+    let body = match read_body(&server, &headers, body).await {
+        Ok(b) => b,
+        Err(response) => return response,
+    };
     if body.is_empty() {
         return error(
             StatusCode::BAD_REQUEST,
@@ -128,13 +132,10 @@ async fn ground(
             )
         })?;
         let g = server.predictor.predict(&img, &expr).map_err(|e| {
-            // the predictor refuses empty expressions; anything else is ours
-            let status = if expr.trim().is_empty() {
-                StatusCode::BAD_REQUEST
-            } else {
-                StatusCode::INTERNAL_SERVER_ERROR
-            };
-            (status, format!("grounding {expr:?}: {e}"))
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("grounding {expr:?}: {e}"),
+            )
         })?;
         Ok::<_, (StatusCode, String)>((g, img.dimensions(), expr))
     });
