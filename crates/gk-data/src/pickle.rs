@@ -331,7 +331,7 @@ impl Machine<'_> {
 
     fn top(&self) -> Result<Id> {
         match self.stack.last() {
-            Some(&id) if !self.marks.last().is_some_and(|&m| m >= self.stack.len()) => Ok(id),
+            Some(&id) if self.marks.last().is_none_or(|&m| m < self.stack.len()) => Ok(id),
             _ => self.malformed("stack underflow"),
         }
     }
@@ -395,7 +395,7 @@ impl Machine<'_> {
     }
 
     fn set_items(&mut self, dict: Id, kv: Vec<Id>) -> Result<()> {
-        if kv.len() % 2 != 0 {
+        if !kv.len().is_multiple_of(2) {
             return self.malformed("SETITEMS with an odd number of items");
         }
         match &mut self.arena[dict] {
@@ -903,7 +903,7 @@ impl Machine<'_> {
 fn decode_numbers(code: &str, big_endian: bool, b: &[u8]) -> std::result::Result<Vec<f64>, String> {
     macro_rules! dec {
         ($t:ty, $n:expr) => {{
-            if b.len() % $n != 0 {
+            if !b.len().is_multiple_of($n) {
                 return Err(format!(
                     "{} raw bytes are not a whole number of `{code}` values",
                     b.len()

@@ -280,7 +280,7 @@ fn background(rng: &mut ChaCha8Rng, s: u32) -> RgbImage {
             let orient = rng.random_range(0..4);
             Box::new(move |x, y| {
                 let t = [x, y, x + y, x + s - y][orient];
-                if (t / half) % 2 == 0 {
+                if (t / half).is_multiple_of(2) {
                     amp
                 } else {
                     -amp

@@ -348,6 +348,7 @@ impl ClipEncoderLayer {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the shape of one tower, shared by vision and text
 fn encoder_layers(
     vb: VarBuilder,
     n: usize,

@@ -207,7 +207,7 @@ impl ConvNet {
                 cfg.depths.len()
             );
         }
-        if cfg.patch_size == 0 || cfg.image_size % cfg.stride() != 0 {
+        if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.stride()) {
             candle_core::bail!(
                 "convnet: image_size {} is not a multiple of the total stride {}",
                 cfg.image_size,

@@ -69,10 +69,11 @@ pub enum BoxHead {
     TokenAttention,
     /// Ours, one-stage-detector style: every fused patch token predicts a box relative to
     /// its cell (centre within one cell of the cell centre, sigmoid width/height) and a
-    /// score `<q(u), k(token)> / sqrt(d) + <coord(u), cell centre in [-1, 1]^2>
-    /// + <q'(t), k'(cell)> / sqrt(d)` with `u` = [REG] + the mean fused text token, and the
-    /// last term on the projected tokens before fusion (`t` the mean text token). Training: cross-entropy of the scores
-    /// against the cell holding the target centre, box losses on that cell's box.
+    /// score `<q(u), k(token)> / sqrt(d) + <coord(u), cell centre in [-1, 1]^2> +
+    /// <q'(t), k'(cell)> / sqrt(d)` with `u` = [REG] + the mean fused text token, and the
+    /// last term on the projected tokens before fusion (`t` the mean text token). Training:
+    /// cross-entropy of the scores against the cell holding the target centre, box losses
+    /// on that cell's box.
     /// Inference: the box of the best-scoring cell. The per-cell classification gives
     /// every step a strong signal; a single regressed box from scratch sits at the mean
     /// box for thousands of steps (issue 3).

@@ -1,5 +1,5 @@
-//! CKD's training-time detector: trained on a benchmark's object labels (`objects.jsonl`
-//! + `labels.json`), it gives class posteriors for region proposals; the weakly supervised
+//! CKD's training-time detector: trained on a benchmark's object labels (`objects.jsonl` +
+//! `labels.json`), it gives class posteriors for region proposals; the weakly supervised
 //! student distils them and never sees a box label. A detector folder holds
 //! `detector.safetensors` and `detector.json`; student runs only name it, and prediction
 //! never opens it.

@@ -995,6 +995,7 @@ impl FeatureCache {
 /// Where a run's teacher embeddings come from: the feature cache of the unaugmented data,
 /// or the teacher itself on every augmented batch (`[distill] live = true`).
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per run
 pub enum TeacherFeatures {
     Cached(FeatureCache),
     Live { teacher: Teacher, norm: Normalize },

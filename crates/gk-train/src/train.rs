@@ -548,7 +548,7 @@ impl<'a> Steps<'a> {
         for (n, v) in values {
             log[n.as_str()] = serde_json::json!(v);
         }
-        if step % 10 == 0 || step == self.total {
+        if step.is_multiple_of(10) || step == self.total {
             log["samples_per_s"] = serde_json::json!(rate);
             self.run.log_metrics(&log)?;
             self.window = (0, Instant::now());
@@ -568,7 +568,7 @@ impl<'a> Steps<'a> {
 
     /// Whether this step evaluates (and checkpoints).
     pub fn evaluates(&self) -> bool {
-        self.state.step % self.eval_every == 0 || self.state.step == self.total
+        self.state.step.is_multiple_of(self.eval_every) || self.state.step == self.total
     }
 
     /// Logs a validation `summary` with its Acc@0.5 and keeps the best weights.

@@ -159,8 +159,7 @@ fn ckd_trains_resumes_evaluates_and_predicts_without_the_detector() {
     let metrics = std::fs::read_to_string(a.file("metrics.jsonl")).unwrap();
     let last: serde_json::Value = metrics
         .lines()
-        .filter(|l| l.contains("\"train\""))
-        .last()
+        .rfind(|l| l.contains("\"train\""))
         .map(|l| serde_json::from_str(l).unwrap())
         .unwrap();
     for part in ["nce", "distill"] {
@@ -194,7 +193,13 @@ fn ckd_trains_resumes_evaluates_and_predicts_without_the_detector() {
         );
     }
     std::fs::rename(&det, dir.path().join("gone")).unwrap();
-    let eval = ckd::eval_run(&a, "best.safetensors", &[cfg.data.val.clone()], false).unwrap();
+    let eval = ckd::eval_run(
+        &a,
+        "best.safetensors",
+        std::slice::from_ref(&cfg.data.val),
+        false,
+    )
+    .unwrap();
     assert_eq!(eval[0].expressions.all.n, 10);
     let predictor = ckd::CkdPredictor::open(&a).unwrap();
     let g = predictor.predict(&img, "the red circle").unwrap();
