@@ -19,12 +19,13 @@
 //! embeddings, 3.0 and 4.6 after layers 2 and 4); its box head reads the fusion's final
 //! norm and does not mind, but our dense head scores the projected tokens directly and the
 //! raw scale put its initial cell logits far apart (cell loss 7.8 over 64 cells against a
-//! uniform 4.2); a layer norm per level (weight 1, bias 0) fixes the scale. Keys: the CLIP tower's own
-//! (`embeddings.*`, `pre_layrnorm`, `encoder.layers.*`, `post_layernorm`), then
-//! `bridge.{j}.{adaptive.{k}, gate, cross_norm, cross_attn.{q,k,v,out}_proj (a CLIP attention
-//! run as cross-attention), cross_mlp.fc1,
-//! cross_mlp.fc2}`, `ml_norm.{i}` and `ml_visual_projection`. LoRA sets of the vision config also land on
-//! the bridge's attention projections (HiVG's LoRA targets match them by name).
+//! uniform 4.2); a layer norm per level (weight 1, bias 0) fixes the scale.
+//!
+//! Keys: the CLIP tower's own (`embeddings.*`, `pre_layrnorm`, `encoder.layers.*`,
+//! `post_layernorm`), then `bridge.{j}.{adaptive.{k}, gate, cross_norm,
+//! cross_attn.{q,k,v,out}_proj (a CLIP attention run as cross-attention), cross_mlp.fc1,
+//! cross_mlp.fc2}`, `ml_norm.{i}` and `ml_visual_projection`. LoRA sets of the vision config
+//! also land on the bridge's attention projections (HiVG's LoRA targets match them by name).
 
 use crate::clip::{ClipAttention, ClipMlp, ClipVisionConfig, ClipVisionTransformer};
 use crate::lora::LoraLinear;
@@ -199,8 +200,8 @@ impl HivgVisual {
                 .collect::<Result<_>>()?,
             ml_norms: (0..cfg.multi_layers.len())
                 .map(|i| {
-                    let c = cfg.vision.hidden_size;
-                    LayerNorm::new(vb.pp(format!("ml_norm.{i}")), c, cfg.vision.layer_norm_eps)
+                    let (c, eps) = (cfg.vision.hidden_size, cfg.vision.layer_norm_eps);
+                    LayerNorm::new(vb.pp(format!("ml_norm.{i}")), c, eps)
                 })
                 .collect::<Result<_>>()?,
             ml_visual_projection: candle_nn::linear(
@@ -249,7 +250,11 @@ impl HivgVisual {
             x = layer.mlp_block(&x)?;
             hidden.push(x.clone());
         }
-        let levels = (self.cfg.multi_layers.iter().zip(&self.ml_norms))
+        let levels = self
+            .cfg
+            .multi_layers
+            .iter()
+            .zip(&self.ml_norms)
             .map(|(&i, norm)| norm.forward(&hidden[i]))
             .collect::<Result<Vec<_>>>()?;
         let tokens = self

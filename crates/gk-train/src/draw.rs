@@ -333,7 +333,8 @@ pub fn bar_chart(
     let (left, right, bottom) = (48i64, 12i64, 30i64);
     let names: Vec<&str> = series.iter().map(|s| s.name.as_str()).collect();
     let legend = legend_layout(&names, left, width as i64 - right);
-    let top = 22 + legend.iter().map(|&(_, y)| y - 8).max().unwrap_or(12);
+    let rows = legend.last().map_or(1, |&(_, y)| (y - 20) / 12 + 1);
+    let top = 22 + 12 * rows;
     let (pw, ph) = (width as i64 - left - right, height as i64 - top - bottom);
     let y1 = series
         .iter()

@@ -80,8 +80,8 @@ impl HiLoraConfig {
 
 /// The optimiser groups of stage `k` (first match wins): set `sk` in vision layers
 /// `0..vision_layers` and in the text tower, the bridges and the multi-level norms and
-/// projection train; the rest of `visual.*` and `text.*` (CLIP and earlier sets) is frozen; everything
-/// else (fusion, head) trains.
+/// projection train; the rest of `visual.*` and `text.*` (CLIP and earlier sets) is frozen;
+/// everything else (fusion, head) trains.
 pub fn hilora_groups(k: usize, vision_layers: usize) -> Vec<ParamGroup> {
     let g = |prefix: String, lr_scale: f64| ParamGroup { prefix, lr_scale };
     let mut groups = Vec::new();

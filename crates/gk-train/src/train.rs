@@ -305,13 +305,20 @@ pub fn load_run(run: &RunDir, weights: Option<&str>, dev: &Device) -> Result<Loa
     })
 }
 
-/// [`load_run`] with `weights` for inference (evaluation, prediction): the model is built on
-/// the loaded weights detached from the autograd graph
-/// ([`crate::init::detached_var_builder`]), so a forward keeps only what it still needs.
+/// The model `cfg` on `map`'s current weights detached from the autograd graph
+/// ([`crate::init::detached_var_builder`]): its forwards keep only what they still need.
+fn inference_model(map: &VarMap, cfg: &GrounderConfig, dev: &Device) -> Result<Grounder> {
+    Ok(Grounder::new(
+        crate::init::detached_var_builder(map, dev),
+        cfg,
+    )?)
+}
+
+/// [`load_run`] with `weights` for inference (evaluation, prediction): the model is
+/// [`inference_model`] on the loaded weights.
 pub fn load_inference(run: &RunDir, weights: &str, dev: &Device) -> Result<Loaded> {
     let mut loaded = load_run(run, Some(weights), dev)?;
-    let vb = crate::init::detached_var_builder(&loaded.map, dev);
-    loaded.model = Grounder::new(vb, &loaded.cfg.model)?;
+    loaded.model = inference_model(&loaded.map, &loaded.cfg.model, dev)?;
     Ok(loaded)
 }
 
@@ -752,9 +759,7 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
 
             // evaluation and checkpoints
             if steps.evaluates() {
-                // on the current weights detached: no autograd graph while evaluating
-                let frozen =
-                    Grounder::new(crate::init::detached_var_builder(&map, &dev), &cfg.model)?;
+                let frozen = inference_model(&map, &cfg.model, &dev)?;
                 last_report = evaluate(&frozen, &val_loader, GtBoxes::Stored, |_| {})?;
                 steps.evaluated(&map, last_report.all.acc50(), last_report.summary())?;
             }
