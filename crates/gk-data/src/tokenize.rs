@@ -125,6 +125,48 @@ impl TextTokenizer {
     }
 }
 
+/// BERT's WordPiece tokenizer from a `vocab.txt` (one token per line, the line number is
+/// the id), as `pytorch_pretrained_bert`'s `BertTokenizer(vocab, do_lower_case)` that
+/// TransVG uses: clean control characters, space CJK characters, (lower-case and strip
+/// accents,) split on whitespace and punctuation, greedy longest-match WordPiece with `##`
+/// continuations, a word over 100 characters or with an unmatched piece is `[UNK]`.
+/// `[CLS]`, `[SEP]`, `[PAD]` and `[UNK]` must be in the vocabulary.
+pub fn bert_wordpiece(vocab: &Path, lowercase: bool) -> Result<TextTokenizer> {
+    use tokenizers::models::wordpiece::WordPiece;
+    use tokenizers::normalizers::BertNormalizer;
+    use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+    let err = |msg: String| DataError::Tokenizer {
+        path: vocab.to_path_buf(),
+        msg,
+    };
+    if !vocab.is_file() {
+        return Err(err("vocabulary file not found".into()));
+    }
+    let model = WordPiece::from_file(&vocab.to_string_lossy())
+        .unk_token("[UNK]".into())
+        .continuing_subword_prefix("##".into())
+        .max_input_chars_per_word(100)
+        .build()
+        .map_err(|e| err(format!("not a WordPiece vocab.txt: {e}")))?;
+    for special in ["[CLS]", "[SEP]", "[PAD]", "[UNK]"] {
+        if tokenizers::Model::token_to_id(&model, special).is_none() {
+            return Err(err(format!(
+                "not a BERT vocabulary: no {special} line ({} tokens)",
+                tokenizers::Model::get_vocab_size(&model)
+            )));
+        }
+    }
+    let mut tok = tokenizers::Tokenizer::new(model);
+    tok.with_normalizer(Some(BertNormalizer::new(
+        true,
+        true,
+        Some(lowercase),
+        lowercase,
+    )))
+    .with_pre_tokenizer(Some(BertPreTokenizer));
+    TextTokenizer::from_tokenizer(tok).map_err(|e| err(e.to_string()))
+}
+
 /// Builds a word-level tokenizer (BERT normaliser and pre-tokeniser, lowercase) whose
 /// vocabulary is every word of `texts`, with `[PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3`.
 /// Used for models trained from scratch on the embedded benchmark; save it with the run
@@ -182,5 +224,21 @@ mod tests {
         tok.inner().save(&p, false).unwrap();
         let back = TextTokenizer::from_file(&p).unwrap();
         assert_eq!(back.encode("the blue circle, left", 8).unwrap(), enc);
+    }
+
+    #[test]
+    fn bert_wordpiece_from_vocab_txt() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("vocab.txt");
+        let vocab = "[PAD]\n[UNK]\n[CLS]\n[SEP]\nthe\ncafe\nman\n##s\n,\n!\n";
+        std::fs::write(&p, vocab).unwrap();
+        let tok = bert_wordpiece(&p, true).unwrap();
+        let enc = tok.encode("The Café, MANS! xyz", 9).unwrap();
+        // [CLS] the cafe , man ##s ! [UNK] [SEP]
+        assert_eq!(enc.ids, vec![2, 4, 5, 8, 6, 7, 9, 1, 3]);
+        assert!(!enc.truncated);
+        std::fs::write(&p, "hello\nworld\n").unwrap();
+        let e = bert_wordpiece(&p, true).unwrap_err().to_string();
+        assert!(e.contains("no [CLS]") && e.contains("vocab.txt"), "{e}");
     }
 }

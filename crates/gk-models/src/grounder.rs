@@ -10,6 +10,8 @@
 use crate::bert::{Bert, BertConfig};
 use crate::clip::{ClipTextConfig, ClipTextTransformer, ClipVisionConfig, ClipVisionTransformer};
 use crate::convnet::{ConvNet, ConvNetConfig};
+use crate::detr::{DetrConfig, DetrVisual};
+use crate::encoder::{EncoderConfig, EncoderLayer};
 use crate::hivg::{HivgAux, HivgAuxHeads, HivgConfig, HivgVisual};
 use crate::nn::{self, LayerNorm, Mode};
 use crate::qrnet::{grid_mask, QrNetBackbone, QrNetConfig};
@@ -32,6 +34,9 @@ pub enum VisualConfig {
     /// HiVG: a CLIP ViT with cross-modal bridges fed by the text encoder's hidden states;
     /// its multi-level tokens (CLS + patches) go to the fusion.
     Hivg(HivgConfig),
+    /// TransVG's DETR branch: a ResNet with frozen batch norm, `input_proj` and DETR's
+    /// post-norm encoder with sine positions; one token per grid cell (no CLS).
+    Detr(DetrConfig),
 }
 
 /// Which text backbone, with its own config.
@@ -41,18 +46,6 @@ pub enum TextConfig {
     Bert(BertConfig),
     /// A CLIP text tower (`text_model.*` keys), causal attention.
     ClipText(ClipTextConfig),
-}
-
-/// The visual-linguistic transformer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FusionConfig {
-    pub hidden: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub ffn: usize,
-    pub dropout: f32,
-    /// Pre-norm (HiVG, `--normalize_before`) adds a final layer norm; post-norm is TransVG.
-    pub pre_norm: bool,
 }
 
 /// How the box is read out of the fused tokens.
@@ -85,7 +78,7 @@ pub enum BoxHead {
 pub struct GrounderConfig {
     pub visual: VisualConfig,
     pub text: TextConfig,
-    pub fusion: FusionConfig,
+    pub fusion: EncoderConfig,
     /// Square input side in pixels.
     pub image_size: usize,
     /// Text length including the special tokens.
@@ -107,7 +100,7 @@ impl GrounderConfig {
         Self {
             visual: VisualConfig::ClipVit(ClipVisionConfig::vit_base_patch16()),
             text: TextConfig::ClipText(ClipTextConfig::base()),
-            fusion: FusionConfig {
+            fusion: EncoderConfig {
                 hidden: 512,
                 layers: 6,
                 heads: 8,
@@ -141,7 +134,7 @@ impl GrounderConfig {
         Self {
             visual: VisualConfig::QrNet(QrNetConfig::swin_s()),
             text: TextConfig::Bert(BertConfig::base()),
-            fusion: FusionConfig {
+            fusion: EncoderConfig {
                 hidden: 256,
                 pre_norm: false,
                 ..base.fusion
@@ -149,6 +142,22 @@ impl GrounderConfig {
             image_size: 640,
             max_text_len: 20,
             ..base
+        }
+    }
+
+    /// TransVG as released (`djiajunustc/TransVG`, R-50): DETR's ResNet-50 branch (frozen
+    /// batch norm, 6 post-norm encoder layers of width 256) at 640 px (a 20x20 grid),
+    /// BERT-base (its last layer), a 6-layer post-norm fusion of width 256 with 8 heads and
+    /// FFN 2048, 20 text tokens (40 for RefCOCOg) and the regression head.
+    pub fn transvg_r50() -> Self {
+        Self {
+            visual: VisualConfig::Detr(DetrConfig::r50()),
+            text: TextConfig::Bert(BertConfig::base()),
+            fusion: EncoderConfig::detr(),
+            image_size: 640,
+            max_text_len: 20,
+            head: BoxHead::RegMlp,
+            word_head: false,
         }
     }
 
@@ -160,7 +169,7 @@ impl GrounderConfig {
                 max_position_embeddings: 16,
                 ..BertConfig::tiny()
             }),
-            fusion: FusionConfig {
+            fusion: EncoderConfig {
                 hidden: 32,
                 layers: 2,
                 heads: 4,
@@ -191,7 +200,7 @@ impl GrounderConfig {
                 max_position_embeddings: 32,
                 ..BertConfig::tiny()
             }),
-            fusion: FusionConfig {
+            fusion: EncoderConfig {
                 hidden: 128,
                 layers: 3,
                 heads: 4,
@@ -293,6 +302,7 @@ impl GrounderConfig {
                 let g = self.image_size / c.vision.patch_size;
                 g * g + 1
             }
+            VisualConfig::Detr(c) => c.grid(self.image_size).pow(2),
         }
     }
 
@@ -303,6 +313,7 @@ impl GrounderConfig {
             VisualConfig::ConvNet(c) => c.out_dim(),
             VisualConfig::QrNet(c) => c.neck_dim,
             VisualConfig::Hivg(c) => c.proj_dim,
+            VisualConfig::Detr(c) => c.encoder.hidden,
         }
     }
 
@@ -330,6 +341,7 @@ pub enum VisualEncoder {
     ConvNet(ConvNet),
     QrNet(QrNetBackbone),
     Hivg(HivgVisual),
+    Detr(DetrVisual),
 }
 
 /// Visual backbone output in fusion-ready form.
@@ -352,6 +364,7 @@ impl VisualEncoder {
             VisualConfig::ConvNet(c) => Ok(Self::ConvNet(ConvNet::new(vb, c)?)),
             VisualConfig::QrNet(c) => Ok(Self::QrNet(QrNetBackbone::new(vb, c)?)),
             VisualConfig::Hivg(c) => Ok(Self::Hivg(HivgVisual::new(vb, c)?)),
+            VisualConfig::Detr(c) => Ok(Self::Detr(DetrVisual::new(vb, c)?)),
         }
     }
 
@@ -380,7 +393,7 @@ impl VisualEncoder {
             return self.forward(pixels, pixel_mask, text, text_mask);
         };
         match self {
-            Self::ClipVit(_) | Self::ConvNet(_) => {
+            Self::ClipVit(_) | Self::ConvNet(_) | Self::Detr(_) => {
                 let f = self.forward(pixels, pixel_mask, text, text_mask)?; // [U, ...]
                 Ok(VisualFeatures {
                     tokens: f.tokens.index_select(ix, 0)?, // [B, N, C]
@@ -441,6 +454,15 @@ impl VisualEncoder {
                     grid: (g, g),
                 })
             }
+            Self::Detr(net) => {
+                let out = net.forward(pixels, pixel_mask)?;
+                Ok(VisualFeatures {
+                    pooled: nn::masked_mean(&out.tokens, &out.mask)?,
+                    tokens: out.tokens,
+                    mask: out.mask,
+                    grid: out.grid,
+                })
+            }
             Self::QrNet(net) => {
                 let out = net.forward(pixels, &text.pooled)?;
                 let masks = out
@@ -476,7 +498,7 @@ fn cls_patch_mask(pixel_mask: &Tensor, patch: usize) -> Result<(Tensor, (usize, 
 
 /// `[B, S, S]` pixel mask -> `[B, gh * gw]` cell mask: the top-left pixel of each cell
 /// (nearest-neighbour downsampling, as TransVG's `F.interpolate`).
-fn patch_mask(pixel_mask: &Tensor, gh: usize, gw: usize) -> Result<Tensor> {
+pub(crate) fn patch_mask(pixel_mask: &Tensor, gh: usize, gw: usize) -> Result<Tensor> {
     let (b, h, w) = pixel_mask.dims3()?;
     let (ph, pw) = (h / gh, w / gw);
     pixel_mask
@@ -538,94 +560,6 @@ impl TextEncoder {
                     hidden_states: out.hidden_states,
                 })
             }
-        }
-    }
-}
-
-/// One fusion layer with `nn.MultiheadAttention` key names (`self_attn.in_proj_weight`,
-/// `self_attn.out_proj`, `linear1`, `linear2`, `norm1`, `norm2`), so TransVG checkpoints map.
-#[derive(Debug, Clone)]
-struct FusionLayer {
-    in_proj_weight: Tensor,
-    in_proj_bias: Tensor,
-    out_proj: Linear,
-    linear1: Linear,
-    linear2: Linear,
-    norm1: LayerNorm,
-    norm2: LayerNorm,
-    heads: usize,
-    dropout: f32,
-    pre_norm: bool,
-}
-
-impl FusionLayer {
-    fn new(vb: VarBuilder, cfg: &FusionConfig) -> Result<Self> {
-        let d = cfg.hidden;
-        let bound = (6.0 / (d + 3 * d) as f64).sqrt(); // xavier_uniform on [3d, d]
-        let att = vb.pp("self_attn");
-        Ok(Self {
-            in_proj_weight: att.get_with_hints(
-                (3 * d, d),
-                "in_proj_weight",
-                candle_nn::Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                },
-            )?,
-            in_proj_bias: att.get_with_hints(3 * d, "in_proj_bias", candle_nn::Init::Const(0.0))?,
-            out_proj: candle_nn::linear(d, d, att.pp("out_proj"))?,
-            linear1: candle_nn::linear(d, cfg.ffn, vb.pp("linear1"))?,
-            linear2: candle_nn::linear(cfg.ffn, d, vb.pp("linear2"))?,
-            norm1: LayerNorm::new(vb.pp("norm1"), d, 1e-5)?,
-            norm2: LayerNorm::new(vb.pp("norm2"), d, 1e-5)?,
-            heads: cfg.heads,
-            dropout: cfg.dropout,
-            pre_norm: cfg.pre_norm,
-        })
-    }
-
-    /// `x: [B, T, d]` through rows `i*d..(i+1)*d` of the packed projection, as one 2-D matmul.
-    fn proj(&self, x: &Tensor, i: usize) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        let w = self.in_proj_weight.narrow(0, i * d, d)?;
-        let bias = self.in_proj_bias.narrow(0, i * d, d)?;
-        x.reshape((b * t, d))?
-            .matmul(&w.t()?)?
-            .broadcast_add(&bias)?
-            .reshape((b, t, d))
-    }
-
-    fn drop(&self, x: Tensor) -> Result<Tensor> {
-        nn::dropout(&x, self.dropout)
-    }
-
-    /// Self-attention with `pos` added to queries and keys (not values).
-    fn attend(&self, x: &Tensor, pos: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let qk_in = x.broadcast_add(pos)?;
-        let (q, k, v) = (
-            self.proj(&qk_in, 0)?,
-            self.proj(&qk_in, 1)?,
-            self.proj(x, 2)?,
-        );
-        self.out_proj
-            .forward(&nn::attention(&q, &k, &v, self.heads, Some(bias))?)
-    }
-
-    fn ffn(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.drop(nn::relu(&self.linear1.forward(x)?)?)?;
-        self.linear2.forward(&h)
-    }
-
-    /// `x: [B, T, d]`, `pos: [1, T, d]`, `bias: [B, 1, 1, T]`.
-    fn forward(&self, x: &Tensor, pos: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        if self.pre_norm {
-            let x = (x + self.drop(self.attend(&self.norm1.forward(x)?, pos, bias)?)?)?;
-            &x + self.drop(self.ffn(&self.norm2.forward(&x)?)?)?
-        } else {
-            let x = self
-                .norm1
-                .forward(&(x + self.drop(self.attend(x, pos, bias)?)?)?)?;
-            self.norm2.forward(&(&x + self.drop(self.ffn(&x)?)?)?)
         }
     }
 }
@@ -739,7 +673,7 @@ pub struct Grounder {
     text_proj: Linear,
     reg_token: Tensor,
     vl_pos_embed: Tensor,
-    layers: Vec<FusionLayer>,
+    layers: Vec<EncoderLayer>,
     final_norm: Option<LayerNorm>,
     bbox_embed: Mlp,
     /// `BoxHead::TokenAttention` and `Dense`: query and key projections.
@@ -807,7 +741,7 @@ impl Grounder {
                 },
             )?,
             layers: (0..f.layers)
-                .map(|i| FusionLayer::new(vl.pp(format!("layers.{i}")), f))
+                .map(|i| EncoderLayer::new(vl.pp(format!("layers.{i}")), f))
                 .collect::<Result<_>>()?,
             final_norm: if f.pre_norm {
                 Some(LayerNorm::new(vl.pp("norm"), d, 1e-5)?)
@@ -1087,7 +1021,7 @@ mod tests {
     fn tiny_grounder_shapes_and_all_parameters_get_gradients() -> Result<()> {
         let dev = Device::Cpu;
         for head in [BoxHead::RegMlp, BoxHead::TokenAttention, BoxHead::Dense] {
-            for backbone in ["clip", "conv", "qrnet", "hivg"] {
+            for backbone in ["clip", "conv", "qrnet", "hivg", "detr"] {
                 let map = VarMap::new();
                 let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
                 let mut cfg = GrounderConfig {
@@ -1101,6 +1035,19 @@ mod tests {
                     "hivg" => {
                         cfg.visual =
                             VisualConfig::Hivg(HivgConfig::tiny(cfg.text_dim(), cfg.max_text_len))
+                    }
+                    "detr" => {
+                        cfg.visual = VisualConfig::Detr(DetrConfig {
+                            backbone: crate::resnet::ResNetConfig {
+                                layers: [1, 1, 1, 1],
+                                width: 2,
+                                dilation: true,
+                            },
+                            encoder: EncoderConfig {
+                                layers: 1,
+                                ..cfg.fusion.clone()
+                            },
+                        })
                     }
                     _ => {}
                 }
@@ -1279,8 +1226,15 @@ mod tests {
                 None => missing.push(format!("{name} (none)")),
             }
         }
-        // The BERT pooler and CLIP's last-layer-only paths are not in the box loss.
-        missing.retain(|n| !n.starts_with("text.pooler"));
+        // The BERT pooler is not in the box loss; frozen batch norms are buffers and must
+        // get none.
+        let buffer = |n: &str| n.starts_with("visual.backbone.") && crate::resnet::is_frozen_buffer(n);
+        for (name, var) in data.iter() {
+            if buffer(name) {
+                assert!(grads.get(var).is_none(), "{name} is a frozen buffer but got a gradient");
+            }
+        }
+        missing.retain(|n| !n.starts_with("text.pooler") && !buffer(n.split(' ').next().unwrap()));
         assert!(
             missing.is_empty(),
             "parameters without gradient: {missing:#?}"
