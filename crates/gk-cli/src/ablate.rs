@@ -220,11 +220,10 @@ fn grounder_run(
         },
     )
     .with_context(|| format!("training {}", dir.display()))?;
-    let loaded = train::load_inference(&run, "best.safetensors", &candle_core::Device::Cpu)?;
-    let sets: Vec<PathBuf> = std::iter::once(loaded.cfg.data.val.clone())
-        .chain(loaded.cfg.data.test.clone())
-        .collect();
-    let reports = report::evaluate_sets(&loaded, &sets, GtBoxes::Stored)?;
+    let model = gk_train::infer::open(&run)?;
+    let data = &model.info().data;
+    let reports =
+        report::evaluate_sets(model.as_ref(), data, &report::run_sets(data), GtBoxes::Stored)?;
     Ok(reports
         .iter()
         .map(|(n, r)| (n.clone(), r.all.acc50()))

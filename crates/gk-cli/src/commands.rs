@@ -204,23 +204,15 @@ pub struct EvalArgs {
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
-    if crate::weak::is_ckd_run(&a.run) {
-        return crate::weak::eval(&a.run, &a.data, a.json);
-    }
     let run = RunDir::open(&a.run)?;
-    let weights = if run.file("best.safetensors").is_file() {
-        "best.safetensors"
-    } else {
-        "model.safetensors"
-    };
-    let mut loaded = train::load_inference(&run, weights, &candle_core::Device::Cpu)?;
+    let model = gk_train::infer::open(&run)
+        .with_context(|| format!("loading the run {}", a.run.display()))?;
+    let mut data = model.info().data.clone();
     if a.images.is_some() {
-        loaded.cfg.data.image_root = a.images.clone();
+        data.image_root = a.images.clone();
     }
     let sets = if a.data.is_empty() {
-        std::iter::once(loaded.cfg.data.val.clone())
-            .chain(loaded.cfg.data.test.clone())
-            .collect()
+        report::run_sets(&data)
     } else {
         a.data.clone()
     };
@@ -229,8 +221,15 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     } else {
         GtBoxes::Stored
     };
-    let mut reports = report::evaluate_sets(&loaded, &sets, gt)?;
+    let mut reports = report::evaluate_sets(model.as_ref(), &data, &sets, gt)?;
     reports.sort_by_key(|(name, _)| report::paper_column(name));
+    if let Some((name, r)) = reports.first() {
+        if let Some(set) = sets.iter().find(|s| &report::split_name(s) == name) {
+            let out = a.run.join(format!("{name}_predictions.png"));
+            report::prediction_sheet(&data, set, r, 8, &out)?;
+            eprintln!("predictions drawn in {}", out.display());
+        }
+    }
     if a.json {
         let v: serde_json::Map<String, serde_json::Value> = reports
             .iter()
@@ -238,6 +237,15 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
+        let info = model.info();
+        eprintln!(
+            "{} model ({} parameters, {} px, {} text tokens) from {}",
+            info.kind,
+            info.parameters,
+            info.image_size,
+            info.max_text_len,
+            info.weights.display()
+        );
         print!("{}", report::table(&reports));
     }
     Ok(())
@@ -269,22 +277,29 @@ pub fn predict(a: PredictArgs) -> Result<()> {
                 .unwrap_or_default()
         ))
     });
-    if crate::weak::is_ckd_run(&a.run) {
-        return crate::weak::predict(&a.run, &a.image, &a.expr, &out);
-    }
     let run = RunDir::open(&a.run)?;
-    let predictor = gk_train::predict::Predictor::open(&run)?;
+    let model = gk_train::infer::open(&run)
+        .with_context(|| format!("loading the run {}", a.run.display()))?;
     let img = gk_data::image_io::load_rgb(&a.image)?;
-    let g = predictor
-        .predict(&img, &a.expr)
-        .with_context(|| format!("grounding {:?}", a.expr))?;
-    let caption = vec![format!("\"{}\"", a.expr)];
+    let query = gk_train::infer::Query {
+        image: &img,
+        expr: &a.expr,
+    };
+    let g = model
+        .ground(&[query])
+        .with_context(|| format!("grounding {:?}", a.expr))?
+        .remove(0);
+    let mut caption = vec![format!("\"{}\"", a.expr)];
+    if let Some(p) = &g.phrase {
+        caption.push(format!("phrase \"{p}\""));
+    }
     gk_train::draw::annotate(&img, g.bbox_xyxy, None, &caption, 256)
         .save(&out)
         .with_context(|| format!("writing {}", out.display()))?;
-    println!(
-        "{}",
-        serde_json::json!({"bbox_xyxy": g.bbox_xyxy, "image": a.image, "expr": a.expr, "truncated": g.truncated, "picture": out})
-    );
+    let mut answer = serde_json::json!({"image": a.image, "expr": a.expr, "picture": out});
+    if let (Some(o), serde_json::Value::Object(g)) = (answer.as_object_mut(), serde_json::to_value(&g)?) {
+        o.extend(g);
+    }
+    println!("{answer}");
     Ok(())
 }

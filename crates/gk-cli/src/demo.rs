@@ -55,11 +55,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
         "3/4 evaluating the best checkpoint (step {}, val Acc@0.5 {:.2}%)",
         state.best_step, state.best_acc
     );
-    let loaded = train::load_inference(&run, "best.safetensors", &candle_core::Device::Cpu)?;
-    let sets: Vec<PathBuf> = std::iter::once(loaded.cfg.data.val.clone())
-        .chain(loaded.cfg.data.test.clone())
-        .collect();
-    let reports = report::evaluate_sets(&loaded, &sets, GtBoxes::Stored)?;
+    let model = gk_train::infer::open(&run)?;
+    let data_cfg = &model.info().data;
+    let sets = report::run_sets(data_cfg);
+    let reports = report::evaluate_sets(model.as_ref(), data_cfg, &sets, GtBoxes::Stored)?;
     let table = report::table(&reports);
     println!("{table}");
     std::fs::write(run.file("results.txt"), &table)?;
@@ -73,7 +72,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     report::curves(&run, &run.file("curves.png"))?;
     for (i, (name, r)) in reports.iter().enumerate() {
         report::prediction_sheet(
-            &loaded,
+            data_cfg,
             &sets[i],
             r,
             8,

@@ -3,9 +3,10 @@
 
 use anyhow::{Context, Result};
 use gk_train::draw;
-use gk_train::eval::{evaluate, EvalReport, GtBoxes};
+use gk_train::eval::{EvalReport, GtBoxes};
+use gk_train::infer::GroundingModel;
 use gk_train::run::RunDir;
-use gk_train::train::{eval_loader, load_set, Loaded};
+use gk_train::train::{load_set_with, DataConfig};
 use std::path::{Path, PathBuf};
 
 /// Split name of a JSONL path (`.../testA.jsonl` -> `testA`).
@@ -24,27 +25,38 @@ pub fn paper_column(name: &str) -> usize {
         .unwrap_or(4)
 }
 
-/// Evaluates the loaded model on each set, with a progress bar.
+/// Evaluates `model` on each set (loaded with the run's data options, `image_root` replaced
+/// when given), with a progress bar.
 pub fn evaluate_sets(
-    loaded: &Loaded,
+    model: &dyn GroundingModel,
+    data: &DataConfig,
     sets: &[PathBuf],
     gt: GtBoxes,
 ) -> Result<Vec<(String, EvalReport)>> {
     let mut out = Vec::new();
     for path in sets {
-        let ds =
-            load_set(&loaded.cfg, path).with_context(|| format!("loading {}", path.display()))?;
+        let ds = load_set_with(data, path).with_context(|| format!("loading {}", path.display()))?;
         let pb = indicatif::ProgressBar::new(ds.len() as u64)
             .with_message(format!("eval {}", split_name(path)));
         pb.set_style(indicatif::ProgressStyle::with_template(
-            "{msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
+            "{msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec}",
         )?);
-        let loader = eval_loader(&loaded.cfg, ds, &loaded.tok);
-        let report = evaluate(&loaded.model, &loader, gt, |n| pb.inc(n as u64))?;
+        let report = gk_train::infer::evaluate(model, &ds, gt, EVAL_BATCH, |n| pb.inc(n as u64))
+            .with_context(|| format!("evaluating {}", path.display()))?;
         pb.finish_and_clear();
         out.push((split_name(path), report));
     }
     Ok(out)
+}
+
+/// Queries per forward in `eval` (the training-time evaluation batches at least 16 too).
+const EVAL_BATCH: usize = 16;
+
+/// A run's own evaluation sets: val, then the test sets.
+pub fn run_sets(data: &DataConfig) -> Vec<PathBuf> {
+    std::iter::once(data.val.clone())
+        .chain(data.test.clone())
+        .collect()
 }
 
 /// A plain-text table: one row per split (and per expression type under it).
@@ -66,6 +78,9 @@ pub fn table(reports: &[(String, EvalReport)]) -> String {
     };
     for (name, r) in reports {
         s += &row(name, &r.all);
+        for (k, v) in &r.extra {
+            s += &format!("  {k}: {v}\n");
+        }
         if r.by_type.len() > 1 {
             for (ty, t) in &r.by_type {
                 s += &row(&format!("  {ty}"), t);
@@ -76,15 +91,15 @@ pub fn table(reports: &[(String, EvalReport)]) -> String {
     s
 }
 
-/// Writes `name` with up to `n` right and `n` wrong predictions of `report` on `set`.
+/// Writes `out` with up to `n` right and `n` wrong predictions of `report` on `set`.
 pub fn prediction_sheet(
-    loaded: &Loaded,
+    data: &DataConfig,
     set: &Path,
     report: &EvalReport,
     n: usize,
     out: &Path,
 ) -> Result<()> {
-    let ds = load_set(&loaded.cfg, set)?;
+    let ds = load_set_with(data, set)?;
     prediction_sheet_of(&ds, report, n, out)
 }
 

@@ -18,7 +18,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use gk_train::predict::Predictor;
+use gk_train::infer::GroundingModel;
 use gk_train::run::RunDir;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,7 +41,7 @@ pub struct ServeArgs {
 }
 
 struct Server {
-    predictor: Predictor,
+    model: Box<dyn GroundingModel>,
     max_expr_chars: usize,
     max_body_mb: usize,
 }
@@ -131,12 +131,29 @@ async fn ground(
                 format!("cannot decode the image: {e}"),
             )
         })?;
-        let g = server.predictor.predict(&img, &expr).map_err(|e| {
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("grounding {expr:?}: {e}"),
-            )
-        })?;
+        let query = gk_train::infer::Query {
+            image: &img,
+            expr: &expr,
+        };
+        let g = match server.model.ground(&[query]) {
+            Ok(mut answers) if answers.len() == 1 => answers.remove(0),
+            Ok(_) => {
+                return Err((
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the model gave no answer".to_string(),
+                ))
+            }
+            // an expression the tokenizer makes nothing of is the client's
+            Err(e @ gk_train::TrainError::Data(gk_data::DataError::EmptyText)) => {
+                return Err((StatusCode::BAD_REQUEST, format!("{expr:?}: {e}")))
+            }
+            Err(e) => {
+                return Err((
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("grounding {expr:?}: {e}"),
+                ))
+            }
+        };
         Ok::<_, (StatusCode, String)>((g, img.dimensions(), expr))
     });
     match work.await {
@@ -159,7 +176,7 @@ async fn ground(
 pub fn run(a: ServeArgs) -> Result<()> {
     let run = RunDir::open(&a.run)?;
     let server = Arc::new(Server {
-        predictor: Predictor::open(&run)
+        model: gk_train::infer::open(&run)
             .with_context(|| format!("loading the run {}", a.run.display()))?,
         max_expr_chars: a.max_expr_chars,
         max_body_mb: a.max_body_mb,

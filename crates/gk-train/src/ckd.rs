@@ -25,7 +25,6 @@
 use crate::detector::TrainedDetector;
 use crate::error::{Result, TrainError};
 use crate::eval::{EvalReport, Tally};
-use crate::init::seeded_var_builder;
 use crate::losses::LossParts;
 use crate::optim::AdamW;
 use crate::run::RunDir;
@@ -675,9 +674,16 @@ pub fn load_run(run: &RunDir, weights: Option<&str>, dev: &Device) -> Result<Loa
     let cfg: CkdRunConfig = run.load_config()?;
     let tok = TextTokenizer::from_file(&run.file("tokenizer.json"))?;
     let map = VarMap::new();
-    let model = CkdModel::new(seeded_var_builder(&map, cfg.seed, dev), &cfg.model)?;
+    let saved = match weights {
+        Some(w) => crate::weights::read_safetensors(&run.file(w), dev)?,
+        None => Default::default(),
+    };
+    let model = CkdModel::new(
+        crate::init::var_builder_from(&map, cfg.seed, saved.clone(), dev),
+        &cfg.model,
+    )?;
     if let Some(w) = weights {
-        run.load_weights(&map, w)?;
+        crate::weights::check_exact(&map, &saved, &run.file(w))?;
     }
     Ok(LoadedCkd {
         cfg,
@@ -791,7 +797,13 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, CkdRepo
         model,
         map,
         tok,
-    } = load_run(run, None, &dev)?;
+    } = load_run(
+        run,
+        run.file("trainer_state.json")
+            .is_file()
+            .then_some("model.safetensors"),
+        &dev,
+    )?;
     let mut train_ds = training_set(&cfg)?;
     if cfg.data.train_fraction < 1.0 {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
@@ -828,7 +840,6 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, CkdRepo
         run,
         &cfg.optim,
         per_epoch,
-        &map,
         &mut opt,
         opts.progress,
         || Ok(()),
@@ -925,7 +936,9 @@ pub fn eval_run(
 /// the expression, its best region. Reads `config.toml`, `tokenizer.json` and the
 /// student's weights; never the detector.
 pub struct CkdPredictor {
+    run: RunDir,
     loaded: LoadedCkd,
+    info: crate::infer::ModelInfo,
     dev: Device,
 }
 
@@ -945,13 +958,27 @@ pub struct CkdGrounding {
 impl CkdPredictor {
     pub fn open(run: &RunDir) -> Result<Self> {
         let dev = Device::Cpu;
-        let weights = if run.file("best.safetensors").is_file() {
-            "best.safetensors"
-        } else {
-            "model.safetensors"
+        let weights = crate::infer::serving_weights(run);
+        let loaded = load_run(run, Some(weights), &dev)?;
+        let parameters = loaded
+            .map
+            .all_vars()
+            .iter()
+            .map(|v| v.elem_count())
+            .sum();
+        let info = crate::infer::ModelInfo {
+            kind: "ckd".into(),
+            run: run.path().to_path_buf(),
+            weights: run.file(weights),
+            image_size: loaded.cfg.model.image_size as u32,
+            max_text_len: loaded.cfg.model.max_phrase_len,
+            parameters,
+            data: loaded.cfg.data.clone(),
         };
         Ok(Self {
-            loaded: load_run(run, Some(weights), &dev)?,
+            run: run.clone(),
+            loaded,
+            info,
             dev,
         })
     }
@@ -1005,5 +1032,46 @@ impl CkdPredictor {
                 .map(|&r| (boxes[r], scores[r]))
                 .collect(),
         })
+    }
+}
+
+impl crate::infer::GroundingModel for CkdPredictor {
+    fn info(&self) -> &crate::infer::ModelInfo {
+        &self.info
+    }
+
+    /// Phrase recall over the set's phrases (proposals cached in the run).
+    fn set_metrics(
+        &self,
+        ds: &Dataset,
+    ) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let cfg = &self.loaded.cfg;
+        let proposals = Proposals::load_or_build(&self.run, &cfg.ckd.proposals, &[ds], false)?;
+        let loader = eval_loader(cfg, ds.clone(), &self.loaded.tok);
+        let r = evaluate(&self.loaded.model, &loader, &proposals, cfg.ckd.max_phrases)?;
+        let mut m = serde_json::Map::new();
+        m.insert("phrases".into(), r.phrases.summary());
+        Ok(m)
+    }
+
+    /// Query by query: each image has its own proposals.
+    fn ground(&self, queries: &[crate::infer::Query<'_>]) -> Result<Vec<crate::infer::Answer>> {
+        let side = self.info.image_size;
+        queries
+            .iter()
+            .map(|q| {
+                let g = self.predict(q.image, q.expr)?;
+                let (w, h) = q.image.dimensions();
+                let frame = gk_box::Letterbox::centred(w, h, side);
+                Ok(crate::infer::Answer {
+                    bbox_xyxy: g.bbox_xyxy,
+                    model_cxcywh: frame.to_model(g.bbox_xyxy),
+                    frame,
+                    truncated: false,
+                    score: Some(g.score),
+                    phrase: Some(g.phrase),
+                })
+            })
+            .collect()
     }
 }

@@ -10,6 +10,7 @@
 use crate::error::Result;
 use gk_box::Box4;
 use gk_data::batch::{Batch, Loader};
+use gk_data::dataset::Dataset;
 use gk_models::grounder::Grounder;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -73,17 +74,23 @@ pub struct EvalReport {
     pub by_type: BTreeMap<String, Tally>,
     #[serde(skip)]
     pub predictions: Vec<Prediction>,
+    /// Kind-specific set metrics ([`crate::infer::GroundingModel::set_metrics`]).
+    #[serde(default)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl EvalReport {
     /// A JSON summary with percentages.
     pub fn summary(&self) -> serde_json::Value {
         let t = |t: &Tally| serde_json::json!({"n": t.n, "acc50": t.acc50(), "acc75": t.acc75(), "miou": t.miou(), "acc50_frame": t.acc50_frame()});
-        serde_json::json!({"all": t(&self.all), "by_type": self.by_type.iter().map(|(k, v)| (k.clone(), t(v))).collect::<serde_json::Map<_, _>>()})
+        let mut v = serde_json::json!({"all": t(&self.all), "by_type": self.by_type.iter().map(|(k, v)| (k.clone(), t(v))).collect::<serde_json::Map<_, _>>()});
+        for (k, x) in &self.extra {
+            v[k] = x.clone();
+        }
+        v
     }
 }
 
-/// Runs the model over every batch of `loader` (an eval loader: no augmentation).
 /// Which ground-truth box a prediction is scored against.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum GtBoxes {
@@ -94,6 +101,56 @@ pub enum GtBoxes {
     TransvgInt,
 }
 
+/// Scores the prediction `pred` (normalised `cxcywh` in the model's frame `frame`) of
+/// record `i` of `ds` into `report`: pixel IoU with the prediction mapped back and clipped
+/// to the image (`image_wh`, else the record's size when it has one), and TransVG's frame
+/// IoU (prediction clamped to `[0, 1]` of the padded square).
+pub fn score(
+    report: &mut EvalReport,
+    ds: &Dataset,
+    i: usize,
+    pred: Box4,
+    frame: gk_box::Letterbox,
+    image_wh: Option<(u32, u32)>,
+    gt: GtBoxes,
+) -> Result<()> {
+    let rec = &ds.records[i];
+    let gt_px = match gt {
+        GtBoxes::Stored => rec.bbox_xyxy,
+        GtBoxes::TransvgInt => gk_data::published::record_int_box(rec),
+    };
+    let t = frame.to_model(gt_px);
+    let mut pred_px = frame.to_image(pred);
+    if let Some((w, h)) = image_wh.or(rec.width.zip(rec.height)) {
+        pred_px = [
+            pred_px[0].clamp(0.0, w as f32),
+            pred_px[1].clamp(0.0, h as f32),
+            pred_px[2].clamp(0.0, w as f32),
+            pred_px[3].clamp(0.0, h as f32),
+        ];
+    }
+    let iou_px = gk_box::iou(pred_px, gt_px)?;
+    let iou_frame = gk_box::iou(
+        gk_box::clamp(gk_box::cxcywh_to_xyxy(pred), 0.0, 1.0),
+        gk_box::cxcywh_to_xyxy(t),
+    )?;
+    report.all.add(iou_px, iou_frame);
+    if let Some(ty) = ds.expr_type(i) {
+        report
+            .by_type
+            .entry(ty.to_string())
+            .or_default()
+            .add(iou_px, iou_frame);
+    }
+    report.predictions.push(Prediction {
+        index: i,
+        pred_px,
+        iou: iou_px,
+    });
+    Ok(())
+}
+
+/// Runs the model over every batch of `loader` (an eval loader: no augmentation).
 pub fn evaluate(
     model: &Grounder,
     loader: &Loader,
@@ -113,40 +170,15 @@ pub fn evaluate(
         let preds = out.pred_box.to_vec2::<f32>()?;
         for (k, &i) in batch.indices.iter().enumerate() {
             let p = [preds[k][0], preds[k][1], preds[k][2], preds[k][3]];
-            let rec = &loader.dataset().records[i];
-            let gt_px = match gt {
-                GtBoxes::Stored => rec.bbox_xyxy,
-                GtBoxes::TransvgInt => gk_data::published::record_int_box(rec),
-            };
-            let frame = batch.frames[k];
-            let t = frame.to_model(gt_px);
-            let mut pred_px = frame.to_image(p);
-            if let (Some(w), Some(h)) = (rec.width, rec.height) {
-                pred_px = [
-                    pred_px[0].clamp(0.0, w as f32),
-                    pred_px[1].clamp(0.0, h as f32),
-                    pred_px[2].clamp(0.0, w as f32),
-                    pred_px[3].clamp(0.0, h as f32),
-                ];
-            }
-            let iou_px = gk_box::iou(pred_px, gt_px)?;
-            let iou_frame = gk_box::iou(
-                gk_box::clamp(gk_box::cxcywh_to_xyxy(p), 0.0, 1.0),
-                gk_box::cxcywh_to_xyxy(t),
+            score(
+                &mut report,
+                loader.dataset(),
+                i,
+                p,
+                batch.frames[k],
+                None,
+                gt,
             )?;
-            report.all.add(iou_px, iou_frame);
-            if let Some(ty) = loader.dataset().expr_type(i) {
-                report
-                    .by_type
-                    .entry(ty.to_string())
-                    .or_default()
-                    .add(iou_px, iou_frame);
-            }
-            report.predictions.push(Prediction {
-                index: i,
-                pred_px,
-                iou: iou_px,
-            });
         }
         on_batch(batch.len());
     }

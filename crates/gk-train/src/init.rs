@@ -3,7 +3,9 @@
 //! candle's CPU random generator cannot be seeded, so a `VarMap` gives different initial
 //! weights on every run. [`seeded_var_builder`] puts a backend in front of the `VarMap`
 //! that draws each new parameter from a ChaCha stream seeded by `(seed, name)`: the same
-//! seed gives the same model, whatever the construction order.
+//! seed gives the same model, whatever the construction order. Given saved tensors
+//! ([`var_builder_from`]), it makes each parameter from its saved value instead, so loading
+//! a run draws nothing (HiVG-B/16: 200M draws saved at every start-up).
 
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::init::{Init, NormalOrUniform};
@@ -11,10 +13,13 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
 
 struct Seeded {
     map: VarMap,
     seed: u64,
+    /// Saved values: a parameter found here is made from it, not drawn.
+    source: HashMap<String, Tensor>,
 }
 
 fn name_seed(seed: u64, name: &str) -> u64 {
@@ -76,8 +81,18 @@ impl SimpleBackend for Seeded {
             }
             return Ok(v.as_tensor().clone());
         }
-        let mut rng = ChaCha8Rng::seed_from_u64(name_seed(self.seed, name));
-        let t = Tensor::from_vec(draw(h, &s, &mut rng), s, dev)?.to_dtype(dtype)?;
+        let t = match self.source.get(name) {
+            Some(t) if t.shape() != &s => candle_core::bail!(
+                "shape mismatch for {name}: the model has {:?}, the weights {:?}",
+                s,
+                t.shape()
+            ),
+            Some(t) => t.to_dtype(dtype)?.to_device(dev)?,
+            None => {
+                let mut rng = ChaCha8Rng::seed_from_u64(name_seed(self.seed, name));
+                Tensor::from_vec(draw(h, &s, &mut rng), s, dev)?.to_dtype(dtype)?
+            }
+        };
         let var = Var::from_tensor(&t)?;
         let out = var.as_tensor().clone();
         data.insert(name.to_string(), var);
@@ -169,6 +184,11 @@ pub fn sincos_positions(map: &VarMap, cfg: &gk_models::grounder::GrounderConfig)
             h.vision.grid(),
             h.vision.hidden_size,
         ),
+        VisualConfig::Detr(detr) => {
+            // DETR codes positions itself (sine, from the mask): only the fusion's rows
+            let g = detr.grid(cfg.image_size);
+            return set_rows("vl_pos_embed.weight", first, sincos_2d(g, g, d), d);
+        }
         VisualConfig::QrNet(q) => {
             // no absolute positions in Swin; the fusion's visual rows hold one table per
             // token level, coarsest first (the order of the tokens)
@@ -188,10 +208,22 @@ pub fn sincos_positions(map: &VarMap, cfg: &gk_models::grounder::GrounderConfig)
 
 /// A `VarBuilder` that creates missing parameters in `map`, seeded by `(seed, name)`.
 pub fn seeded_var_builder(map: &VarMap, seed: u64, dev: &Device) -> VarBuilder<'static> {
+    var_builder_from(map, seed, HashMap::new(), dev)
+}
+
+/// [`seeded_var_builder`] that makes each parameter named in `source` from its saved
+/// value (the shapes must agree) and draws only the others.
+pub fn var_builder_from(
+    map: &VarMap,
+    seed: u64,
+    source: HashMap<String, Tensor>,
+    dev: &Device,
+) -> VarBuilder<'static> {
     VarBuilder::from_backend(
         Box::new(Seeded {
             map: map.clone(),
             seed,
+            source,
         }),
         DType::F32,
         dev.clone(),

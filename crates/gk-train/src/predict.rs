@@ -1,52 +1,86 @@
-//! Prediction: one image and one expression in, a pixel box out. Uses the run's saved
-//! tokenizer and the eval transform, so it sees exactly what evaluation sees.
+//! The grounder run kinds behind [`crate::infer::GroundingModel`]: a run's model built
+//! directly from its saved weights (no random initialisation, no autograd variables, LoRA
+//! folded in), its eval transform (the model kind's resize, normalisation and centred
+//! letterbox) and its tokenizer, so prediction sees exactly what evaluation sees.
 
-use crate::error::Result;
+use crate::error::{Result, TrainError};
+use crate::infer::{Answer, GroundingModel, ModelInfo, Query};
 use crate::run::RunDir;
-use crate::train::{load_inference, Loaded};
-use candle_core::{Device, Tensor};
-use gk_box::Box4;
+use crate::train::RunConfig;
+use candle_core::{DType, Device, Tensor};
+use gk_data::tokenize::TextTokenizer;
 use gk_data::transforms::{self, TransformConfig};
-use image::RgbImage;
+use gk_models::grounder::{Grounder, GrounderConfig, VisualConfig};
 use rand::SeedableRng;
 
 /// A trained grounder ready to answer queries.
 pub struct Predictor {
-    loaded: Loaded,
+    cfg: RunConfig,
+    model: Grounder,
+    tok: TextTokenizer,
     transform: TransformConfig,
+    info: ModelInfo,
     dev: Device,
 }
 
-/// One answer.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Grounding {
-    /// Pixel xyxy in the input image.
-    pub bbox_xyxy: Box4,
-    /// Normalised cxcywh in the model's padded square frame.
-    pub model_cxcywh: Box4,
-    /// The expression was cut to the model's text length.
-    pub truncated: bool,
+/// The name of a grounder's kind, from its visual backbone.
+pub fn kind_name(cfg: &GrounderConfig) -> &'static str {
+    match &cfg.visual {
+        VisualConfig::ClipVit(_) => "clip",
+        VisualConfig::ConvNet(_) => "conv",
+        VisualConfig::QrNet(_) => "qrnet",
+        VisualConfig::Hivg(_) => "hivg",
+        VisualConfig::Detr(_) => "transvg",
+    }
+}
+
+/// Builds `cfg` from the tensors of `path` (for inference: plain tensors, nothing drawn)
+/// and counts the file's values. A tensor the model needs and the file lacks, or one of
+/// the wrong shape, is an error naming the file.
+pub fn model_from_file(
+    path: &std::path::Path,
+    cfg: &GrounderConfig,
+    dev: &Device,
+) -> Result<(Grounder, usize)> {
+    let tensors = crate::weights::read_safetensors(path, dev)?;
+    let count = tensors.values().map(|t| t.elem_count()).sum();
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, dev);
+    let model = Grounder::new(vb, cfg).map_err(|e| TrainError::Format {
+        path: path.to_path_buf(),
+        msg: format!("does not fit the run's model: {e}"),
+    })?;
+    Ok((model, count))
 }
 
 impl Predictor {
-    /// Loads `best.safetensors` (or `model.safetensors` when there is no best yet).
+    /// Loads the run's serving weights ([`crate::infer::serving_weights`]).
     pub fn open(run: &RunDir) -> Result<Self> {
         let dev = Device::Cpu;
-        let weights = if run.file("best.safetensors").is_file() {
-            "best.safetensors"
-        } else {
-            "model.safetensors"
-        };
-        let mut loaded = load_inference(run, weights, &dev)?;
+        let cfg: RunConfig = run.load_config()?;
+        let tok = TextTokenizer::from_file(&run.file("tokenizer.json"))?;
+        let weights = run.file(crate::infer::serving_weights(run));
         // LoRA (HiLoRA stages) folded into the weights: plain-model cost at inference
-        loaded.model = loaded.model.merge_lora()?;
+        let (model, parameters) = model_from_file(&weights, &cfg.model, &dev)?;
+        let model = model.merge_lora()?;
         let transform = TransformConfig {
-            side: loaded.cfg.model.image_size as u32,
-            ..loaded.cfg.optim.augment.clone()
+            side: cfg.model.image_size as u32,
+            ..cfg.optim.augment.clone()
+        };
+        let info = ModelInfo {
+            kind: kind_name(&cfg.model).to_string(),
+            run: run.path().to_path_buf(),
+            weights,
+            image_size: transform.side,
+            max_text_len: cfg.model.max_text_len,
+            parameters,
+            data: cfg.data.clone(),
         };
         Ok(Self {
-            loaded,
+            cfg,
+            model,
+            tok,
             transform,
+            info,
             dev,
         })
     }
@@ -54,44 +88,63 @@ impl Predictor {
     pub fn image_size(&self) -> u32 {
         self.transform.side
     }
+}
 
-    /// Grounds `expr` in `image`. An empty expression is an error.
-    pub fn predict(&self, image: &RgbImage, expr: &str) -> Result<Grounding> {
-        let (w, h) = image.dimensions();
-        let sample = gk_data::dataset::Sample {
-            image: image.clone(),
-            expr: expr.to_string(),
-            bbox: [0.0, 0.0, w as f32, h as f32],
-        };
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0); // unused by the eval transform
-        let p = transforms::apply(sample, &self.transform, false, &mut rng, &self.dev)?;
-        let (ids, mask, truncated) = encode_one(
-            &self.loaded.tok,
-            expr,
-            self.loaded.cfg.model.max_text_len,
-            &self.dev,
-        )?;
-        let out = self.loaded.model.forward(
-            &p.pixels.unsqueeze(0)?,
-            &p.mask.unsqueeze(0)?,
-            &ids,
-            &mask,
+impl GroundingModel for Predictor {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn ground(&self, queries: &[Query<'_>]) -> Result<Vec<Answer>> {
+        if queries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let len = self.cfg.model.max_text_len;
+        let (mut pixels, mut masks, mut frames, mut ids, mut text_mask, mut cut) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for q in queries {
+            let (w, h) = q.image.dimensions();
+            let sample = gk_data::dataset::Sample {
+                image: q.image.clone(),
+                expr: q.expr.to_string(),
+                bbox: [0.0, 0.0, w as f32, h as f32],
+            };
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0); // unused by the eval transform
+            let p = transforms::apply(sample, &self.transform, false, &mut rng, &self.dev)?;
+            let enc = self.tok.encode(q.expr, len)?;
+            pixels.push(p.pixels);
+            masks.push(p.mask);
+            frames.push(p.frame);
+            ids.extend(enc.ids);
+            text_mask.extend(enc.mask.iter().map(|&m| m as f32));
+            cut.push(enc.truncated);
+        }
+        let b = queries.len();
+        let out = self.model.forward(
+            &Tensor::stack(&pixels, 0)?,
+            &Tensor::stack(&masks, 0)?,
+            &Tensor::from_vec(ids, (b, len), &self.dev)?,
+            &Tensor::from_vec(text_mask, (b, len), &self.dev)?,
             gk_models::nn::Mode::Eval,
         )?;
-        let b = out.pred_box.squeeze(0)?.to_vec1::<f32>()?;
-        let model_cxcywh = [b[0], b[1], b[2], b[3]];
-        let px = p.frame.to_image(model_cxcywh);
-        let bbox_xyxy = [
-            px[0].clamp(0.0, w as f32),
-            px[1].clamp(0.0, h as f32),
-            px[2].clamp(0.0, w as f32),
-            px[3].clamp(0.0, h as f32),
-        ];
-        Ok(Grounding {
-            bbox_xyxy,
-            model_cxcywh,
-            truncated,
-        })
+        let boxes = out.pred_box.to_vec2::<f32>()?;
+        let scores = match &out.token_probs {
+            // the dense head's winning cell probability
+            Some(p) if out.cells.is_some() => Some(p.max(1)?.to_vec1::<f32>()?),
+            _ => None,
+        };
+        Ok(queries
+            .iter()
+            .enumerate()
+            .map(|(k, q)| {
+                let (w, h) = q.image.dimensions();
+                let b = &boxes[k];
+                let mut a = Answer::from_model_box([b[0], b[1], b[2], b[3]], frames[k], w, h);
+                a.truncated = cut[k];
+                a.score = scores.as_ref().map(|s| s[k]);
+                a
+            })
+            .collect())
     }
 }
 

@@ -9,7 +9,6 @@
 use crate::distill::{distill_losses, DistillConfig, DistillHeads};
 use crate::error::{Result, TrainError};
 use crate::eval::{evaluate, EvalReport, GtBoxes};
-use crate::init::seeded_var_builder;
 use crate::losses::{box_losses, dense_losses, BoxLossConfig, LossParts};
 use crate::optim::{lr_factor, AdamW, ParamGroup, Schedule};
 use crate::run::RunDir;
@@ -281,8 +280,14 @@ pub fn load_run(run: &RunDir, weights: Option<&str>, dev: &Device) -> Result<Loa
     let cfg: RunConfig = run.load_config()?;
     let tok = TextTokenizer::from_file(&run.file("tokenizer.json"))?;
     let map = VarMap::new();
-    let vb = seeded_var_builder(&map, cfg.seed, dev);
-    let model = Grounder::new(vb.clone(), &cfg.model)?;
+    let saved = match weights {
+        Some(w) => crate::weights::read_safetensors(&run.file(w), dev)?,
+        None => Default::default(),
+    };
+    // parameters come from the saved tensors when there are some: nothing is drawn
+    let vb = crate::init::var_builder_from(&map, cfg.seed, saved.clone(), dev);
+    let model = Grounder::new(vb.clone(), &cfg.model)
+        .map_err(|e| weights_err(run, weights, e))?;
     let distill = match &cfg.distill {
         Some(d) => Some(DistillHeads::new(
             vb.pp("distill"),
@@ -294,7 +299,7 @@ pub fn load_run(run: &RunDir, weights: Option<&str>, dev: &Device) -> Result<Loa
         None => None,
     };
     if let Some(w) = weights {
-        run.load_weights(&map, w)?;
+        crate::weights::check_exact(&map, &saved, &run.file(w))?;
     }
     Ok(Loaded {
         cfg,
@@ -303,6 +308,18 @@ pub fn load_run(run: &RunDir, weights: Option<&str>, dev: &Device) -> Result<Loa
         tok,
         distill,
     })
+}
+
+/// A model that could not be built from a run's weights (a shape that differs from the
+/// config): the error names the file.
+fn weights_err(run: &RunDir, weights: Option<&str>, e: candle_core::Error) -> TrainError {
+    match weights {
+        Some(w) => TrainError::Format {
+            path: run.file(w),
+            msg: format!("does not fit the run's config.toml: {e}"),
+        },
+        None => e.into(),
+    }
 }
 
 /// The model `cfg` on `map`'s current weights detached from the autograd graph
@@ -483,7 +500,6 @@ impl<'a> Steps<'a> {
         run: &'a RunDir,
         optim: &OptimConfig,
         per_epoch: usize,
-        map: &VarMap,
         opt: &mut AdamW,
         progress: bool,
         fresh: impl FnOnce() -> Result<()>,
@@ -500,8 +516,8 @@ impl<'a> Steps<'a> {
             ..TrainerState::default()
         };
         if run.file("trainer_state.json").is_file() {
+            // (the model was built from model.safetensors: `load_run`)
             state = run.load_json("trainer_state.json")?;
-            run.load_weights(map, "model.safetensors")?;
             opt.load(&run.file("optim.safetensors"), state.step)?;
         } else {
             fresh()?;
@@ -626,13 +642,15 @@ pub fn dropout_seed(seed: u64, step: usize) -> u64 {
 /// Trains (or resumes) the run in `run`. Returns the final state and the last validation report.
 pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalReport)> {
     let dev = Device::Cpu;
+    // a resumed run is built from its last checkpoint (nothing drawn)
+    let resuming = run.file("trainer_state.json").is_file();
     let Loaded {
         cfg,
         model,
         map,
         tok,
         distill: heads,
-    } = load_run(run, None, &dev)?;
+    } = load_run(run, resuming.then_some("model.safetensors"), &dev)?;
 
     // data
     let mut train_ds = load_set(&cfg, &cfg.data.train)?;
@@ -686,7 +704,6 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
         run,
         &cfg.optim,
         per_epoch,
-        &map,
         &mut opt,
         opts.progress,
         || {

@@ -137,6 +137,41 @@ pub fn load_prefixed(
     Ok(report)
 }
 
+/// Checks that `file` holds exactly the parameters of `map` (buffers such as
+/// `position_ids` aside): after a model was built from the file's tensors
+/// ([`crate::init::var_builder_from`]), a parameter it lacked was drawn and one it has
+/// but the model never asked for was ignored; both are errors naming them.
+pub fn check_exact(
+    map: &VarMap,
+    file: &HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<()> {
+    let vars = map
+        .data()
+        .lock()
+        .map_err(|_| TrainError::Config("poisoned var map".into()))?;
+    let mut report = LoadReport::default();
+    for name in vars.keys() {
+        if !file.contains_key(name) {
+            report.missing.push(name.clone());
+        }
+    }
+    for name in file.keys() {
+        if !is_buffer(name) && !vars.contains_key(name) {
+            report.unexpected.push(name.clone());
+        }
+    }
+    if report.is_clean() {
+        return Ok(());
+    }
+    report.missing.sort();
+    report.unexpected.sort();
+    Err(TrainError::Weights {
+        path: path.to_path_buf(),
+        report: report.to_string(),
+    })
+}
+
 /// Writes all parameters to `path` atomically (temp file in the same folder + rename).
 pub fn save_atomic(map: &VarMap, path: &Path) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");

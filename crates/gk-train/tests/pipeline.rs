@@ -94,12 +94,34 @@ fn train_resume_eval_predict() {
         .collect();
     assert!(!losses.is_empty());
 
-    // prediction reads the run
-    let p = gk_train::predict::Predictor::open(&a).unwrap();
+    // prediction reads the run through the one inference interface
+    let p = gk_train::infer::open(&a).unwrap();
     let img = image::RgbImage::new(100, 60);
-    let g = p.predict(&img, "the red circle").unwrap();
+    let q = |expr| gk_train::infer::Query { image: &img, expr };
+    let g = p.ground(&[q("the red circle")]).unwrap().remove(0);
     assert!(g.bbox_xyxy[2] <= 100.0 && g.bbox_xyxy[3] <= 60.0 && g.bbox_xyxy[0] >= 0.0);
-    assert!(p.predict(&img, "   ").is_err());
+    assert!(p.ground(&[q("   ")]).is_err());
+    // a batch answers each query as it is answered alone
+    let both = p.ground(&[q("the red circle"), q("the blue square on the left")]).unwrap();
+    let d = (0..4).map(|k| (both[0].bbox_xyxy[k] - g.bbox_xyxy[k]).abs()).fold(0f32, f32::max);
+    assert!(d < 1e-3, "batched answer moved by {d} px");
+
+    // evaluation through the interface scores as the trainer's loader-based evaluation
+    let loaded = train::load_inference(&a, "best.safetensors", &Device::Cpu).unwrap();
+    let val = train::load_set(&loaded.cfg, &loaded.cfg.data.val).unwrap();
+    let by_loader = gk_train::eval::evaluate(
+        &loaded.model,
+        &train::eval_loader(&loaded.cfg, val.clone(), &loaded.tok),
+        gk_train::eval::GtBoxes::Stored,
+        |_| {},
+    )
+    .unwrap();
+    let by_interface =
+        gk_train::infer::evaluate(p.as_ref(), &val, gk_train::eval::GtBoxes::Stored, 5, |_| {})
+            .unwrap();
+    assert_eq!(by_interface.all.n, by_loader.all.n);
+    assert_eq!(by_interface.all.hits50, by_loader.all.hits50);
+    assert!((by_interface.all.miou() - by_loader.all.miou()).abs() < 1e-3);
 }
 
 #[test]
@@ -503,9 +525,13 @@ fn hilora_stages_train_in_sequence() {
     };
     let d = diff(&run(&loaded.model), &run(&merged));
     assert!(d < 1e-4, "merged LoRA moved the boxes by {d}");
-    let p = gk_train::predict::Predictor::open(&stage1).unwrap();
+    let p = gk_train::infer::open(&stage1).unwrap();
     let img = image::RgbImage::from_pixel(64, 48, image::Rgb([90, 120, 200]));
-    p.predict(&img, "the blue square").unwrap();
+    let q = gk_train::infer::Query {
+        image: &img,
+        expr: "the blue square",
+    };
+    assert_eq!(p.ground(&[q]).unwrap().len(), 1);
 }
 
 /// HiVG's contrastive term: CLIP's symmetric cross-entropy over `exp(logit_scale) · cos` of
