@@ -222,8 +222,12 @@ fn grounder_run(
     .with_context(|| format!("training {}", dir.display()))?;
     let model = gk_train::infer::open(&run)?;
     let data = &model.info().data;
-    let reports =
-        report::evaluate_sets(model.as_ref(), data, &report::run_sets(data), GtBoxes::Stored)?;
+    let reports = report::evaluate_sets(
+        model.as_ref(),
+        data,
+        &report::run_sets(data),
+        GtBoxes::Stored,
+    )?;
     Ok(reports
         .iter()
         .map(|(n, r)| (n.clone(), r.all.acc50()))

@@ -35,7 +35,8 @@ pub fn evaluate_sets(
 ) -> Result<Vec<(String, EvalReport)>> {
     let mut out = Vec::new();
     for path in sets {
-        let ds = load_set_with(data, path).with_context(|| format!("loading {}", path.display()))?;
+        let ds =
+            load_set_with(data, path).with_context(|| format!("loading {}", path.display()))?;
         let pb = indicatif::ProgressBar::new(ds.len() as u64)
             .with_message(format!("eval {}", split_name(path)));
         pb.set_style(indicatif::ProgressStyle::with_template(

@@ -50,8 +50,12 @@ pub fn sine_position(mask: &Tensor, num_pos_feats: usize) -> Result<Tensor> {
     let scale = 2.0 * std::f64::consts::PI;
     let y = mask.cumsum(1)?; // [B, H, W]
     let x = mask.cumsum(2)?;
-    let y = y.broadcast_div(&(y.narrow(1, h - 1, 1)? + 1e-6)?)?.affine(scale, 0.0)?;
-    let x = x.broadcast_div(&(x.narrow(2, w - 1, 1)? + 1e-6)?)?.affine(scale, 0.0)?;
+    let y = y
+        .broadcast_div(&(y.narrow(1, h - 1, 1)? + 1e-6)?)?
+        .affine(scale, 0.0)?;
+    let x = x
+        .broadcast_div(&(x.narrow(2, w - 1, 1)? + 1e-6)?)?
+        .affine(scale, 0.0)?;
     let n = num_pos_feats;
     let dim_t: Vec<f32> = (0..n)
         .map(|i| 10000f32.powf((2 * (i / 2)) as f32 / n as f32))
@@ -166,9 +170,15 @@ mod tests {
                 let cum = |rows: bool| -> (f64, f64) {
                     let at = |a: usize, b: usize| m[a * w + b] as f64;
                     if rows {
-                        ((0..=i).map(|a| at(a, j)).sum(), (0..h).map(|a| at(a, j)).sum())
+                        (
+                            (0..=i).map(|a| at(a, j)).sum(),
+                            (0..h).map(|a| at(a, j)).sum(),
+                        )
                     } else {
-                        ((0..=j).map(|b| at(i, b)).sum(), (0..w).map(|b| at(i, b)).sum())
+                        (
+                            (0..=j).map(|b| at(i, b)).sum(),
+                            (0..w).map(|b| at(i, b)).sum(),
+                        )
                     }
                 };
                 for (half, rows) in [(0, true), (1, false)] {
@@ -178,7 +188,10 @@ mod tests {
                         let t = e / 10000f64.powf((2 * (k / 2)) as f64 / n as f64);
                         let want = if k % 2 == 0 { t.sin() } else { t.cos() };
                         let got = pos[i * w + j][half * n + k] as f64;
-                        assert!((got - want).abs() < 1e-5, "({i},{j}) ch {k}: {got} vs {want}");
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "({i},{j}) ch {k}: {got} vs {want}"
+                        );
                     }
                 }
             }

@@ -1228,10 +1228,14 @@ mod tests {
         }
         // The BERT pooler is not in the box loss; frozen batch norms are buffers and must
         // get none.
-        let buffer = |n: &str| n.starts_with("visual.backbone.") && crate::resnet::is_frozen_buffer(n);
+        let buffer =
+            |n: &str| n.starts_with("visual.backbone.") && crate::resnet::is_frozen_buffer(n);
         for (name, var) in data.iter() {
             if buffer(name) {
-                assert!(grads.get(var).is_none(), "{name} is a frozen buffer but got a gradient");
+                assert!(
+                    grads.get(var).is_none(),
+                    "{name} is a frozen buffer but got a gradient"
+                );
             }
         }
         missing.retain(|n| !n.starts_with("text.pooler") && !buffer(n.split(' ').next().unwrap()));

@@ -110,7 +110,8 @@ impl Module for FrozenBatchNorm {
     /// `x: [B, C, H, W]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // computed per call: loading weights into the variables later must take effect
-        let scale = (self.weight.detach() * (self.running_var.detach() + BN_EPS)?.sqrt()?.recip()?)?;
+        let scale =
+            (self.weight.detach() * (self.running_var.detach() + BN_EPS)?.sqrt()?.recip()?)?;
         let shift = (self.bias.detach() - (self.running_mean.detach() * &scale)?)?;
         let c = scale.dim(0)?;
         x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
@@ -143,7 +144,10 @@ impl Conv {
         let weight = vb.get_with_hints(
             (cout, cin, k, k),
             "weight",
-            candle_nn::Init::Randn { mean: 0.0, stdev: std },
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
         )?;
         Ok(Self {
             weight,
@@ -192,7 +196,15 @@ impl Bottleneck {
         Ok(Self {
             conv1: Conv::new(vb.pp("conv1"), cin, planes, 1, 1, 0, 1)?,
             bn1: FrozenBatchNorm::new(vb.pp("bn1"), planes)?,
-            conv2: Conv::new(vb.pp("conv2"), planes, planes, 3, stride, dilation, dilation)?,
+            conv2: Conv::new(
+                vb.pp("conv2"),
+                planes,
+                planes,
+                3,
+                stride,
+                dilation,
+                dilation,
+            )?,
             bn2: FrozenBatchNorm::new(vb.pp("bn2"), planes)?,
             conv3: Conv::new(vb.pp("conv3"), planes, cout, 1, 1, 0, 1)?,
             bn3: FrozenBatchNorm::new(vb.pp("bn3"), cout)?,
@@ -242,7 +254,11 @@ impl ResNet {
             let vb = vb.pp(format!("layer{}", i + 1));
             let mut stage = Vec::with_capacity(blocks);
             for b in 0..blocks {
-                let (s, d) = if b == 0 { (stride, previous) } else { (1, dilation) };
+                let (s, d) = if b == 0 {
+                    (stride, previous)
+                } else {
+                    (1, dilation)
+                };
                 stage.push(Bottleneck::new(vb.pp(b.to_string()), cin, planes, s, d)?);
                 cin = planes * EXPANSION;
             }
@@ -293,10 +309,10 @@ fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
             .reshape((b, c, oh, 2, wp))?
             .i((.., .., .., 0))?; // [B, C, oh, W+3]: rows ky, ky+2, ...
         for kx in 0..3 {
-            let v = rows
-                .narrow(3, kx, 2 * ow)?
-                .reshape((b, c, oh, ow, 2))?
-                .i((.., .., .., .., 0))?; // [B, C, oh, ow]
+            let v =
+                rows.narrow(3, kx, 2 * ow)?
+                    .reshape((b, c, oh, ow, 2))?
+                    .i((.., .., .., .., 0))?; // [B, C, oh, ow]
             out = Some(match out {
                 None => v,
                 Some(m) => m.maximum(&v)?,
@@ -329,7 +345,8 @@ mod tests {
             let names: Vec<String> = map.data().lock().unwrap().keys().cloned().collect();
             assert!(names.contains(&"layer4.0.downsample.1.running_var".to_string()));
             for n in &names {
-                let buffer = n.contains(".bn") || n.starts_with("bn1") || n.contains("downsample.1");
+                let buffer =
+                    n.contains(".bn") || n.starts_with("bn1") || n.contains("downsample.1");
                 assert_eq!(is_frozen_buffer(n), buffer, "{n}");
             }
         }
@@ -349,7 +366,11 @@ mod tests {
                 .max_pool2d_with_stride(3, 2)?;
             let got = max_pool_3x3_s2(&x)?;
             assert_eq!(got.dims(), want.dims());
-            let d = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let d = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
             assert_eq!(d, 0.0, "{h}x{w}");
         }
         Ok(())

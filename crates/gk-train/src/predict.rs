@@ -100,8 +100,14 @@ impl GroundingModel for Predictor {
             return Ok(Vec::new());
         }
         let len = self.cfg.model.max_text_len;
-        let (mut pixels, mut masks, mut frames, mut ids, mut text_mask, mut cut) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut pixels, mut masks, mut frames, mut ids, mut text_mask, mut cut) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
         for q in queries {
             let (w, h) = q.image.dimensions();
             let sample = gk_data::dataset::Sample {

@@ -286,8 +286,7 @@ pub fn load_run(run: &RunDir, weights: Option<&str>, dev: &Device) -> Result<Loa
     };
     // parameters come from the saved tensors when there are some: nothing is drawn
     let vb = crate::init::var_builder_from(&map, cfg.seed, saved.clone(), dev);
-    let model = Grounder::new(vb.clone(), &cfg.model)
-        .map_err(|e| weights_err(run, weights, e))?;
+    let model = Grounder::new(vb.clone(), &cfg.model).map_err(|e| weights_err(run, weights, e))?;
     let distill = match &cfg.distill {
         Some(d) => Some(DistillHeads::new(
             vb.pp("distill"),
@@ -700,30 +699,23 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
     // optimiser and state (resume if a checkpoint exists)
     let mut opt = AdamW::new(&map, &cfg.optim.groups, cfg.optim.weight_decay)?;
     let per_epoch = train_loader.batches_per_epoch();
-    let mut steps = Steps::start(
-        run,
-        &cfg.optim,
-        per_epoch,
-        &mut opt,
-        opts.progress,
-        || {
-            if cfg.sincos_positions {
-                crate::init::sincos_positions(&map, &cfg.model)?;
+    let mut steps = Steps::start(run, &cfg.optim, per_epoch, &mut opt, opts.progress, || {
+        if cfg.sincos_positions {
+            crate::init::sincos_positions(&map, &cfg.model)?;
+        }
+        for p in &cfg.pretrained {
+            let report = crate::weights::load_prefixed(
+                &map,
+                &p.file,
+                &[(p.from.as_str(), p.to.as_str())],
+                p.strict,
+            )?;
+            if opts.progress || !report.is_clean() {
+                eprintln!("{}: {report}", p.file.display());
             }
-            for p in &cfg.pretrained {
-                let report = crate::weights::load_prefixed(
-                    &map,
-                    &p.file,
-                    &[(p.from.as_str(), p.to.as_str())],
-                    p.strict,
-                )?;
-                if opts.progress || !report.is_clean() {
-                    eprintln!("{}: {report}", p.file.display());
-                }
-            }
-            Ok(())
-        },
-    )?;
+        }
+        Ok(())
+    })?;
     let mut last_report = EvalReport::default();
     while steps.state.step < steps.total {
         let epoch = steps.epoch();

@@ -102,8 +102,12 @@ fn train_resume_eval_predict() {
     assert!(g.bbox_xyxy[2] <= 100.0 && g.bbox_xyxy[3] <= 60.0 && g.bbox_xyxy[0] >= 0.0);
     assert!(p.ground(&[q("   ")]).is_err());
     // a batch answers each query as it is answered alone
-    let both = p.ground(&[q("the red circle"), q("the blue square on the left")]).unwrap();
-    let d = (0..4).map(|k| (both[0].bbox_xyxy[k] - g.bbox_xyxy[k]).abs()).fold(0f32, f32::max);
+    let both = p
+        .ground(&[q("the red circle"), q("the blue square on the left")])
+        .unwrap();
+    let d = (0..4)
+        .map(|k| (both[0].bbox_xyxy[k] - g.bbox_xyxy[k]).abs())
+        .fold(0f32, f32::max);
     assert!(d < 1e-3, "batched answer moved by {d} px");
 
     // evaluation through the interface scores as the trainer's loader-based evaluation
