@@ -1,10 +1,15 @@
-//! A pickle decoder that never executes code, for the published split files.
+//! A pickle decoder that never executes code, for published split files and torch
+//! checkpoints.
 //!
 //! It decodes the opcodes of protocols 0-5 that plain data uses (lists, tuples, dicts,
-//! strings, bytes, numbers) plus numpy arrays and scalars, which the Flickr30k split files
-//! carry. A file may name a global only from a fixed allow-list (numpy's array, dtype and
-//! scalar reconstructors, `_codecs.encode` for protocol-2 bytes, `collections.OrderedDict`);
-//! every other global is an error that names it, raised before anything could be called.
+//! strings, bytes, numbers), numpy arrays and scalars (the Flickr30k split files), and the
+//! tensor references of a `torch.save` file: persistent ids naming a storage, and
+//! `torch._utils._rebuild_tensor_v2` placing a tensor in one ([`TensorRef`]; the values
+//! stay in the container, read by [`crate::pth`]). A file may name a global only from a
+//! fixed allow-list (numpy's array, dtype and scalar reconstructors, `_codecs.encode` for
+//! protocol-2 bytes, `collections.OrderedDict`, torch's typed storages and tensor
+//! rebuilders, `argparse.Namespace`); every other global is an error that names it, raised
+//! before anything could be called.
 //! Objects are built in an arena (memo entries share them, as in Python) and turned into an
 //! owned [`Value`] tree at the end, with a depth and size budget so that a hostile file
 //! (a recursive list, exponential sharing, a length field larger than the file) is an error,
@@ -29,6 +34,88 @@ pub enum Value {
     /// Keys and values in insertion order.
     Dict(Vec<(Value, Value)>),
     Array(NdArray),
+    /// A torch tensor: where its values lie in a storage of the container.
+    Tensor(TensorRef),
+}
+
+/// The element type of a torch storage (`torch.FloatStorage` and the like).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageDtype {
+    F64,
+    F32,
+    F16,
+    BF16,
+    I64,
+    I32,
+    I16,
+    I8,
+    U8,
+    Bool,
+}
+
+impl StorageDtype {
+    /// The dtype of torch's typed storage class `name` (`FloatStorage`, ...).
+    fn of_storage(name: &str) -> Option<Self> {
+        Some(match name {
+            "DoubleStorage" => Self::F64,
+            "FloatStorage" => Self::F32,
+            "HalfStorage" => Self::F16,
+            "BFloat16Storage" => Self::BF16,
+            "LongStorage" => Self::I64,
+            "IntStorage" => Self::I32,
+            "ShortStorage" => Self::I16,
+            "CharStorage" => Self::I8,
+            "ByteStorage" => Self::U8,
+            "BoolStorage" => Self::Bool,
+            _ => return None,
+        })
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Self::F64 | Self::I64 => 8,
+            Self::F32 | Self::I32 => 4,
+            Self::F16 | Self::BF16 | Self::I16 => 2,
+            Self::I8 | Self::U8 | Self::Bool => 1,
+        }
+    }
+}
+
+/// A tensor of a torch file: `shape` elements at `offset` and `stride` (in elements) of
+/// the storage `storage` (its key in the container), which holds `storage_numel` elements
+/// of `dtype`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorRef {
+    pub storage: String,
+    pub dtype: StorageDtype,
+    /// The device tag the file was saved from (`cpu`, `cuda:0`): recorded, not used.
+    pub location: String,
+    pub storage_numel: usize,
+    pub offset: usize,
+    pub shape: Vec<usize>,
+    pub stride: Vec<usize>,
+}
+
+impl TensorRef {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// One past the last storage element the tensor touches (`offset` when it is empty),
+    /// or `None` on overflow.
+    pub fn extent(&self) -> Option<usize> {
+        if self.shape.contains(&0) {
+            return Some(self.offset);
+        }
+        self.shape
+            .iter()
+            .zip(&self.stride)
+            .try_fold(self.offset + 1, |end, (&n, &s)| {
+                end.checked_add((n - 1).checked_mul(s)?)
+            })
+    }
 }
 
 /// A numeric numpy array, values widened to f64, C order.
@@ -51,7 +138,7 @@ pub enum PickleError {
         op: u8,
         what: &'static str,
     },
-    #[error("byte {pos}: global `{module}.{name}` is not allowed (split files hold plain data; this reader never calls code named by a file)")]
+    #[error("byte {pos}: global `{module}.{name}` is not allowed (this reader never calls code named by a file; it knows plain data, numpy arrays, torch tensors and argparse.Namespace)")]
     ForbiddenGlobal {
         pos: usize,
         module: String,
@@ -80,6 +167,7 @@ impl Value {
             Value::Tuple(_) => "tuple",
             Value::Dict(_) => "dict",
             Value::Array(_) => "numpy array",
+            Value::Tensor(_) => "tensor",
         }
     }
 
@@ -148,6 +236,7 @@ impl Value {
                 }
             }
             Value::Array(a) => array_json(&a.shape, &a.data),
+            Value::Tensor(t) => J::String(format!("tensor {:?} {:?}", t.dtype, t.shape)),
         }
     }
 }
@@ -211,6 +300,10 @@ enum Callable {
     Scalar,
     CodecsEncode,
     OrderedDict,
+    Storage(StorageDtype),
+    RebuildTensor,
+    RebuildParameter,
+    Namespace,
 }
 
 #[derive(Debug)]
@@ -231,6 +324,16 @@ enum Node {
     },
     /// Made by `_reconstruct`, filled by BUILD.
     Array(Option<NdArray>),
+    /// A persistent id `('storage', <Type>Storage, key, location, numel[, None])`.
+    Storage {
+        key: String,
+        dtype: StorageDtype,
+        location: String,
+        numel: usize,
+    },
+    Tensor(TensorRef),
+    /// `argparse.Namespace()`, filled by BUILD; read as a dict.
+    Namespace(Vec<(Id, Id)>),
 }
 
 struct Machine<'a> {
@@ -251,6 +354,10 @@ fn allowed(module: &str, name: &str) -> Option<Callable> {
         ("numpy", "dtype") => Some(Callable::Dtype),
         ("_codecs", "encode") => Some(Callable::CodecsEncode),
         ("collections", "OrderedDict") => Some(Callable::OrderedDict),
+        ("torch._utils", "_rebuild_tensor_v2") => Some(Callable::RebuildTensor),
+        ("torch._utils", "_rebuild_parameter") => Some(Callable::RebuildParameter),
+        ("torch", _) => StorageDtype::of_storage(name).map(Callable::Storage),
+        ("argparse", "Namespace") => Some(Callable::Namespace),
         _ => None,
     }
 }
@@ -675,14 +782,33 @@ impl Machine<'_> {
                     let obj = self.top()?;
                     self.build(obj, state)?;
                 }
-                b'P' | b'Q' => {
+                b'Q' => {
+                    let pid = self.pop()?;
+                    let node = self.storage(pid)?;
+                    self.push(node);
+                }
+                b'P' => {
                     return Err(PickleError::Unsupported {
                         pos: at,
                         op,
-                        what: "persistent id: a tensor storage, not a plain split list",
+                        what: "text persistent id (torch writes binary ones)",
                     })
                 }
-                b'i' | b'o' | 0x81 | 0x92 => {
+                0x81 => {
+                    let args = self.pop()?;
+                    let cls = self.pop()?;
+                    let namespace = matches!(self.arena[cls], Node::Global(Callable::Namespace))
+                        && self.seq(args).is_some_and(<[Id]>::is_empty);
+                    if !namespace {
+                        return Err(PickleError::Unsupported {
+                            pos: at,
+                            op,
+                            what: "object instantiation other than argparse.Namespace()",
+                        });
+                    }
+                    self.push(Node::Namespace(Vec::new()));
+                }
+                b'i' | b'o' | 0x92 => {
                     return Err(PickleError::Unsupported {
                         pos: at,
                         op,
@@ -779,11 +905,121 @@ impl Machine<'_> {
                     _ => self.malformed("numpy scalar: byte count does not match its dtype"),
                 }
             }
+            Callable::RebuildTensor => self.rebuild_tensor(&args),
+            Callable::RebuildParameter => match args.first().map(|&a| &self.arena[a]) {
+                Some(Node::Tensor(t)) => Ok(Node::Tensor(t.clone())),
+                _ => self.malformed("_rebuild_parameter needs a tensor"),
+            },
             Callable::NdArrayType => self.malformed("numpy.ndarray cannot be called directly"),
+            Callable::Storage(_) | Callable::Namespace => {
+                self.malformed("a storage type or Namespace cannot be called with REDUCE")
+            }
         }
     }
 
+    /// A persistent id: torch's `('storage', <Type>Storage, key, location, numel)`, with a
+    /// sixth item `None` in the legacy container (a view of another storage is refused).
+    fn storage(&mut self, pid: Id) -> Result<Node> {
+        let items = self.seq(pid).map(<[Id]>::to_vec).unwrap_or_default();
+        if items.first().and_then(|&i| self.str_of(i)) != Some("storage") {
+            return self.malformed("persistent id is not a ('storage', ...) tuple");
+        }
+        let [_, ty, key, location, numel, rest @ ..] = &items[..] else {
+            return self.malformed("storage persistent id has fewer than 5 items");
+        };
+        let Node::Global(Callable::Storage(dtype)) = self.arena[*ty] else {
+            return self.malformed("storage persistent id without a torch storage type");
+        };
+        match rest {
+            [] => {}
+            [v] if matches!(self.arena[*v], Node::None) => {}
+            _ => {
+                return self.malformed(
+                    "storage views (a legacy persistent id with view metadata) are not supported",
+                )
+            }
+        }
+        let (Some(key), Some(location), Node::Int(numel)) = (
+            self.str_of(*key).map(str::to_string),
+            self.str_of(*location).map(str::to_string),
+            &self.arena[*numel],
+        ) else {
+            return self.malformed(
+                "storage persistent id: key and location must be strings, size an integer",
+            );
+        };
+        let Ok(numel) = usize::try_from(*numel) else {
+            return self.malformed("storage persistent id: negative size");
+        };
+        Ok(Node::Storage {
+            key,
+            dtype,
+            location,
+            numel,
+        })
+    }
+
+    fn ints(&self, id: Id, what: &str) -> Result<Vec<usize>> {
+        let mut out = Vec::new();
+        for &d in self.seq(id).unwrap_or(&[]) {
+            match self.arena[d] {
+                Node::Int(n) if n >= 0 => out.push(n as usize),
+                _ => return self.malformed(format!("tensor {what} is not non-negative integers")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// `_rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])`.
+    fn rebuild_tensor(&self, args: &[Id]) -> Result<Node> {
+        let [storage, offset, size, stride, ..] = args[..] else {
+            return self.malformed("_rebuild_tensor_v2 needs storage, offset, size and stride");
+        };
+        let Node::Storage {
+            key,
+            dtype,
+            location,
+            numel,
+        } = &self.arena[storage]
+        else {
+            return self.malformed("_rebuild_tensor_v2: first argument is not a storage");
+        };
+        let Node::Int(offset) = self.arena[offset] else {
+            return self.malformed("_rebuild_tensor_v2: offset is not an integer");
+        };
+        let (shape, stride) = (self.ints(size, "size")?, self.ints(stride, "stride")?);
+        if shape.len() != stride.len() {
+            return self.malformed(format!(
+                "tensor of size {shape:?} has stride {stride:?}: not one stride per dimension"
+            ));
+        }
+        Ok(Node::Tensor(TensorRef {
+            storage: key.clone(),
+            dtype: *dtype,
+            location: location.clone(),
+            storage_numel: *numel,
+            offset: usize::try_from(offset).map_err(|_| PickleError::Malformed {
+                pos: self.pos,
+                msg: "tensor with a negative storage offset".into(),
+            })?,
+            shape,
+            stride,
+        }))
+    }
+
     fn build(&mut self, obj: Id, state: Id) -> Result<()> {
+        match (&self.arena[obj], &self.arena[state]) {
+            // An OrderedDict's instance attributes (a state dict's `_metadata`): not data.
+            (Node::Dict(_), Node::Dict(_) | Node::None) => return Ok(()),
+            (Node::Namespace(_), Node::Dict(kv)) => {
+                let kv = kv.clone();
+                if let Node::Namespace(items) = &mut self.arena[obj] {
+                    items.extend(kv);
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
         let Some(st) = self.seq(state).map(<[Id]>::to_vec) else {
             return self.malformed("BUILD state is not a tuple");
         };
@@ -839,7 +1075,9 @@ impl Machine<'_> {
                 }));
                 Ok(())
             }
-            _ => self.malformed("BUILD on an object that is neither a numpy array nor a dtype"),
+            _ => self.malformed(
+                "BUILD on an object that is not a numpy array, dtype, OrderedDict or Namespace",
+            ),
         }
     }
 
@@ -872,7 +1110,7 @@ impl Machine<'_> {
             Node::Bytes(b) => Value::Bytes(b.clone()),
             Node::List(v) => Value::List(many(v, budget)?),
             Node::Tuple(v) => Value::Tuple(many(v, budget)?),
-            Node::Dict(kv) => {
+            Node::Dict(kv) | Node::Namespace(kv) => {
                 let mut out = Vec::with_capacity(kv.len());
                 for &(k, v) in kv {
                     out.push((
@@ -889,10 +1127,11 @@ impl Machine<'_> {
                     msg: "numpy array without its state".into(),
                 })
             }
-            Node::Global(_) | Node::Dtype { .. } => {
+            Node::Tensor(t) => Value::Tensor(t.clone()),
+            Node::Global(_) | Node::Dtype { .. } | Node::Storage { .. } => {
                 return Err(PickleError::Malformed {
                     pos,
-                    msg: "a bare global or dtype where data was expected".into(),
+                    msg: "a bare global, dtype or storage where data was expected".into(),
                 })
             }
         })
