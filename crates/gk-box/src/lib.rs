@@ -116,26 +116,39 @@ pub struct Letterbox {
     pub scale: f32,
     pub pad_x: f32,
     pub pad_y: f32,
+    /// The resized image's size before padding.
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Python's `round` of a float: half to even.
+pub fn round_half_even(x: f64) -> f64 {
+    x.round_ties_even()
 }
 
 impl Letterbox {
-    /// The centred letterbox of an image into a `side x side` square.
+    /// The centred letterbox of an image into a `side x side` square, as TransVG's test
+    /// transform computes it: `ratio = side / max(w, h)` in f64, the new size rounded half
+    /// to even (Python's `round`), the padding `round((side - new) / 2 - 0.1)`, which is
+    /// `(side - new) / 2` in integers.
     pub fn centred(width: u32, height: u32, side: u32) -> Self {
-        let scale = side as f32 / width.max(height).max(1) as f32;
-        let (w, h) = Self::scaled_size(width, height, scale);
+        let ratio = f64::from(side) / f64::from(width.max(height).max(1));
+        let size = |n: u32| (round_half_even(f64::from(n) * ratio) as u32).clamp(1, side);
+        let (w, h) = (size(width), size(height));
         Letterbox {
             side,
-            scale,
+            scale: ratio as f32,
             pad_x: ((side - w) / 2) as f32,
             pad_y: ((side - h) / 2) as f32,
+            width: w,
+            height: h,
         }
     }
 
-    /// Size of the resized image (before padding), rounded like the resize does.
+    /// Size of an image scaled by `scale`, rounded half to even (at least 1 pixel).
     pub fn scaled_size(width: u32, height: u32, scale: f32) -> (u32, u32) {
-        let w = ((width as f32 * scale).round() as u32).max(1);
-        let h = ((height as f32 * scale).round() as u32).max(1);
-        (w, h)
+        let size = |n: u32| (round_half_even(f64::from(n) * f64::from(scale)) as u32).max(1);
+        (size(width), size(height))
     }
 
     /// Pixel `xyxy` in the original image -> normalised `cxcywh` in the padded square.
@@ -190,6 +203,27 @@ mod tests {
             assert!(m.iter().all(|v| (0.0..=1.0).contains(v)), "{m:?}");
             assert!(close(lb.to_image(m), b), "{w}x{h}");
         }
+    }
+
+    #[test]
+    fn centred_sizes_follow_transvg() {
+        // 330x512 -> 412.5 x 640: Python's round gives 412 (half to even), pad (640-412)/2
+        let lb = Letterbox::centred(330, 512, 640);
+        assert_eq!(
+            (lb.width, lb.height, lb.pad_x, lb.pad_y),
+            (412, 640, 114.0, 0.0)
+        );
+        // 500x281 -> 640 x 359.68: 360, top = round(140 - 0.1) = 140
+        let lb = Letterbox::centred(500, 281, 640);
+        assert_eq!(
+            (lb.width, lb.height, lb.pad_x, lb.pad_y),
+            (640, 360, 0.0, 140.0)
+        );
+        // odd padding: round(114.5 - 0.1) = 114
+        let lb = Letterbox::centred(411, 640, 640);
+        assert_eq!((lb.width, lb.pad_x), (411, 114.0));
+        assert_eq!(round_half_even(2.5), 2.0);
+        assert_eq!(round_half_even(3.5), 4.0);
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Image decoding with size limits, and the pixel preprocessing shared by every model:
-//! CLIP's resize + centre crop, and the grounding letterbox (resize long side + pad + mask).
+//! CLIP's resize + centre crop, and the grounding letterbox (resize long side + pad + mask)
+//! with either resize filter of [`Resize`]; [`pil_bilinear`] is Pillow's antialiased
+//! bilinear `Image.resize` to the bit (TransVG's transforms resize PIL images).
 
 use crate::error::{DataError, Result};
 use candle_core::{Device, Tensor};
@@ -84,6 +86,114 @@ pub fn clip_resize_crop(img: &RgbImage, size: u32) -> RgbImage {
     image::imageops::crop_imm(&resized, x0, y0, size, size).to_image()
 }
 
+/// The resize filter of the letterbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resize {
+    /// The `image` crate's triangle filter (groundkit's own models).
+    #[default]
+    Triangle,
+    /// Pillow's `Image.resize(size, BILINEAR)` (TransVG, EpmVG, DUET as published).
+    PilBilinear,
+}
+
+impl Resize {
+    pub fn apply(self, img: &RgbImage, w: u32, h: u32) -> RgbImage {
+        match self {
+            Resize::Triangle => image::imageops::resize(img, w, h, FilterType::Triangle),
+            Resize::PilBilinear => pil_bilinear(img, w, h),
+        }
+    }
+}
+
+/// Pillow's fixed-point coefficient precision for 8-bit images (`PRECISION_BITS`).
+const PIL_BITS: u32 = 22;
+
+/// Per output pixel: the first input index, and its fixed-point weights (Pillow's
+/// `precompute_coeffs` + `normalize_coeffs_8bpc` with the bilinear filter, support 1).
+fn pil_coeffs(in_size: u32, out_size: u32) -> Vec<(usize, Vec<i32>)> {
+    let scale = f64::from(in_size) / f64::from(out_size);
+    let filterscale = scale.max(1.0);
+    let support = filterscale; // bilinear support 1.0 times the scale
+    let ss = 1.0 / filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (f64::from(xx) + 0.5) * scale;
+            // C's (int) truncates toward zero
+            let xmin = ((center - support + 0.5) as i64).max(0);
+            let xmax = ((center + support + 0.5) as i64).min(i64::from(in_size));
+            let w: Vec<f64> = (xmin..xmax)
+                .map(|x| {
+                    let t = ((x as f64 - center + 0.5) * ss).abs();
+                    if t < 1.0 {
+                        1.0 - t
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let total: f64 = w.iter().sum();
+            let fixed = w
+                .iter()
+                .map(|&k| {
+                    let k = if total != 0.0 { k / total } else { k };
+                    let v = k * f64::from(1u32 << PIL_BITS);
+                    (if v < 0.0 { v - 0.5 } else { v + 0.5 }) as i32
+                })
+                .collect();
+            (xmin as usize, fixed)
+        })
+        .collect()
+}
+
+fn pil_clip8(v: i32) -> u8 {
+    (v >> PIL_BITS).clamp(0, 255) as u8
+}
+
+/// Pillow's `Image.resize((w, h), Image.BILINEAR)` of an RGB image: antialiased (the filter
+/// widens with the downscale factor), horizontal pass then vertical, 8-bit fixed point with
+/// the intermediate rounded to `u8`, as `ImagingResample` does.
+pub fn pil_bilinear(img: &RgbImage, w: u32, h: u32) -> RgbImage {
+    let (iw, ih) = img.dimensions();
+    let round = 1i32 << (PIL_BITS - 1);
+    let horizontal = if w != iw {
+        let cx = pil_coeffs(iw, w);
+        let src = img.as_raw();
+        let mut out = vec![0u8; (w * ih * 3) as usize];
+        for y in 0..ih as usize {
+            let row = &src[y * iw as usize * 3..(y + 1) * iw as usize * 3];
+            for (x, (x0, k)) in cx.iter().enumerate() {
+                for c in 0..3 {
+                    let acc = k
+                        .iter()
+                        .enumerate()
+                        .fold(round, |a, (i, &k)| a + i32::from(row[(x0 + i) * 3 + c]) * k);
+                    out[(y * w as usize + x) * 3 + c] = pil_clip8(acc);
+                }
+            }
+        }
+        RgbImage::from_raw(w, ih, out).expect("w x ih x 3 bytes")
+    } else {
+        img.clone()
+    };
+    if h == ih {
+        return horizontal;
+    }
+    let cy = pil_coeffs(ih, h);
+    let src = horizontal.as_raw();
+    let stride = w as usize * 3;
+    let mut out = vec![0u8; (w * h * 3) as usize];
+    for (y, (y0, k)) in cy.iter().enumerate() {
+        for i in 0..stride {
+            let acc = k.iter().enumerate().fold(round, |a, (j, &k)| {
+                a + i32::from(src[(y0 + j) * stride + i]) * k
+            });
+            out[y * stride + i] = pil_clip8(acc);
+        }
+    }
+    RgbImage::from_raw(w, h, out).expect("w x h x 3 bytes")
+}
+
 /// A letterboxed image ready for a grounder.
 #[derive(Debug, Clone)]
 pub struct Letterboxed {
@@ -94,16 +204,15 @@ pub struct Letterboxed {
     pub frame: Letterbox,
 }
 
-/// Resize so the long side is `side`, pad to a square at `frame`'s offset.
+/// Resize to `frame`'s size with `resize`, pad to a square at `frame`'s offset.
 pub fn letterbox_with(
     img: &RgbImage,
     frame: Letterbox,
+    resize: Resize,
     norm: &Normalize,
     dev: &Device,
 ) -> Result<Letterboxed> {
-    let (w, h) = img.dimensions();
-    let (nw, nh) = Letterbox::scaled_size(w, h, frame.scale);
-    let resized = image::imageops::resize(img, nw, nh, FilterType::Triangle);
+    let resized = resize.apply(img, frame.width, frame.height);
     let s = frame.side as usize;
     let (px, py) = (frame.pad_x as usize, frame.pad_y as usize);
     let mut data = vec![0f32; 3 * s * s];
@@ -126,9 +235,15 @@ pub fn letterbox_with(
 }
 
 /// The eval transform: centred letterbox.
-pub fn letterbox(img: &RgbImage, side: u32, norm: &Normalize, dev: &Device) -> Result<Letterboxed> {
+pub fn letterbox(
+    img: &RgbImage,
+    side: u32,
+    resize: Resize,
+    norm: &Normalize,
+    dev: &Device,
+) -> Result<Letterboxed> {
     let (w, h) = img.dimensions();
-    letterbox_with(img, Letterbox::centred(w, h, side), norm, dev)
+    letterbox_with(img, Letterbox::centred(w, h, side), resize, norm, dev)
 }
 
 #[cfg(test)]
@@ -165,7 +280,13 @@ mod tests {
     #[test]
     fn letterbox_masks_padding() -> Result<()> {
         let img = RgbImage::from_pixel(40, 20, image::Rgb([255, 0, 0]));
-        let lb = letterbox(&img, 32, &Normalize::IMAGENET, &Device::Cpu)?;
+        let lb = letterbox(
+            &img,
+            32,
+            Resize::Triangle,
+            &Normalize::IMAGENET,
+            &Device::Cpu,
+        )?;
         assert_eq!(lb.pixels.dims(), &[3, 32, 32]);
         let m = lb.mask.to_vec2::<f32>()?;
         assert_eq!(m[0][0], 0.0); // top padding

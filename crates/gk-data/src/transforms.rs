@@ -9,6 +9,7 @@
 
 use crate::dataset::Sample;
 use crate::error::Result;
+pub use crate::image_io::Resize;
 use crate::image_io::{self, Normalize};
 use candle_core::{Device, Tensor};
 use gk_box::{Box4, Letterbox};
@@ -32,6 +33,9 @@ pub struct TransformConfig {
     pub min_scale: f32,
     /// Place the image at a random offset in the square instead of centring it.
     pub translate: bool,
+    /// The letterbox's resize filter (part of a model kind's preprocessing).
+    #[serde(default)]
+    pub resize: Resize,
 }
 
 impl Default for TransformConfig {
@@ -44,6 +48,7 @@ impl Default for TransformConfig {
             jitter: 0.0,
             min_scale: 1.0,
             translate: false,
+            resize: Resize::Triangle,
         }
     }
 }
@@ -252,11 +257,13 @@ pub fn apply(
             scale,
             pad_x: px as f32,
             pad_y: py as f32,
+            width: nw,
+            height: nh,
         }
     } else {
         Letterbox::centred(w, h, cfg.side)
     };
-    let lb = image_io::letterbox_with(&s.image, frame, &cfg.normalize, dev)?;
+    let lb = image_io::letterbox_with(&s.image, frame, cfg.resize, &cfg.normalize, dev)?;
     let target = gk_box::clamp(frame.to_model(s.bbox), 0.0, 1.0);
     Ok(Prepared {
         pixels: lb.pixels,

@@ -836,14 +836,9 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, CkdRepo
     let val_loader = eval_loader(&cfg, val_ds, &tok);
     let mut opt = AdamW::new(&map, &cfg.optim.groups, cfg.optim.weight_decay)?;
     let per_epoch = train_loader.batches_per_epoch();
-    let mut steps = Steps::start(
-        run,
-        &cfg.optim,
-        per_epoch,
-        &mut opt,
-        opts.progress,
-        || Ok(()),
-    )?;
+    let mut steps = Steps::start(run, &cfg.optim, per_epoch, &mut opt, opts.progress, || {
+        Ok(())
+    })?;
     let mut last = CkdReport::default();
     let ds = train_loader.dataset();
     while steps.state.step < steps.total {
@@ -960,12 +955,7 @@ impl CkdPredictor {
         let dev = Device::Cpu;
         let weights = crate::infer::serving_weights(run);
         let loaded = load_run(run, Some(weights), &dev)?;
-        let parameters = loaded
-            .map
-            .all_vars()
-            .iter()
-            .map(|v| v.elem_count())
-            .sum();
+        let parameters = loaded.map.all_vars().iter().map(|v| v.elem_count()).sum();
         let info = crate::infer::ModelInfo {
             kind: "ckd".into(),
             run: run.path().to_path_buf(),
@@ -995,8 +985,13 @@ impl CkdPredictor {
             ));
         }
         let side = cfg.model.image_size as u32;
-        let lb =
-            gk_data::image_io::letterbox(image, side, &cfg.optim.augment.normalize, &self.dev)?;
+        let lb = gk_data::image_io::letterbox(
+            image,
+            side,
+            cfg.optim.augment.resize,
+            &cfg.optim.augment.normalize,
+            &self.dev,
+        )?;
         let rois: Vec<Roi> = boxes
             .iter()
             .map(|&p| Roi {
@@ -1041,10 +1036,7 @@ impl crate::infer::GroundingModel for CkdPredictor {
     }
 
     /// Phrase recall over the set's phrases (proposals cached in the run).
-    fn set_metrics(
-        &self,
-        ds: &Dataset,
-    ) -> Result<serde_json::Map<String, serde_json::Value>> {
+    fn set_metrics(&self, ds: &Dataset) -> Result<serde_json::Map<String, serde_json::Value>> {
         let cfg = &self.loaded.cfg;
         let proposals = Proposals::load_or_build(&self.run, &cfg.ckd.proposals, &[ds], false)?;
         let loader = eval_loader(cfg, ds.clone(), &self.loaded.tok);
