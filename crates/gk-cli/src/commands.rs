@@ -103,6 +103,10 @@ pub struct TrainArgs {
     /// Stop after this many optimiser steps in total (checkpointed; resume later).
     #[arg(long)]
     pub stop_after: Option<usize>,
+    /// Start from the weights of this run (its best.safetensors, or model.safetensors): e.g.
+    /// fine-tune an imported published model. Every parameter must match by name and shape.
+    #[arg(long, requires = "config")]
+    pub init_from: Option<PathBuf>,
     /// With HiLoRA stages in the config: run only stage K (its predecessor must have
     /// finished under --out). Without: every stage in order, finished ones kept.
     #[arg(long, requires = "config")]
@@ -148,11 +152,25 @@ pub fn train(a: TrainArgs) -> Result<()> {
             let text = std::fs::read_to_string(cfg_path)
                 .with_context(|| format!("reading {}", cfg_path.display()))?;
             if gk_train::ckd::is_ckd_config(&text) {
+                if a.init_from.is_some() {
+                    anyhow::bail!(
+                        "--init-from takes grounder runs; CKD configs start from scratch"
+                    );
+                }
                 return crate::weak::train(&a, Some(&text))
                     .with_context(|| format!("{}: CKD run", cfg_path.display()));
             }
-            let cfg: RunConfig = toml::from_str(&text)
+            let mut cfg: RunConfig = toml::from_str(&text)
                 .with_context(|| format!("{}: not a valid run config", cfg_path.display()))?;
+            if let Some(from) = &a.init_from {
+                let from = RunDir::open(from)?;
+                cfg.pretrained.push(gk_train::train::PretrainedConfig {
+                    file: from.file(gk_train::infer::serving_weights(&from)),
+                    from: String::new(),
+                    to: String::new(),
+                    strict: true,
+                });
+            }
             if cfg.hilora.is_some() {
                 return train_stages(&a, &cfg, out);
             }
@@ -297,7 +315,9 @@ pub fn predict(a: PredictArgs) -> Result<()> {
         .save(&out)
         .with_context(|| format!("writing {}", out.display()))?;
     let mut answer = serde_json::json!({"image": a.image, "expr": a.expr, "picture": out});
-    if let (Some(o), serde_json::Value::Object(g)) = (answer.as_object_mut(), serde_json::to_value(&g)?) {
+    if let (Some(o), serde_json::Value::Object(g)) =
+        (answer.as_object_mut(), serde_json::to_value(&g)?)
+    {
         o.extend(g);
     }
     println!("{answer}");

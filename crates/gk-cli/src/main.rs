@@ -7,6 +7,7 @@ mod commands;
 mod datasets;
 mod demo;
 mod embed;
+mod import;
 mod report;
 mod serve;
 mod teacher;
@@ -39,6 +40,9 @@ enum Command {
     /// Train a grounder (or, with a `[ckd]` table, a weakly supervised CKD model) from a run
     /// config (TOML), or resume an interrupted run.
     Train(commands::TrainArgs),
+    /// Turn a released checkpoint (TransVG) into a run folder that eval, predict, serve
+    /// and fine-tuning (`train --init-from`) take like any trained run.
+    Import(import::ImportArgs),
     /// Evaluate a run: Acc@0.5, Acc@0.75 and mIoU per split and per expression type (CKD
     /// runs: expression Acc@0.5 and phrase R@1/5/10, and a picture of predictions).
     Eval(commands::EvalArgs),
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
         Command::Synth(a) => commands::synth(a),
         Command::Train(a) => commands::train(a),
         Command::Eval(a) => commands::eval(a),
+        Command::Import(a) => import::run(a),
         Command::Convert(a) => datasets::convert(a),
         Command::Stats(a) => datasets::stats(a),
         Command::Predict(a) => commands::predict(a),

@@ -812,3 +812,124 @@ fn referit_text_objseg_layout_converts() {
     );
     assert_eq!(rows[0]["image"], "referit/images/42.jpg");
 }
+
+/// `import transvg` then `predict` on the imported run: TransVG's box for the case (from
+/// its own code, `tests/fixtures/transvg/cases.json`), wrong files refused by name.
+#[test]
+fn import_transvg_then_predict() {
+    let dir = tempfile::tempdir().unwrap();
+    let tv = |p: &str| fixture(&format!("transvg/{p}"));
+    let run = dir.path().join("tv");
+    let (ckpt, vocab) = (tv("r101_tiny_legacy.pth"), tv("vocab.txt"));
+    let o = groundkit(&[
+        "import",
+        "transvg",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--vocab",
+        vocab.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("resnet101") && err.contains("Legacy") && err.contains("max_query_len 40"),
+        "{err}"
+    );
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tv("cases.json")).unwrap()).unwrap();
+    let case = &cases["models"]["r101_tiny_legacy.pth"]["cases"][1];
+    let image = tv(&format!("images/{}", case["image"].as_str().unwrap()));
+    let picture = dir.path().join("p.png");
+    let o = groundkit(&[
+        "predict",
+        "--run",
+        run.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--expr",
+        case["expr"].as_str().unwrap(),
+        "--out",
+        picture.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for (a, b) in got["bbox_xyxy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(case["bbox_xyxy_clipped"].as_array().unwrap())
+    {
+        assert!(
+            (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 0.5,
+            "{got} vs {case}"
+        );
+    }
+    assert!(picture.is_file());
+    // fine-tuning starts from the imported weights (one step on the embedded benchmark)
+    let data = dir.path().join("data");
+    assert!(
+        groundkit(&["synth", "--out", data.to_str().unwrap(), "--preset", "tiny"])
+            .status
+            .success()
+    );
+    let mut rc: gk_train::train::RunConfig =
+        toml::from_str(&std::fs::read_to_string(run.join("config.toml")).unwrap()).unwrap();
+    rc.data.train = data.join("train.jsonl");
+    rc.data.val = data.join("val.jsonl");
+    rc.data.test = Vec::new();
+    rc.optim.batch_size = 2;
+    rc.optim.workers = 1;
+    let cfg = dir.path().join("ft.toml");
+    std::fs::write(&cfg, toml::to_string(&rc).unwrap()).unwrap();
+    let ft = dir.path().join("ft");
+    let o = groundkit(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        ft.to_str().unwrap(),
+        "--init-from",
+        run.to_str().unwrap(),
+        "--stop-after",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("loaded 605 tensors"), "{}", stderr(&o));
+    // a second import into the same folder, a DETR file, a missing file
+    let o = groundkit(&[
+        "import",
+        "transvg",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--vocab",
+        vocab.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "tv");
+    let detr = tv("detr_r50_tiny.pth");
+    let o = groundkit(&[
+        "import",
+        "transvg",
+        "--checkpoint",
+        detr.to_str().unwrap(),
+        "--vocab",
+        vocab.to_str().unwrap(),
+        "--out",
+        dir.path().join("d").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "DETR detection checkpoint");
+    let o = groundkit(&[
+        "import",
+        "transvg",
+        "--checkpoint",
+        "nope.pth",
+        "--vocab",
+        vocab.to_str().unwrap(),
+        "--out",
+        dir.path().join("n").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "nope.pth");
+}

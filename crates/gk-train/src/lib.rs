@@ -7,6 +7,7 @@ pub mod error;
 pub mod eval;
 mod font6x11;
 pub mod hilora;
+pub mod import;
 pub mod infer;
 pub mod init;
 pub mod losses;

@@ -141,11 +141,7 @@ pub fn load_prefixed(
 /// `position_ids` aside): after a model was built from the file's tensors
 /// ([`crate::init::var_builder_from`]), a parameter it lacked was drawn and one it has
 /// but the model never asked for was ignored; both are errors naming them.
-pub fn check_exact(
-    map: &VarMap,
-    file: &HashMap<String, Tensor>,
-    path: &Path,
-) -> Result<()> {
+pub fn check_exact(map: &VarMap, file: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let vars = map
         .data()
         .lock()
@@ -174,8 +170,20 @@ pub fn check_exact(
 
 /// Writes all parameters to `path` atomically (temp file in the same folder + rename).
 pub fn save_atomic(map: &VarMap, path: &Path) -> Result<()> {
+    let tensors: HashMap<String, Tensor> = map
+        .data()
+        .lock()
+        .map_err(|_| TrainError::Config("parameter map lock poisoned".into()))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    save_tensors_atomic(&tensors, path)
+}
+
+/// Writes named tensors to `path` atomically (temp file in the same folder + rename).
+pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");
-    map.save(&tmp).map_err(|e| TrainError::Format {
+    candle_core::safetensors::save(tensors, &tmp).map_err(|e| TrainError::Format {
         path: tmp.clone(),
         msg: e.to_string(),
     })?;
