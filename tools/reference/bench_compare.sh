@@ -6,7 +6,8 @@
 #     bash tools/reference/bench_compare.sh [THREADS=2] [MODELS]
 #
 # MODELS: comma-separated subset of clip-b16-vision,grounder-clip-b16,grounder-hivg-b16,
-# grounder-qrnet-swin-s,synth-small,synth-small-train (default: all but the HiVG and QRNet ones).
+# grounder-qrnet-swin-s,grounder-transvg-r50,synth-small,synth-small-train (default: all but the
+# HiVG, QRNet and TransVG ones).
 #
 # Builds only `cargo build --release -p gk-cli`, then for each model x batch runs
 #     RAYON_NUM_THREADS=$THREADS target/release/groundkit bench --models M --batch B --iters 5

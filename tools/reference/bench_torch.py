@@ -583,11 +583,30 @@ def build_grounder_qrnet_swin_s(batch: int, attn: str):
     return GrounderQrNetSwinS(attn).eval(), _grounder_inputs(batch, 640, 20)
 
 
+def build_grounder_transvg_r50(batch: int, attn: str):
+    """TransVG-R50 as published: our transcription of TransVG (`transvg_ref.TransVG`, checked
+    against TransVG's own code by make_transvg_fixtures.py) at `FULL_R50` with bert-base's
+    vocabulary, the Rust bench's inputs in TransVG's mask convention (1 = pad: none here).
+    TransVG uses nn.MultiheadAttention and ppb's BERT as written; --attn does not apply."""
+    from dataclasses import replace
+
+    import transvg_ref as T
+
+    model = T.TransVG(replace(T.FULL_R50, bert_vocab=30522)).eval()
+    return model, {
+        "img": torch.randn(batch, 3, 640, 640),
+        "pixel_mask": torch.zeros(batch, 640, 640, dtype=torch.int32),
+        "ids": torch.ones(batch, 20, dtype=torch.long),
+        "text_mask": torch.ones(batch, 20, dtype=torch.long),
+    }
+
+
 MODELS: dict[str, Callable] = {
     "clip-b16-vision": build_clip_b16_vision,
     "grounder-clip-b16": build_grounder_clip_b16,
     "grounder-hivg-b16": build_grounder_hivg_b16,
     "grounder-qrnet-swin-s": build_grounder_qrnet_swin_s,
+    "grounder-transvg-r50": build_grounder_transvg_r50,
 }
 
 
