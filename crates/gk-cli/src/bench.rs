@@ -70,7 +70,9 @@ fn case(name: &str) -> Result<Case> {
                 }))
             })
         }
-        "grounder-clip-b16" | "grounder-hivg-b16" | "grounder-qrnet-swin-s"
+        "grounder-clip-b16"
+        | "grounder-hivg-b16"
+        | "grounder-qrnet-swin-s"
         | "grounder-transvg-r50" => {
             let cfg = match name {
                 "grounder-hivg-b16" => GrounderConfig::hivg_b16(),

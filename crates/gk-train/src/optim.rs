@@ -187,12 +187,7 @@ impl AdamW {
             map.insert(format!("m.{}", s.name), s.m.clone());
             map.insert(format!("v.{}", s.name), s.v.clone());
         }
-        let tmp = path.with_extension("safetensors.tmp");
-        candle_core::safetensors::save(&map, &tmp).map_err(|e| TrainError::Format {
-            path: tmp.clone(),
-            msg: e.to_string(),
-        })?;
-        std::fs::rename(&tmp, path).map_err(crate::error::io_err(path))
+        crate::weights::save_tensors_atomic(&map, path)
     }
 
     /// Restores moments saved by [`AdamW::save`]; every trained parameter must be present.

@@ -740,7 +740,6 @@ impl FeatureCache {
         };
         let cache = Self::build(teacher, ds, sla, scale, progress)?;
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let tmp = tensors_path.with_extension("safetensors.tmp");
         let mut tensors = std::collections::HashMap::from([
             ("image".to_string(), cache.image.clone()),
             ("text".to_string(), cache.text.clone()),
@@ -749,8 +748,7 @@ impl FeatureCache {
         if let Some(t) = &cache.sla {
             tensors.insert("sla".to_string(), t.clone());
         }
-        candle_core::safetensors::save(&tensors, &tmp)?;
-        std::fs::rename(&tmp, &tensors_path).map_err(io_err(&tensors_path))?;
+        crate::weights::save_tensors_atomic(&tensors, &tensors_path)?;
         let meta = CacheMeta {
             version: CACHE_VERSION,
             teacher_id: teacher.id.clone(),

@@ -180,13 +180,21 @@ pub fn save_atomic(map: &VarMap, path: &Path) -> Result<()> {
     save_tensors_atomic(&tensors, path)
 }
 
-/// Writes named tensors to `path` atomically (temp file in the same folder + rename).
+/// Writes named tensors to `path` atomically (temp file in the same folder + rename),
+/// readable by everyone like any other run file (the safetensors writer creates its file
+/// owner-only).
 pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");
     candle_core::safetensors::save(tensors, &tmp).map_err(|e| TrainError::Format {
         path: tmp.clone(),
         msg: e.to_string(),
     })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+            .map_err(io_err(&tmp))?;
+    }
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 

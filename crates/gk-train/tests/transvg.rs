@@ -51,6 +51,19 @@ fn imported_models_give_transvgs_boxes() {
             "{file}"
         );
         assert!(report.unused.is_empty(), "{file}: {:?}", report.unused);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(out.join("best.safetensors"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(
+                mode & 0o644,
+                0o644,
+                "run files are readable like the rest: {mode:o}"
+            );
+        }
         let cfg = &model["config"];
         assert_eq!(
             report.config.max_text_len as u64,
