@@ -821,16 +821,24 @@ fn import_transvg_then_predict() {
     let tv = |p: &str| fixture(&format!("transvg/{p}"));
     let run = dir.path().join("tv");
     let (ckpt, vocab) = (tv("r101_tiny_legacy.pth"), tv("vocab.txt"));
-    let o = groundkit(&[
-        "import",
-        "transvg",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--vocab",
-        vocab.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-    ]);
+    let import = |ckpt: &Path, out: &Path| {
+        let (c, v, o) = (
+            ckpt.to_str().unwrap(),
+            vocab.to_str().unwrap(),
+            out.to_str().unwrap(),
+        );
+        groundkit(&[
+            "import",
+            "transvg",
+            "--checkpoint",
+            c,
+            "--vocab",
+            v,
+            "--out",
+            o,
+        ])
+    };
+    let o = import(&ckpt, &run);
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
@@ -898,38 +906,11 @@ fn import_transvg_then_predict() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("loaded 605 tensors"), "{}", stderr(&o));
     // a second import into the same folder, a DETR file, a missing file
-    let o = groundkit(&[
-        "import",
-        "transvg",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--vocab",
-        vocab.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-    ]);
+    let o = import(&ckpt, &run);
     assert_clean_failure(&o, "tv");
     let detr = tv("detr_r50_tiny.pth");
-    let o = groundkit(&[
-        "import",
-        "transvg",
-        "--checkpoint",
-        detr.to_str().unwrap(),
-        "--vocab",
-        vocab.to_str().unwrap(),
-        "--out",
-        dir.path().join("d").to_str().unwrap(),
-    ]);
+    let o = import(&detr, &dir.path().join("d"));
     assert_clean_failure(&o, "DETR detection checkpoint");
-    let o = groundkit(&[
-        "import",
-        "transvg",
-        "--checkpoint",
-        "nope.pth",
-        "--vocab",
-        vocab.to_str().unwrap(),
-        "--out",
-        dir.path().join("n").to_str().unwrap(),
-    ]);
+    let o = import(Path::new("nope.pth"), &dir.path().join("n"));
     assert_clean_failure(&o, "nope.pth");
 }

@@ -133,10 +133,6 @@ impl TorchFile {
         &self.object
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Number of storages the container holds.
     pub fn storage_count(&self) -> usize {
         match &self.storages {
@@ -279,23 +275,6 @@ fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
     true
 }
 
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = u32::from(h >> 15) << 31;
-    let exp = u32::from((h >> 10) & 0x1f);
-    let man = u32::from(h & 0x3ff);
-    let bits = match (exp, man) {
-        (0, 0) => sign,
-        (0, m) => {
-            // subnormal: normalise
-            let shift = m.leading_zeros() - 21;
-            sign | ((113 - shift) << 23) | ((m << (shift + 1)) & 0x3ff) << 13
-        }
-        (31, m) => sign | 0x7f80_0000 | (m << 13),
-        (e, m) => sign | ((e + 112) << 23) | (m << 13),
-    };
-    f32::from_bits(bits)
-}
-
 fn decode_f32(dtype: StorageDtype, b: &[u8]) -> Vec<f32> {
     macro_rules! each {
         ($n:expr, $f:expr) => {
@@ -307,10 +286,8 @@ fn decode_f32(dtype: StorageDtype, b: &[u8]) -> Vec<f32> {
     match dtype {
         StorageDtype::F32 => each!(4, f32::from_le_bytes),
         StorageDtype::F64 => each!(8, |c| f64::from_le_bytes(c) as f32),
-        StorageDtype::F16 => each!(2, |c| f16_to_f32(u16::from_le_bytes(c))),
-        StorageDtype::BF16 => each!(2, |c| f32::from_bits(
-            u32::from(u16::from_le_bytes(c)) << 16
-        )),
+        StorageDtype::F16 => each!(2, |c| half::f16::from_le_bytes(c).to_f32()),
+        StorageDtype::BF16 => each!(2, |c| half::bf16::from_le_bytes(c).to_f32()),
         StorageDtype::I64 => each!(8, |c| i64::from_le_bytes(c) as f32),
         StorageDtype::I32 => each!(4, |c| i32::from_le_bytes(c) as f32),
         StorageDtype::I16 => each!(2, |c| f32::from(i16::from_le_bytes(c))),
@@ -531,20 +508,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn half_floats_convert_exactly() {
-        for (h, f) in [
-            (0x3c00u16, 1.0f32),
-            (0xc000, -2.0),
-            (0x7bff, 65504.0),
-            (0x0001, 5.960_464_5e-8),
-            (0x0200, 3.051_757_8e-5),
-            (0x8000, -0.0),
-            (0x3555, 0.333_251_95),
-        ] {
-            assert_eq!(f16_to_f32(h), f, "{h:#06x}");
-        }
-        assert!(f16_to_f32(0x7e00).is_nan());
-        assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
+    fn storages_of_every_dtype_decode_little_endian() {
+        let f16 = [0x00, 0x3c, 0x00, 0xc0, 0xff, 0x7b, 0x01, 0x00];
+        assert_eq!(
+            decode_f32(StorageDtype::F16, &f16),
+            vec![1.0, -2.0, 65504.0, 5.960_464_5e-8]
+        );
+        assert_eq!(
+            decode_f32(StorageDtype::BF16, &[0x80, 0x3f, 0x20, 0xc1]),
+            vec![1.0, -10.0]
+        );
+        assert_eq!(
+            decode_f32(StorageDtype::F64, &(-0.5f64).to_le_bytes()),
+            vec![-0.5]
+        );
+        assert_eq!(
+            decode_f32(StorageDtype::I64, &(-7i64).to_le_bytes()),
+            vec![-7.0]
+        );
+        assert_eq!(decode_f32(StorageDtype::I8, &[0xff, 3]), vec![-1.0, 3.0]);
+        assert_eq!(decode_f32(StorageDtype::Bool, &[1, 0]), vec![1.0, 0.0]);
     }
 
     #[test]

@@ -9,8 +9,7 @@
 
 use crate::dataset::Sample;
 use crate::error::Result;
-pub use crate::image_io::Resize;
-use crate::image_io::{self, Normalize};
+use crate::image_io::{self, Normalize, Resize};
 use candle_core::{Device, Tensor};
 use gk_box::{Box4, Letterbox};
 use image::RgbImage;

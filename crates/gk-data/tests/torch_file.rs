@@ -125,40 +125,24 @@ fn hand_made_files_read_and_hostile_ones_are_clear_errors() {
     assert_eq!(sd[0].1.location, "cuda:0");
     assert_eq!(f.read_f32(&sd[0].1).unwrap(), vec![1.5, -2.0, 3.25, 0.5]);
 
+    // the error of reading the one tensor of a written file
+    let read_err = |name: &str, pkl: &[u8], storages: &[(&str, &[u8])]| {
+        let f = TorchFile::open(&zip_file(dir.path(), name, pkl, storages)).unwrap();
+        let sd = pth::state_dict(f.object()).unwrap();
+        f.read_f32(&sd[0].1).unwrap_err().to_string()
+    };
     // a tensor claiming more elements than its storage holds
-    let p = zip_file(
-        dir.path(),
-        "short.pth",
-        &tensor_pickle(4, 9, global),
-        &[("0", &data)],
-    );
-    let f = TorchFile::open(&p).unwrap();
-    let sd = pth::state_dict(f.object()).unwrap();
-    let e = f.read_f32(&sd[0].1).unwrap_err().to_string();
+    let e = read_err("short.pth", &tensor_pickle(4, 9, global), &[("0", &data)]);
     assert!(
         e.contains("short.pth") && e.contains("storage `0`") && e.contains("reaches element 9"),
         "{e}"
     );
     // a storage entry shorter than its persistent id says
-    let p = zip_file(
-        dir.path(),
-        "cut.pth",
-        &tensor_pickle(9, 9, global),
-        &[("0", &data)],
-    );
-    let f = TorchFile::open(&p).unwrap();
-    let sd = pth::state_dict(f.object()).unwrap();
-    let e = f.read_f32(&sd[0].1).unwrap_err().to_string();
+    let e = read_err("cut.pth", &tensor_pickle(9, 9, global), &[("0", &data)]);
     assert!(e.contains("has 16 bytes"), "{e}");
     // a missing storage entry
-    let p = zip_file(dir.path(), "nodata.pth", &good, &[]);
-    let f = TorchFile::open(&p).unwrap();
-    let sd = pth::state_dict(f.object()).unwrap();
-    assert!(f
-        .read_f32(&sd[0].1)
-        .unwrap_err()
-        .to_string()
-        .contains("archive/data/0"));
+    let e = read_err("nodata.pth", &good, &[]);
+    assert!(e.contains("archive/data/0"), "{e}");
     // code in the pickle: named, never run
     let evil = tensor_pickle(4, 4, b"cposix\nsystem\n(");
     let p = zip_file(dir.path(), "evil.pth", &evil, &[("0", &data)]);

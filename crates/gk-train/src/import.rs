@@ -18,9 +18,10 @@ use crate::train::{DataConfig, OptimConfig, RunConfig};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use gk_data::image_io::Resize;
 use gk_data::pickle::Value;
 use gk_data::pth::{self, TensorRef, TorchFile};
-use gk_data::transforms::{Resize, TransformConfig};
+use gk_data::transforms::TransformConfig;
 use gk_models::bert::BertConfig;
 use gk_models::detr::DetrConfig;
 use gk_models::encoder::EncoderConfig;
@@ -144,7 +145,6 @@ pub fn transvg_config(
             ),
         ));
     }
-    let enc = "visumodel.transformer.encoder.layers.";
     let heads = |arg: &str, d: usize| -> Result<usize> {
         let h = arg_usize(args, arg).unwrap_or(8);
         if h == 0 || !d.is_multiple_of(h) {
@@ -155,14 +155,18 @@ pub fn transvg_config(
         }
         Ok(h)
     };
-    let encoder = EncoderConfig {
-        hidden: d,
-        layers: count_blocks(&names, enc, "linear1.weight"),
-        heads: heads("nheads", d)?,
-        ffn: shape(&format!("{enc}0.linear1.weight"))?[0],
-        dropout: 0.1,
-        pre_norm: false,
+    // a post-norm DETR-style encoder under `prefix` of width `hidden`, heads from `args`
+    let encoder_at = |prefix: &str, heads_arg: &str, hidden: usize| -> Result<EncoderConfig> {
+        Ok(EncoderConfig {
+            hidden,
+            layers: count_blocks(&names, prefix, "linear1.weight"),
+            heads: heads(heads_arg, hidden)?,
+            ffn: shape(&format!("{prefix}0.linear1.weight"))?[0],
+            dropout: 0.1,
+            pre_norm: false,
+        })
     };
+    let encoder = encoder_at("visumodel.transformer.encoder.layers.", "nheads", d)?;
     let bert = "textmodel.bert.";
     let words = shape(&format!("{bert}embeddings.word_embeddings.weight"))?;
     let hidden = words[1];
@@ -186,17 +190,8 @@ pub fn transvg_config(
         type_vocab_size: shape(&format!("{bert}embeddings.token_type_embeddings.weight"))?[0],
         ..BertConfig::base()
     };
-    let vl = "vl_transformer.encoder.layers.";
     let pos = shape("vl_pos_embed.weight")?;
-    let vd = pos[1];
-    let fusion = EncoderConfig {
-        hidden: vd,
-        layers: count_blocks(&names, vl, "linear1.weight"),
-        heads: heads("vl_nheads", vd)?,
-        ffn: shape(&format!("{vl}0.linear1.weight"))?[0],
-        dropout: 0.1,
-        pre_norm: false,
-    };
+    let fusion = encoder_at("vl_transformer.encoder.layers.", "vl_nheads", pos[1])?;
     let image_size = arg_usize(args, "imsize").unwrap_or(640);
     let visual = DetrConfig { backbone, encoder };
     if !image_size.is_multiple_of(visual.backbone.stride()) {
@@ -266,8 +261,9 @@ pub fn transvg_key(name: &str) -> Option<String> {
 
 /// Records what a model asks for: `(name, shape)` of every parameter, answering with
 /// broadcast zeros (no allocation) and `contains` from the names a checkpoint will give.
+/// `asked` is shared with the caller, who keeps a handle while the builder owns the backend.
 struct Recorder {
-    asked: std::sync::Mutex<Vec<(String, Vec<usize>)>>,
+    asked: std::sync::Arc<std::sync::Mutex<Shapes>>,
     present: BTreeSet<String>,
 }
 
@@ -302,34 +298,17 @@ impl SimpleBackend for Recorder {
 fn expected_params(
     cfg: &GrounderConfig,
     present: BTreeSet<String>,
-) -> Result<Vec<(String, Vec<usize>)>> {
-    let rec = std::sync::Arc::new(Recorder {
-        asked: Default::default(),
+) -> Result<Shapes> {
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let rec = Recorder {
+        asked: asked.clone(),
         present,
-    });
-    struct Shared(std::sync::Arc<Recorder>);
-    impl SimpleBackend for Shared {
-        fn get(
-            &self,
-            s: Shape,
-            n: &str,
-            h: candle_nn::Init,
-            d: DType,
-            dev: &Device,
-        ) -> candle_core::Result<Tensor> {
-            self.0.get(s, n, h, d, dev)
-        }
-        fn get_unchecked(&self, n: &str, d: DType, dev: &Device) -> candle_core::Result<Tensor> {
-            self.0.get_unchecked(n, d, dev)
-        }
-        fn contains_tensor(&self, n: &str) -> bool {
-            self.0.contains_tensor(n)
-        }
-    }
-    let vb = VarBuilder::from_backend(Box::new(Shared(rec.clone())), DType::F32, Device::Cpu);
-    Grounder::new(vb, cfg)?;
-    let asked = rec
-        .asked
+    };
+    Grounder::new(
+        VarBuilder::from_backend(Box::new(rec), DType::F32, Device::Cpu),
+        cfg,
+    )?;
+    let asked = asked
         .lock()
         .map_err(|_| TrainError::Config("poisoned".into()))?
         .clone();
