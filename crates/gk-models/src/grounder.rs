@@ -1037,10 +1037,13 @@ mod tests {
                             VisualConfig::Hivg(HivgConfig::tiny(cfg.text_dim(), cfg.max_text_len))
                     }
                     "detr" => {
+                        // Width 8, not 2: the weights are drawn unseeded, and a bottleneck's
+                        // c x c 1x1 conv after a ReLU is dead (no gradient) when all of its
+                        // weights are negative, p = 2^-(c*c): 1/16 per block at width 2.
                         cfg.visual = VisualConfig::Detr(DetrConfig {
                             backbone: crate::resnet::ResNetConfig {
                                 layers: [1, 1, 1, 1],
-                                width: 2,
+                                width: 8,
                                 dilation: true,
                             },
                             encoder: EncoderConfig {

@@ -295,10 +295,7 @@ impl SimpleBackend for Recorder {
 }
 
 /// The parameters `cfg` asks for, when its weights will hold `present` names.
-fn expected_params(
-    cfg: &GrounderConfig,
-    present: BTreeSet<String>,
-) -> Result<Shapes> {
+fn expected_params(cfg: &GrounderConfig, present: BTreeSet<String>) -> Result<Shapes> {
     let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let rec = Recorder {
         asked: asked.clone(),
