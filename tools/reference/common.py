@@ -146,5 +146,35 @@ def write_json(path: Path, obj) -> None:
         f.write("\n")
 
 
+def write_json_compact(path: Path, obj, width: int = 120) -> None:
+    """Like write_json (indent 1, UTF-8, trailing newline), but a list of scalars that fits in `width` characters,
+    or any list of numbers, is written on one line (long id / coordinate lists stay readable and small)."""
+    def scalar(v):
+        return v is None or isinstance(v, (bool, int, float, str))
+
+    def enc(o, ind):
+        pad = " " * ind
+        if isinstance(o, dict):
+            if not o:
+                return "{}"
+            items = [f'{pad} {json.dumps(str(k), ensure_ascii=False)}: {enc(v, ind + 1)}' for k, v in o.items()]
+            return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+        if isinstance(o, (list, tuple)):
+            if all(scalar(v) for v in o):
+                flat = json.dumps(list(o), ensure_ascii=False)
+                if len(flat) <= width or all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in o):
+                    return flat
+            if not o:
+                return "[]"
+            return "[\n" + ",\n".join(f"{pad} {enc(v, ind + 1)}" for v in o) + "\n" + pad + "]"
+        return json.dumps(o, ensure_ascii=False)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = enc(obj, 0) + "\n"
+    assert json.loads(text) == json.loads(json.dumps(obj)), "write_json_compact: round trip"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def rel(p: Path) -> str:
     return os.path.relpath(p, ROOT)

@@ -227,6 +227,7 @@ fn grounder_run(
         data,
         &report::run_sets(data),
         GtBoxes::Stored,
+        report::EVAL_BATCH,
     )?;
     Ok(reports
         .iter()

@@ -20,7 +20,8 @@ pub struct BenchArgs {
     iters: usize,
     /// Which models: clip-b16-vision, grounder-clip-b16 (forward); grounder-hivg-b16 and
     /// grounder-qrnet-swin-s (forward at the papers' sizes: 224 and 640 px); grounder-transvg-r50
-    /// (TransVG-R50 as published, 640 px, 20 tokens); synth-small (the demo
+    /// (TransVG-R50 as published, 640 px, 20 tokens); grounder-hivg-b16-release and
+    /// grounder-clipvg-b16 (HiVG-B/16 and CLIP-VG as `import` makes them); synth-small (the demo
     /// grounder's forward) and synth-small-train (one training step of it: forward, loss,
     /// backward, clipping, AdamW); qrnet-synth[-train], hivg-synth[-train] the same for
     /// QRNet-tiny and HiVG-tiny (the benchmark presets).
@@ -72,10 +73,14 @@ fn case(name: &str) -> Result<Case> {
         }
         "grounder-clip-b16"
         | "grounder-hivg-b16"
+        | "grounder-hivg-b16-release"
+        | "grounder-clipvg-b16"
         | "grounder-qrnet-swin-s"
         | "grounder-transvg-r50" => {
             let cfg = match name {
                 "grounder-hivg-b16" => GrounderConfig::hivg_b16(),
+                "grounder-hivg-b16-release" => GrounderConfig::hivg_b16_release(),
+                "grounder-clipvg-b16" => GrounderConfig::clipvg_b16(),
                 "grounder-qrnet-swin-s" => GrounderConfig::qrnet_swin_s(),
                 "grounder-transvg-r50" => GrounderConfig::transvg_r50(),
                 _ => GrounderConfig::clip_b16(),
@@ -147,7 +152,7 @@ fn case(name: &str) -> Result<Case> {
             })
         }
         other => {
-            anyhow::bail!("unknown bench model {other:?} (clip-b16-vision, grounder-clip-b16, grounder-hivg-b16, grounder-qrnet-swin-s, grounder-transvg-r50, synth-small[-train], qrnet-synth[-train], hivg-synth[-train])")
+            anyhow::bail!("unknown bench model {other:?} (clip-b16-vision, grounder-clip-b16, grounder-hivg-b16, grounder-hivg-b16-release, grounder-clipvg-b16, grounder-qrnet-swin-s, grounder-transvg-r50, synth-small[-train], qrnet-synth[-train], hivg-synth[-train])")
         }
     })
 }

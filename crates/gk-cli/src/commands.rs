@@ -169,6 +169,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
                     from: String::new(),
                     to: String::new(),
                     strict: true,
+                    format: Default::default(),
                 });
             }
             if cfg.hilora.is_some() {
@@ -219,6 +220,12 @@ pub struct EvalArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Queries per forward, in the set's order. Only models whose answers depend on the
+    /// batch (HiVG imported with `--bridge-mode batched`) give other numbers at another
+    /// size; HiVG's scripts evaluate in batches of 60 (Base) or 32 (Large), spread over 7
+    /// GPUs.
+    #[arg(long, default_value_t = report::EVAL_BATCH)]
+    pub batch: usize,
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
@@ -239,7 +246,13 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     } else {
         GtBoxes::Stored
     };
-    let mut reports = report::evaluate_sets(model.as_ref(), &data, &sets, gt)?;
+    if let Some(note) = &model.info().batch_dependent {
+        eprintln!(
+            "{note}: evaluated in batches of {} in the order of each set's file",
+            a.batch
+        );
+    }
+    let mut reports = report::evaluate_sets(model.as_ref(), &data, &sets, gt, a.batch.max(1))?;
     reports.sort_by_key(|(name, _)| report::paper_column(name));
     if let Some((name, r)) = reports.first() {
         if let Some(set) = sets.iter().find(|s| &report::split_name(s) == name) {

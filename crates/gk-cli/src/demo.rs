@@ -58,7 +58,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let model = gk_train::infer::open(&run)?;
     let data_cfg = &model.info().data;
     let sets = report::run_sets(data_cfg);
-    let reports = report::evaluate_sets(model.as_ref(), data_cfg, &sets, GtBoxes::Stored)?;
+    let reports = report::evaluate_sets(
+        model.as_ref(),
+        data_cfg,
+        &sets,
+        GtBoxes::Stored,
+        report::EVAL_BATCH,
+    )?;
     let table = report::table(&reports);
     println!("{table}");
     std::fs::write(run.file("results.txt"), &table)?;

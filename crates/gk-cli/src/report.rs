@@ -32,6 +32,7 @@ pub fn evaluate_sets(
     data: &DataConfig,
     sets: &[PathBuf],
     gt: GtBoxes,
+    batch: usize,
 ) -> Result<Vec<(String, EvalReport)>> {
     let mut out = Vec::new();
     for path in sets {
@@ -42,7 +43,7 @@ pub fn evaluate_sets(
         pb.set_style(indicatif::ProgressStyle::with_template(
             "{msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec}",
         )?);
-        let report = gk_train::infer::evaluate(model, &ds, gt, EVAL_BATCH, |n| pb.inc(n as u64))
+        let report = gk_train::infer::evaluate(model, &ds, gt, batch, |n| pb.inc(n as u64))
             .with_context(|| format!("evaluating {}", path.display()))?;
         pb.finish_and_clear();
         out.push((split_name(path), report));
@@ -51,7 +52,7 @@ pub fn evaluate_sets(
 }
 
 /// Queries per forward in `eval` (the training-time evaluation batches at least 16 too).
-const EVAL_BATCH: usize = 16;
+pub const EVAL_BATCH: usize = 16;
 
 /// A run's own evaluation sets: val, then the test sets.
 pub fn run_sets(data: &DataConfig) -> Vec<PathBuf> {

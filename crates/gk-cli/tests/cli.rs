@@ -876,7 +876,23 @@ fn import_transvg_then_predict() {
     }
     assert!(picture.is_file());
     // fine-tuning starts from the imported weights (one step on the embedded benchmark)
-    let data = dir.path().join("data");
+    let o = fine_tune_one_step(dir.path(), &run);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("loaded 605 tensors"), "{}", stderr(&o));
+    // a second import into the same folder, a DETR file, a missing file
+    let o = import(&ckpt, &run);
+    assert_clean_failure(&o, "tv");
+    let detr = tv("detr_r50_tiny.pth");
+    let o = import(&detr, &dir.path().join("d"));
+    assert_clean_failure(&o, "DETR detection checkpoint");
+    let o = import(Path::new("nope.pth"), &dir.path().join("n"));
+    assert_clean_failure(&o, "nope.pth");
+}
+
+/// One fine-tuning step of an imported run on the embedded benchmark (`train
+/// --init-from`): the run's own config with the benchmark's data.
+fn fine_tune_one_step(dir: &Path, run: &Path) -> Output {
+    let data = dir.join("data");
     assert!(
         groundkit(&["synth", "--out", data.to_str().unwrap(), "--preset", "tiny"])
             .status
@@ -889,28 +905,166 @@ fn import_transvg_then_predict() {
     rc.data.test = Vec::new();
     rc.optim.batch_size = 2;
     rc.optim.workers = 1;
-    let cfg = dir.path().join("ft.toml");
+    let cfg = dir.join("ft.toml");
     std::fs::write(&cfg, toml::to_string(&rc).unwrap()).unwrap();
-    let ft = dir.path().join("ft");
-    let o = groundkit(&[
+    groundkit(&[
         "train",
         "--config",
         cfg.to_str().unwrap(),
         "--out",
-        ft.to_str().unwrap(),
+        dir.join("ft").to_str().unwrap(),
         "--init-from",
         run.to_str().unwrap(),
         "--stop-after",
         "1",
+    ])
+}
+
+/// `import hivg` in HiVG's batch-mixing mode, then `eval` over the reference's batch in
+/// its order (the reference boxes as ground truth: every IoU ~1), `predict` of one case
+/// alone, and `import clip-vg` of the CLIP-VG file; a HiVG file that lost its bridge
+/// weights fails cleanly.
+#[test]
+fn import_hivg_then_eval_in_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let hv = |p: &str| fixture(&format!("hivg_release/{p}"));
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hv("cases.json")).unwrap()).unwrap();
+    let model = &cases["models"]["hivg_b_tiny_uncplus.pth"];
+    let run = dir.path().join("hivg");
+    let import = |family: &str, file: &Path, out: &Path, extra: &[&str]| {
+        let (c, t, o) = (
+            file.to_str().unwrap(),
+            hv("tokenizer.json"),
+            out.to_str().unwrap(),
+        );
+        let mut args = vec![
+            "import",
+            family,
+            "--checkpoint",
+            c,
+            "--tokenizer",
+            t.to_str().unwrap(),
+            "--out",
+            o,
+            "--heads",
+            "2,2",
+        ];
+        args.extend_from_slice(extra);
+        groundkit(&args)
+    };
+    let o = import(
+        "hivg",
+        &hv("hivg_b_tiny_uncplus.pth"),
+        &run,
+        &["--bridge-mode", "batched"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("bridges in layers [0, 3, 7, 11] reading text layers [6, 12]")
+            && err.contains("112 LoRA pairs merged")
+            && err.contains("Batched"),
+        "{err}"
+    );
+    // the batch of the reference, in its order, as a set whose boxes are HiVG's answers
+    let all = model["cases"].as_array().unwrap();
+    let batched = &model["batched"];
+    let mut rows = String::new();
+    for (k, i) in batched["order"].as_array().unwrap().iter().enumerate() {
+        let case = &all[i.as_u64().unwrap() as usize];
+        let name = case["image"].as_str().unwrap();
+        let image = hv(cases["images"][name]["path"].as_str().unwrap());
+        let row = serde_json::json!({
+            "id": format!("t/{k}"), "dataset": "t", "split": "val",
+            "image": image.canonicalize().unwrap().to_str().unwrap(),
+            "bbox_xyxy": batched["bbox_xyxy_clipped"][k], "expr": case["expr"],
+        });
+        rows += &format!("{row}\n");
+    }
+    let set = dir.path().join("val.jsonl");
+    std::fs::write(&set, rows).unwrap();
+    let eval = |batch: &str| {
+        groundkit(&[
+            "eval",
+            "--run",
+            run.to_str().unwrap(),
+            "--data",
+            set.to_str().unwrap(),
+            "--images",
+            "/",
+            "--batch",
+            batch,
+            "--json",
+        ])
+    };
+    let o = eval("5");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("batch-mixing bridges") && stderr(&o).contains("batches of 5"),
+        "{}",
+        stderr(&o)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let miou = v["val"]["all"]["miou"].as_f64().unwrap(); // percent
+    assert!(miou > 99.9, "batched eval at the reference's batch: {v}");
+    // one query alone is another batch: HiVG's own box at batch 1
+    let one = eval("1");
+    let v1: serde_json::Value = serde_json::from_slice(&one.stdout).unwrap();
+    assert!(v1["val"]["all"]["miou"].as_f64().unwrap() < 99.0, "{v1}");
+    let case = &all[0];
+    let name = case["image"].as_str().unwrap();
+    let o = groundkit(&[
+        "predict",
+        "--run",
+        run.to_str().unwrap(),
+        "--image",
+        hv(cases["images"][name]["path"].as_str().unwrap())
+            .to_str()
+            .unwrap(),
+        "--expr",
+        case["expr"].as_str().unwrap(),
+        "--out",
+        dir.path().join("p.png").to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("loaded 605 tensors"), "{}", stderr(&o));
-    // a second import into the same folder, a DETR file, a missing file
-    let o = import(&ckpt, &run);
-    assert_clean_failure(&o, "tv");
-    let detr = tv("detr_r50_tiny.pth");
-    let o = import(&detr, &dir.path().join("d"));
-    assert_clean_failure(&o, "DETR detection checkpoint");
-    let o = import(Path::new("nope.pth"), &dir.path().join("n"));
-    assert_clean_failure(&o, "nope.pth");
+    let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for (a, b) in got["bbox_xyxy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(case["bbox_xyxy_clipped"].as_array().unwrap())
+    {
+        assert!(
+            (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 0.5,
+            "{got}"
+        );
+    }
+    // fine-tuning starts from the imported weights (one step on the embedded benchmark)
+    let o = fine_tune_one_step(dir.path(), &run);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let n = std::fs::read_to_string(run.join("import.json")).unwrap();
+    let n: serde_json::Value = serde_json::from_str(&n).unwrap();
+    let loaded = format!("loaded {} tensors", n["tensors"]);
+    assert!(stderr(&o).contains(&loaded), "{}", stderr(&o));
+    let cv = dir.path().join("clipvg");
+    let o = import(
+        "clip-vg",
+        &fixture("clipvg_release/clipvg_b_tiny.pth"),
+        &cv,
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("CLIP-VG (Zip container)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = import(
+        "hivg",
+        &hv("hivg_b_tiny_missing_bridge.pth"),
+        &dir.path().join("bad"),
+        &[],
+    );
+    assert_clean_failure(&o, "bridges' trained attention weights are missing");
 }

@@ -80,6 +80,14 @@ impl TextTokenizer {
         self
     }
 
+    /// [`Self::with_pad_id`] when a pad id is given (a model kind's own; `None`: unchanged).
+    pub fn with_pad_override(self, pad: Option<u32>) -> Self {
+        match pad {
+            Some(p) => self.with_pad_id(p),
+            None => self,
+        }
+    }
+
     pub fn pad_id(&self) -> u32 {
         self.pad
     }

@@ -129,6 +129,7 @@ impl CkdModel {
             tokens: none.clone(),
             pooled: none.clone(),
             hidden_states: Vec::new(),
+            projected: None,
         };
         let v = self.visual.forward(pixels, pixel_mask, &text, &none)?;
         let (gh, gw) = v.grid;

@@ -11,15 +11,22 @@
 //!   normed (`ml_norm.{i}`, ours), concatenated over channels and projected
 //!   (`ml_visual_projection`, `n·Cv → proj_dim`).
 //!
-//! Ours, where the public code differs: the cross-attention runs **per sample** with the
-//! text padding masked (HiVG's code reinterprets its `L×B` text buffer as `B×L`, which mixes
-//! text across the samples of a batch); the MLP's output layer starts at zero and `E_k` at
+//! Ours, where the public code differs ([`BridgeMode`] and `level_norm` select HiVG's own
+//! behaviour, which imported checkpoints use): the cross-attention runs **per sample** with
+//! the text padding masked (HiVG's code attends to all 77 positions unmasked and
+//! reinterprets its `L×B` text buffer as `B×L`, which mixes text across the samples of a
+//! batch); the MLP's output layer starts at zero and `E_k` at
 //! zero, so a fresh bridge leaves the pretrained CLIP unchanged. HiVG projects the raw
 //! hidden states, whose scale grows with depth (the benchmark teacher's: rms 1.0 after the
 //! embeddings, 3.0 and 4.6 after layers 2 and 4); its box head reads the fusion's final
 //! norm and does not mind, but our dense head scores the projected tokens directly and the
 //! raw scale put its initial cell logits far apart (cell loss 7.8 over 64 cells against a
 //! uniform 4.2); a layer norm per level (weight 1, bias 0) fixes the scale.
+//!
+//! Without bridges this is CLIP-VG's visual side (multi-level CLS + patch tokens of a plain
+//! CLIP tower). [`patch_mask`] turns the pixel mask into the token mask the way each
+//! system's code does (nearest pixel, torchvision's bilinear resize with or without
+//! antialiasing, then rounding half to even).
 //!
 //! Keys: the CLIP tower's own (`embeddings.*`, `pre_layrnorm`, `encoder.layers.*`,
 //! `post_layernorm`), then `bridge.{j}.{adaptive.{k}, gate, cross_norm,
@@ -30,7 +37,7 @@
 use crate::clip::{ClipAttention, ClipMlp, ClipVisionConfig, ClipVisionTransformer};
 use crate::lora::LoraLinear;
 use crate::nn::{self, Activation, LayerNorm};
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, IndexOp, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +62,78 @@ pub struct HivgConfig {
     /// `visual_projection`, `text_projection` and `logit_scale`); 0 = no term.
     #[serde(default)]
     pub contrastive_dim: usize,
+    /// A layer norm per multi-level feature (`ml_norm.{i}`, ours); HiVG and CLIP-VG project
+    /// the raw hidden states.
+    #[serde(default = "yes")]
+    pub level_norm: bool,
+    /// How the bridges' cross-attention reads the text.
+    #[serde(default)]
+    pub bridge_mode: BridgeMode,
+    /// What feeds the bridges.
+    #[serde(default)]
+    pub bridge_text: BridgeText,
+    /// HiVG's auxiliary heads (`hivg_aux.*`, for its token and mask losses); imported
+    /// checkpoints have none of ours.
+    #[serde(default = "yes")]
+    pub aux_heads: bool,
+    /// How the pixel mask becomes the token mask.
+    #[serde(default)]
+    pub patch_mask: PatchMask,
+    /// Hidden width of the bridges' MLP; 0 = 4x the vision width (ours). HiVG builds it
+    /// as CLIP's MLP (`intermediate_size`: also 4x for ViT-B/L).
+    #[serde(default)]
+    pub bridge_ffn: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How a bridge's cross-attention reads the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BridgeMode {
+    /// Ours: each sample reads its own text, padding masked.
+    #[default]
+    Masked,
+    /// HiVG's attention at batch 1: each sample reads its own `text_len` positions, padding
+    /// included (the text tower ran without a padding mask), nothing masked.
+    PerSample,
+    /// HiVG's code as its models were trained and evaluated (`HiVG.py` permutes the text to
+    /// `[L, B, C]` and its attention views that buffer as `[B, L, C]`): sample `b`,
+    /// position `l` reads row `r = b·L + l` of the `L×B` buffer, i.e. position `r / B` of
+    /// sample `r % B`. Outputs depend on the batch size and each sample's place in it; at
+    /// batch 1 it equals `PerSample`.
+    Batched,
+}
+
+/// What feeds the bridges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BridgeText {
+    /// The chosen text layers' hidden states, reweighted and gated (`adaptive`, `gate`).
+    #[default]
+    Hidden,
+    /// HiVG's mixup pretraining (`--mixup_pretrain`): every bridge reads
+    /// `condition_text_proj(text_projection(final-normed last layer))`, with
+    /// `condition_text_proj` (`contrastive_dim` -> vision width) applied to CLIP's projected
+    /// text (the grounder's `layout.text_projection`).
+    Projected,
+}
+
+/// How the `[B, S, S]` pixel mask becomes the patch mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PatchMask {
+    /// The top-left pixel of each patch (TransVG's `F.interpolate(mode='nearest')`).
+    #[default]
+    Nearest,
+    /// CLIP-VG: torchvision 0.10's `Resize` of the int pad mask (bilinear, no antialias:
+    /// the mean of the 2x2 pixels at each patch's centre), rounded half to even.
+    Bilinear,
+    /// HiVG: torchvision 0.17's `Resize` (bilinear with antialias: a triangle filter as
+    /// wide as two patches), rounded half to even.
+    BilinearAntialias,
 }
 
 impl HivgConfig {
@@ -69,6 +148,12 @@ impl HivgConfig {
             text_len: 77,
             proj_dim: 512,
             contrastive_dim: 512,
+            level_norm: true,
+            bridge_mode: BridgeMode::Masked,
+            bridge_text: BridgeText::Hidden,
+            aux_heads: true,
+            patch_mask: PatchMask::Nearest,
+            bridge_ffn: 0,
         }
     }
 
@@ -83,15 +168,107 @@ impl HivgConfig {
             text_len,
             proj_dim: 32,
             contrastive_dim: 16,
+            ..Self::clip_b16()
         }
     }
+}
+
+impl PatchMask {
+    /// `pixel_mask: [B, S, S]` (1 = image) -> `[B, gh * gw]` (1 = image, f32). The resizing
+    /// kinds act on the pad mask (1 = pad) as the originals do (rounding half to even is
+    /// not symmetric under `1 - m`: a patch exactly half padded counts as image).
+    pub fn apply(self, pixel_mask: &Tensor, gh: usize, gw: usize) -> Result<Tensor> {
+        let (b, h, w) = pixel_mask.dims3()?;
+        if self == Self::Nearest {
+            let (ph, pw) = (h / gh, w / gw);
+            return pixel_mask
+                .reshape((b, gh, ph, gw, pw))?
+                .i((.., .., 0, .., 0))?
+                .reshape((b, gh * gw))?
+                .to_dtype(DType::F32);
+        }
+        let (rows, cols) = match self {
+            Self::Bilinear => (bilinear_weights(h, gh), bilinear_weights(w, gw)),
+            _ => (antialias_weights(h, gh), antialias_weights(w, gw)),
+        };
+        let image = pixel_mask.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+        let mut out = Vec::with_capacity(b * gh * gw);
+        for m in &image {
+            // horizontal pass, then vertical, accumulating in f32 as torch's CPU kernels do
+            let across: Vec<Vec<f32>> = m
+                .iter()
+                .map(|row| {
+                    cols.iter()
+                        .map(|(j0, wts)| resample(wts, |k| 1.0 - row[j0 + k]))
+                        .collect()
+                })
+                .collect();
+            for (i0, wts) in &rows {
+                for x in 0..gw {
+                    let pad = resample(wts, |k| across[i0 + k][x]).round_ties_even();
+                    out.push(if pad != 0.0 { 0f32 } else { 1.0 });
+                }
+            }
+        }
+        Tensor::from_vec(out, (b, gh * gw), pixel_mask.device())
+    }
+}
+
+/// `sum_k wts[k] * value(k)`, left to right in f32.
+fn resample(wts: &[f32], value: impl Fn(usize) -> f32) -> f32 {
+    wts.iter()
+        .enumerate()
+        .fold(0f32, |acc, (k, &wt)| acc + value(k) * wt)
+}
+
+/// torch's `upsample_bilinear2d` (align_corners=False) taps from `input` to `output`
+/// samples: per output, the first input index and the weights.
+fn bilinear_weights(input: usize, output: usize) -> Vec<(usize, Vec<f32>)> {
+    let scale = input as f32 / output as f32;
+    (0..output)
+        .map(|i| {
+            let src = (scale * (i as f32 + 0.5) - 0.5).max(0.0);
+            let i0 = src as usize;
+            let l1 = src - i0 as f32;
+            match i0 + 1 < input {
+                true => (i0, vec![1.0 - l1, l1]),
+                false => (i0, vec![1.0]),
+            }
+        })
+        .collect()
+}
+
+/// torch's antialiased bilinear taps (`_compute_indices_min_size_weights_aa`, f32): a
+/// triangle filter of half-width `scale` when downscaling, weights normalised to sum 1.
+fn antialias_weights(input: usize, output: usize) -> Vec<(usize, Vec<f32>)> {
+    let scale = input as f32 / output as f32;
+    let (support, invscale) = match scale >= 1.0 {
+        true => (scale, 1.0 / scale),
+        false => (1.0, 1.0),
+    };
+    (0..output)
+        .map(|i| {
+            let center = scale * (i as f32 + 0.5);
+            let lo = ((center - support + 0.5) as i64).max(0) as usize;
+            let hi = ((center + support + 0.5) as i64).min(input as i64) as usize;
+            let mut wts: Vec<f32> = (lo..hi)
+                .map(|j| (1.0 - ((j as f32 - center + 0.5) * invscale).abs()).max(0.0))
+                .collect();
+            let total: f32 = wts.iter().sum();
+            if total != 0.0 {
+                wts.iter_mut().for_each(|v| *v /= total);
+            }
+            (lo, wts)
+        })
+        .collect()
 }
 
 /// One bridge.
 #[derive(Debug, Clone)]
 struct Bridge {
+    /// `BridgeText::Hidden`: the adaptive weights `E_k` and the gate.
     adaptive: Vec<Tensor>,
-    gate: Linear,
+    gate: Option<Linear>,
     cross_norm: LayerNorm,
     cross_attn: ClipAttention,
     cross_mlp: ClipMlp,
@@ -102,27 +279,42 @@ impl Bridge {
         let v = &cfg.vision;
         let c = v.hidden_size;
         let mlp = vb.pp("cross_mlp");
+        let hidden = match cfg.bridge_ffn {
+            0 => 4 * c,
+            n => n,
+        };
         // the output layer at zero: a fresh bridge adds nothing
-        let fc1 = candle_nn::linear(c, 4 * c, mlp.pp("fc1"))?;
+        let fc1 = candle_nn::linear(c, hidden, mlp.pp("fc1"))?;
         let fc2 = Linear::new(
             mlp.pp("fc2")
-                .get_with_hints((c, 4 * c), "weight", candle_nn::Init::Const(0.0))?,
+                .get_with_hints((c, hidden), "weight", candle_nn::Init::Const(0.0))?,
             Some(
                 mlp.pp("fc2")
                     .get_with_hints(c, "bias", candle_nn::Init::Const(0.0))?,
             ),
         );
+        let reads_hidden = cfg.bridge_text == BridgeText::Hidden;
         Ok(Self {
-            adaptive: (0..cfg.text_layers.len())
-                .map(|k| {
-                    vb.pp("adaptive").get_with_hints(
-                        (cfg.text_len, cfg.text_dim),
-                        &k.to_string(),
-                        candle_nn::Init::Const(0.0),
-                    )
-                })
-                .collect::<Result<_>>()?,
-            gate: candle_nn::linear(cfg.text_dim * cfg.text_layers.len(), c, vb.pp("gate"))?,
+            adaptive: match reads_hidden {
+                true => (0..cfg.text_layers.len())
+                    .map(|k| {
+                        vb.pp("adaptive").get_with_hints(
+                            (cfg.text_len, cfg.text_dim),
+                            &k.to_string(),
+                            candle_nn::Init::Const(0.0),
+                        )
+                    })
+                    .collect::<Result<_>>()?,
+                false => Vec::new(),
+            },
+            gate: match reads_hidden {
+                true => Some(candle_nn::linear(
+                    cfg.text_dim * cfg.text_layers.len(),
+                    c,
+                    vb.pp("gate"),
+                )?),
+                false => None,
+            },
             cross_norm: LayerNorm::new(vb.pp("cross_norm"), c, v.layer_norm_eps)?,
             cross_attn: ClipAttention::new(vb.pp("cross_attn"), c, v.num_attention_heads, &v.lora)?,
             cross_mlp: ClipMlp::from_parts(
@@ -141,14 +333,17 @@ impl Bridge {
             .zip(&self.adaptive)
             .map(|(t, e)| t.broadcast_mul(&e.narrow(0, 0, t.dim(1)?)?)? + *t)
             .collect::<Result<Vec<_>>>()?;
-        self.gate.forward(&Tensor::cat(&parts, D::Minus1)?)
+        match &self.gate {
+            Some(gate) => gate.forward(&Tensor::cat(&parts, D::Minus1)?),
+            None => candle_core::bail!("hivg: this bridge reads projected text, not hidden states"),
+        }
     }
 
-    /// `h + MLP(CrossAttn(LN(h), T̃))`.
-    fn forward(&self, h: &Tensor, t: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    /// `h + MLP(CrossAttn(LN(h), T̃))`; `bias`: the text padding mask (`BridgeMode::Masked`).
+    fn forward(&self, h: &Tensor, t: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let a = self
             .cross_attn
-            .forward_kv(&self.cross_norm.forward(h)?, t, Some(bias))?;
+            .forward_kv(&self.cross_norm.forward(h)?, t, bias)?;
         h + self.cross_mlp.forward(&a)?
     }
 
@@ -165,6 +360,9 @@ impl Bridge {
 pub struct HivgVisual {
     pub clip: ClipVisionTransformer,
     bridges: Vec<Bridge>,
+    /// `BridgeText::Projected`: HiVG's `condition_text_proj` (`text_dim` -> vision width).
+    condition_text_proj: Option<Linear>,
+    /// `level_norm`: one per multi-level feature.
     ml_norms: Vec<LayerNorm>,
     ml_visual_projection: Linear,
     cfg: HivgConfig,
@@ -190,20 +388,35 @@ impl HivgVisual {
         if let Some(&bad) = cfg.multi_layers.iter().find(|&&l| l > n) {
             candle_core::bail!("hivg: multi-level hidden state {bad} of {n} layers");
         }
-        if cfg.text_layers.is_empty() || cfg.multi_layers.is_empty() {
-            candle_core::bail!("hivg: text_layers and multi_layers must not be empty");
+        let hidden = cfg.bridge_text == BridgeText::Hidden;
+        if hidden && cfg.text_layers.is_empty() && !cfg.bridge_layers.is_empty() {
+            candle_core::bail!("hivg: bridges need text_layers");
         }
+        if cfg.multi_layers.is_empty() {
+            candle_core::bail!("hivg: multi_layers must not be empty");
+        }
+        let c = cfg.vision.hidden_size;
         Ok(Self {
             clip: ClipVisionTransformer::new(vb.clone(), &cfg.vision)?,
             bridges: (0..cfg.bridge_layers.len())
                 .map(|j| Bridge::new(vb.pp(format!("bridge.{j}")), cfg))
                 .collect::<Result<_>>()?,
-            ml_norms: (0..cfg.multi_layers.len())
-                .map(|i| {
-                    let (c, eps) = (cfg.vision.hidden_size, cfg.vision.layer_norm_eps);
-                    LayerNorm::new(vb.pp(format!("ml_norm.{i}")), c, eps)
-                })
-                .collect::<Result<_>>()?,
+            condition_text_proj: match hidden {
+                true => None,
+                false => Some(candle_nn::linear(
+                    cfg.contrastive_dim,
+                    c,
+                    vb.pp("condition_text_proj"),
+                )?),
+            },
+            ml_norms: match cfg.level_norm {
+                true => (0..cfg.multi_layers.len())
+                    .map(|i| {
+                        LayerNorm::new(vb.pp(format!("ml_norm.{i}")), c, cfg.vision.layer_norm_eps)
+                    })
+                    .collect::<Result<_>>()?,
+                false => Vec::new(),
+            },
             ml_visual_projection: candle_nn::linear(
                 cfg.vision.hidden_size * cfg.multi_layers.len(),
                 cfg.proj_dim,
@@ -218,34 +431,60 @@ impl HivgVisual {
     }
 
     /// `pixels: [B, 3, S, S]`; `text_hidden`: the text tower's hidden states (embeddings
-    /// first), `text_mask: [B, L]` (1 = token).
+    /// first), `projected`: CLIP's `text_projection` of its final-normed output
+    /// (`BridgeText::Projected` only), `text_mask: [B, L]` (1 = token; `BridgeMode::Masked`
+    /// only).
     pub fn forward(
         &self,
         pixels: &Tensor,
         text_hidden: &[Tensor],
+        projected: Option<&Tensor>,
         text_mask: &Tensor,
     ) -> Result<HivgOutput> {
-        let texts: Vec<&Tensor> = self
-            .cfg
-            .text_layers
-            .iter()
-            .map(|&l| {
-                text_hidden.get(l).ok_or_else(|| {
-                    candle_core::Error::Msg(format!(
-                        "hivg: text hidden state {l} of {}",
-                        text_hidden.len()
-                    ))
+        let texts: Vec<&Tensor> = match self.cfg.bridge_text {
+            BridgeText::Hidden => self
+                .cfg
+                .text_layers
+                .iter()
+                .map(|&l| {
+                    text_hidden.get(l).ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "hivg: text hidden state {l} of {}",
+                            text_hidden.len()
+                        ))
+                    })
                 })
-            })
-            .collect::<Result<_>>()?;
-        let bias = nn::key_padding_bias(text_mask, pixels.dtype())?; // [B, 1, 1, L]
+                .collect::<Result<_>>()?,
+            BridgeText::Projected => Vec::new(),
+        };
+        // the one text of every bridge in mixup mode: [B, L, Cv]
+        let shared = match (&self.condition_text_proj, projected) {
+            (Some(p), Some(t)) => Some(p.forward(t)?),
+            (Some(_), None) => candle_core::bail!("hivg: projected text missing"),
+            (None, _) => None,
+        };
+        let bias = match self.cfg.bridge_mode {
+            BridgeMode::Masked => Some(nn::key_padding_bias(text_mask, pixels.dtype())?), // [B, 1, 1, L]
+            BridgeMode::PerSample | BridgeMode::Batched => None,
+        };
         let mut x = self.clip.embed(pixels)?;
         let mut hidden = vec![x.clone()];
         for (l, layer) in self.clip.layers.iter().enumerate() {
             x = layer.attn_block(&x, None)?;
             if let Some(j) = self.cfg.bridge_layers.iter().position(|&b| b == l) {
-                let t = self.bridges[j].text(&texts)?;
-                x = self.bridges[j].forward(&x, &t, &bias)?;
+                let t = match &shared {
+                    Some(t) => t.clone(),
+                    None => self.bridges[j].text(&texts)?,
+                };
+                let t = match self.cfg.bridge_mode {
+                    BridgeMode::Batched => {
+                        // HiVG's [L, B, C] buffer read as [B, L, C]
+                        let (b, n, c) = t.dims3()?;
+                        t.transpose(0, 1)?.contiguous()?.reshape((b, n, c))?
+                    }
+                    BridgeMode::Masked | BridgeMode::PerSample => t,
+                };
+                x = self.bridges[j].forward(&x, &t, bias.as_ref())?;
             }
             x = layer.mlp_block(&x)?;
             hidden.push(x.clone());
@@ -254,8 +493,11 @@ impl HivgVisual {
             .cfg
             .multi_layers
             .iter()
-            .zip(&self.ml_norms)
-            .map(|(&i, norm)| norm.forward(&hidden[i]))
+            .enumerate()
+            .map(|(k, &i)| match self.ml_norms.get(k) {
+                Some(norm) => norm.forward(&hidden[i]),
+                None => Ok(hidden[i].clone()),
+            })
             .collect::<Result<Vec<_>>>()?;
         let tokens = self
             .ml_visual_projection
@@ -394,7 +636,7 @@ mod tests {
         let cfg = HivgConfig::tiny(24, 6);
         let net = HivgVisual::new(VarBuilder::from_varmap(&map, DType::F32, &dev), &cfg)?;
         let (px, text, mask) = inputs(&dev)?;
-        let out = net.forward(&px, &text, &mask)?;
+        let out = net.forward(&px, &text, None, &mask)?;
         let plain = net.clip.forward(&px)?;
         for (a, b) in out.hidden_states.iter().zip(&plain.hidden_states) {
             assert_eq!((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
@@ -406,14 +648,14 @@ mod tests {
                 var.set(&Tensor::randn(0f32, 0.2, var.shape(), &dev)?)?;
             }
         }
-        let a = net.forward(&px, &text, &mask)?.tokens;
+        let a = net.forward(&px, &text, None, &mask)?.tokens;
         let mut changed = text.clone();
         for t in changed.iter_mut() {
             let pad = Tensor::randn(0f32, 1.0, (1, 3, 24), &dev)?;
             let s1 = Tensor::cat(&[&t.get(1)?.unsqueeze(0)?.narrow(1, 0, 3)?, &pad], 1)?;
             *t = Tensor::cat(&[&t.get(0)?.unsqueeze(0)?, &s1], 0)?;
         }
-        let b = net.forward(&px, &changed, &mask)?.tokens;
+        let b = net.forward(&px, &changed, None, &mask)?.tokens;
         let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert_eq!(d, 0.0, "padded text tokens changed the output by {d}");
         let mut other = text.clone();
@@ -421,8 +663,8 @@ mod tests {
             let noise = Tensor::randn(0f32, 1.0, (1, 6, 24), &dev)?;
             *t = Tensor::cat(&[&t.get(0)?.unsqueeze(0)?, &noise], 0)?;
         }
-        let c = net.forward(&px, &other, &mask)?.tokens;
-        let a = net.forward(&px, &text, &mask)?.tokens;
+        let c = net.forward(&px, &other, None, &mask)?.tokens;
+        let a = net.forward(&px, &text, None, &mask)?.tokens;
         let d0 = (a.get(0)? - c.get(0)?)?
             .abs()?
             .max_all()?
@@ -434,6 +676,108 @@ mod tests {
         assert!(
             d0 == 0.0 && d1 > 1e-3,
             "sample 0 moved {d0}, sample 1 moved {d1}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn batched_bridges_mix_the_batch_and_equal_per_sample_alone() -> Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let per_sample = HivgConfig {
+            bridge_mode: BridgeMode::PerSample,
+            level_norm: false,
+            ..HivgConfig::tiny(24, 6)
+        };
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let a = HivgVisual::new(vb.clone(), &per_sample)?;
+        let b = HivgVisual::new(
+            vb,
+            &HivgConfig {
+                bridge_mode: BridgeMode::Batched,
+                ..per_sample.clone()
+            },
+        )?;
+        for (name, var) in map.data().lock().unwrap().iter() {
+            if name.contains("fc2") || name.contains("adaptive") {
+                var.set(&Tensor::randn(0f32, 0.2, var.shape(), &dev)?)?;
+            }
+        }
+        let (px, text, mask) = inputs(&dev)?;
+        let diff = |x: &Tensor, y: &Tensor| -> Result<f32> {
+            (x - y)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        // alone, the two modes agree
+        let one: Vec<Tensor> = text
+            .iter()
+            .map(|t| t.narrow(0, 1, 1))
+            .collect::<Result<_>>()?;
+        let (p1, m1) = (px.narrow(0, 1, 1)?, mask.narrow(0, 1, 1)?);
+        let d = diff(
+            &a.forward(&p1, &one, None, &m1)?.tokens,
+            &b.forward(&p1, &one, None, &m1)?.tokens,
+        )?;
+        assert_eq!(d, 0.0);
+        // in a batch of two, batched mode reads the other sample's text; per-sample mode
+        // equals each sample alone
+        let both_a = a.forward(&px, &text, None, &mask)?.tokens;
+        let both_b = b.forward(&px, &text, None, &mask)?.tokens;
+        let alone = a.forward(&p1, &one, None, &m1)?.tokens;
+        let d = diff(&both_a.narrow(0, 1, 1)?, &alone)?;
+        assert!(d < 1e-4, "per-sample in a batch vs alone: {d}"); // f32 summation order
+        assert!(diff(&both_a, &both_b)? > 1e-3);
+        // the text mask plays no part outside the masked mode
+        let d = diff(
+            &both_a,
+            &a.forward(&px, &text, None, &mask.ones_like()?)?.tokens,
+        )?;
+        assert_eq!(d, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn patch_masks_follow_torchvision() -> Result<()> {
+        let dev = Device::Cpu;
+        // 32x32 pixels, 2x2 patches of 16; image rows 0..23 (the last 9 rows pad)
+        let rows: Vec<f32> = (0..32 * 32)
+            .map(|i| if i / 32 < 23 { 1.0 } else { 0.0 })
+            .collect();
+        let m = Tensor::from_vec(rows, (1, 32, 32), &dev)?;
+        // nearest: the top-left pixel of each patch is image
+        assert_eq!(
+            PatchMask::Nearest.apply(&m, 2, 2)?.to_vec2::<f32>()?,
+            [[1., 1., 1., 1.]]
+        );
+        // bilinear: rows 23, 24 at the lower patch's centre are both pad -> masked
+        assert_eq!(
+            PatchMask::Bilinear.apply(&m, 2, 2)?.to_vec2::<f32>()?,
+            [[1., 1., 0., 0.]]
+        );
+        // antialiased: the lower patch's triangle (taps 8..31 around 24, cut at the border)
+        // weighs pad rows 23..31 at 6.97 / 14 < 1/2 -> image; from row 22 on, 7.88 / 14 -> pad
+        assert_eq!(
+            PatchMask::BilinearAntialias
+                .apply(&m, 2, 2)?
+                .to_vec2::<f32>()?,
+            [[1., 1., 1., 1.]]
+        );
+        let more: Vec<f32> = (0..32 * 32)
+            .map(|i| if i / 32 < 22 { 1.0 } else { 0.0 })
+            .collect();
+        let m22 = Tensor::from_vec(more, (1, 32, 32), &dev)?;
+        assert_eq!(
+            PatchMask::BilinearAntialias
+                .apply(&m22, 2, 2)?
+                .to_vec2::<f32>()?,
+            [[1., 1., 0., 0.]]
+        );
+        let half: Vec<f32> = (0..32 * 32)
+            .map(|i| if i / 32 < 24 { 1.0 } else { 0.0 })
+            .collect();
+        let h = Tensor::from_vec(half, (1, 32, 32), &dev)?;
+        assert_eq!(
+            PatchMask::Bilinear.apply(&h, 2, 2)?.to_vec2::<f32>()?,
+            [[1., 1., 1., 1.]]
         );
         Ok(())
     }

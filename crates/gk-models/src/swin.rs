@@ -8,12 +8,14 @@
 //! key, value, relative_position_bias_table}, attention.output.dense, layernorm_after,
 //! intermediate.dense, output.dense}`, `encoder.layers.{i}.downsample.{norm, reduction}`,
 //! `layernorm`. (transformers 5 renames these in memory when it loads such a file; our
-//! fixture generator writes the classic names.) mmdet/timm checkpoints (fused `qkv`) are not
-//! read.
+//! fixture generator writes the classic names.)
 //!
 //! Behaviour follows transformers: the patch embedding and every block pad right/bottom to
 //! a multiple of the patch or window size; a stage whose grid is not larger than the window
-//! uses one window of the grid's size and no shift; odd grids are padded before merging.
+//! uses one window of the grid's size and no shift (mmdet's detection Swin, with
+//! `fixed_windows`, pads it up to a full shifted window instead); odd grids are padded
+//! before merging. `gk_train::import::mmdet_swin_backbone` maps an mmdet detector's
+//! weights (fused `qkv`) onto these names.
 //! [`Swin::forward_with`] lets a caller refine each stage's output before it is merged
 //! (QRNet's query-aware dynamic attention).
 
@@ -37,6 +39,12 @@ pub struct SwinConfig {
     pub qkv_bias: bool,
     pub hidden_act: Activation,
     pub layer_norm_eps: f64,
+    /// The detection Swin's windows (mmdet's `SwinTransformer`, QRNet's backbone): every
+    /// stage uses `window_size`, a smaller grid padded up to it and shifted as usual,
+    /// instead of transformers' one unshifted window of the grid's size. The same at QRNet's
+    /// 640 px, where every stage is larger than a window.
+    #[serde(default)]
+    pub fixed_windows: bool,
 }
 
 impl Default for SwinConfig {
@@ -60,13 +68,15 @@ impl SwinConfig {
             qkv_bias: true,
             hidden_act: Activation::Gelu,
             layer_norm_eps: 1e-5,
+            fixed_windows: false,
         }
     }
 
-    /// Swin-S (QRNet's backbone).
+    /// Swin-S (QRNet's backbone, with the detection Swin's windows).
     pub fn swin_s() -> Self {
         Self {
             depths: vec![2, 2, 18, 2],
+            fixed_windows: true,
             ..Self::swin_t()
         }
     }
@@ -210,6 +220,7 @@ struct SwinBlock {
     act: Activation,
     shifted: bool,
     window: usize,
+    fixed_windows: bool,
 }
 
 impl SwinBlock {
@@ -230,6 +241,7 @@ impl SwinBlock {
             act: cfg.hidden_act,
             shifted,
             window: cfg.window_size,
+            fixed_windows: cfg.fixed_windows,
         })
     }
 
@@ -237,7 +249,7 @@ impl SwinBlock {
     fn forward(&self, x: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
         let (b, _, c) = x.dims3()?;
         // one window of the grid's size, unshifted, when the grid is not larger than a window
-        let (ws, shift) = if h.min(w) <= self.window {
+        let (ws, shift) = if h.min(w) <= self.window && !self.fixed_windows {
             (h.min(w), 0)
         } else {
             (self.window, if self.shifted { self.window / 2 } else { 0 })

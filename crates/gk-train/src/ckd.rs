@@ -963,6 +963,7 @@ impl CkdPredictor {
             image_size: loaded.cfg.model.image_size as u32,
             max_text_len: loaded.cfg.model.max_phrase_len,
             parameters,
+            batch_dependent: None,
             data: loaded.cfg.data.clone(),
         };
         Ok(Self {

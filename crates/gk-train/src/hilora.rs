@@ -155,6 +155,7 @@ pub fn stage_config(base: &RunConfig, k: usize, previous_best: Option<&Path>) ->
             from: String::new(),
             to: String::new(),
             strict: false,
+            format: Default::default(),
         }];
         // the previous stage's positions are in its checkpoint
         cfg.sincos_positions = false;

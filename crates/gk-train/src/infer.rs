@@ -79,6 +79,10 @@ pub struct ModelInfo {
     /// Text length the model reads, special tokens included.
     pub max_text_len: usize,
     pub parameters: usize,
+    /// Set when an answer depends on the other queries of its batch and their order (HiVG's
+    /// batch-mixing bridges): what does so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_dependent: Option<String>,
     /// The run's data settings (its val and test sets, image root).
     #[serde(skip)]
     pub data: crate::train::DataConfig,

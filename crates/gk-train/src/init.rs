@@ -169,7 +169,11 @@ pub fn sincos_positions(map: &VarMap, cfg: &gk_models::grounder::GrounderConfig)
     // (table name, first patch row, grid side, width) of the backbone's own positions;
     // CLIP's row 0 is its CLS token, which the fusion also receives first.
     let d = cfg.fusion.hidden;
-    let first = 1 + cfg.max_text_len;
+    // the fusion's first visual row: after [REG] and the text slots, or after [REG] alone
+    let first = match cfg.layout.visual_first {
+        true => 1,
+        false => 1 + cfg.max_text_len,
+    };
     let (name, cls, g, dim) = match &cfg.visual {
         VisualConfig::ClipVit(v) => (
             "visual.embeddings.position_embedding.weight",

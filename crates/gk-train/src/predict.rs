@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use gk_data::tokenize::TextTokenizer;
 use gk_data::transforms::{self, TransformConfig};
 use gk_models::grounder::{Grounder, GrounderConfig, VisualConfig};
+use gk_models::hivg::BridgeMode;
 use rand::SeedableRng;
 
 /// A trained grounder ready to answer queries.
@@ -29,6 +30,7 @@ pub fn kind_name(cfg: &GrounderConfig) -> &'static str {
         VisualConfig::ClipVit(_) => "clip",
         VisualConfig::ConvNet(_) => "conv",
         VisualConfig::QrNet(_) => "qrnet",
+        VisualConfig::Hivg(h) if h.bridge_layers.is_empty() => "clip-vg",
         VisualConfig::Hivg(_) => "hivg",
         VisualConfig::Detr(_) => "transvg",
     }
@@ -57,7 +59,8 @@ impl Predictor {
     pub fn open(run: &RunDir) -> Result<Self> {
         let dev = Device::Cpu;
         let cfg: RunConfig = run.load_config()?;
-        let tok = TextTokenizer::from_file(&run.file("tokenizer.json"))?;
+        let tok = TextTokenizer::from_file(&run.file("tokenizer.json"))?
+            .with_pad_override(cfg.model.layout.pad_id);
         let weights = run.file(crate::infer::serving_weights(run));
         // LoRA (HiLoRA stages) folded into the weights: plain-model cost at inference
         let (model, parameters) = model_from_file(&weights, &cfg.model, &dev)?;
@@ -73,6 +76,12 @@ impl Predictor {
             image_size: transform.side,
             max_text_len: cfg.model.max_text_len,
             parameters,
+            batch_dependent: match &cfg.model.visual {
+                VisualConfig::Hivg(h) if h.bridge_mode == BridgeMode::Batched => {
+                    Some("HiVG's batch-mixing bridges (bridge_mode = batched)".into())
+                }
+                _ => None,
+            },
             data: cfg.data.clone(),
         };
         Ok(Self {

@@ -90,6 +90,22 @@ pub struct PretrainedConfig {
     pub to: String,
     #[serde(default = "yes")]
     pub strict: bool,
+    #[serde(default)]
+    pub format: PretrainedFormat,
+}
+
+/// What kind of file a `[[pretrained]]` entry reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PretrainedFormat {
+    /// safetensors, names mapped by `from` -> `to`.
+    #[default]
+    Safetensors,
+    /// An mmdet Swin detector checkpoint (`.pth`, QRNet's released Mask R-CNN): its Swin
+    /// backbone, output norms and FPN laterals into the QRNet visual encoder at `to`
+    /// (`visual.`; `from` is not used); strictness covers those parts, not QRNet's own
+    /// query-aware layers ([`crate::import::mmdet_swin_backbone`]).
+    MmdetSwin,
 }
 
 fn yes() -> bool {
@@ -197,7 +213,8 @@ pub struct TrainOptions {
 /// is sized to it.
 pub fn prepare(dir: &std::path::Path, mut cfg: RunConfig) -> Result<RunDir> {
     let run = RunDir::create(dir)?;
-    let tok = run_tokenizer(&cfg.data, &mut cfg.model.text, &[])?;
+    let tok = run_tokenizer(&cfg.data, &mut cfg.model.text, &[])?
+        .with_pad_override(cfg.model.layout.pad_id);
     if let Some(d) = &mut cfg.distill {
         // The student-side projections are sized by the teacher: read it now, check it at training.
         let clip = crate::teacher::read_config(&d.teacher)?;
@@ -206,6 +223,30 @@ pub fn prepare(dir: &std::path::Path, mut cfg: RunConfig) -> Result<RunDir> {
     save_tokenizer(&run, &tok)?;
     run.save_config(&cfg)?;
     Ok(run)
+}
+
+/// A `[[pretrained]]` mmdet Swin detector into the QRNet at `p.to`: its backbone, output
+/// norms and laterals (strict over those three when `p.strict`); the detector's heads are
+/// printed as unused.
+fn load_mmdet_swin(map: &VarMap, p: &PretrainedConfig) -> Result<crate::weights::LoadReport> {
+    let det = crate::import::mmdet_swin_backbone(&p.file)?;
+    let tensors = det
+        .tensors
+        .into_iter()
+        .map(|(k, t)| (format!("{}{k}", p.to), t))
+        .collect();
+    let parts = ["swin.", "out_norm.", "lateral."].map(|s| format!("{}{s}", p.to));
+    let prefixes: Vec<(&str, &str)> = parts.iter().map(|s| (s.as_str(), s.as_str())).collect();
+    let report = crate::weights::load_tensors(map, &tensors, &p.file, &prefixes, p.strict)?;
+    eprintln!(
+        "{}: Swin embed {} depths {:?} heads {:?}; {} detector keys not used (heads, FPN convs, buffers)",
+        p.file.display(),
+        det.embed_dim,
+        det.depths,
+        det.heads,
+        det.unused.len()
+    );
+    Ok(report)
 }
 
 /// The run's tokenizer: word-level from the training expressions and `extra` texts (the
@@ -278,7 +319,8 @@ pub struct Loaded {
 /// Builds the run's model; loads `weights` (e.g. `best.safetensors`) if given.
 pub fn load_run(run: &RunDir, weights: Option<&str>, dev: &Device) -> Result<Loaded> {
     let cfg: RunConfig = run.load_config()?;
-    let tok = TextTokenizer::from_file(&run.file("tokenizer.json"))?;
+    let tok = TextTokenizer::from_file(&run.file("tokenizer.json"))?
+        .with_pad_override(cfg.model.layout.pad_id);
     let map = VarMap::new();
     let saved = match weights {
         Some(w) => crate::weights::read_safetensors(&run.file(w), dev)?,
@@ -704,12 +746,15 @@ pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalRep
             crate::init::sincos_positions(&map, &cfg.model)?;
         }
         for p in &cfg.pretrained {
-            let report = crate::weights::load_prefixed(
-                &map,
-                &p.file,
-                &[(p.from.as_str(), p.to.as_str())],
-                p.strict,
-            )?;
+            let report = match p.format {
+                PretrainedFormat::Safetensors => crate::weights::load_prefixed(
+                    &map,
+                    &p.file,
+                    &[(p.from.as_str(), p.to.as_str())],
+                    p.strict,
+                )?,
+                PretrainedFormat::MmdetSwin => load_mmdet_swin(&map, p)?,
+            };
             if opts.progress || !report.is_clean() {
                 eprintln!("{}: {report}", p.file.display());
             }

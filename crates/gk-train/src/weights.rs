@@ -80,16 +80,30 @@ pub fn load_prefixed(
     prefixes: &[(&str, &str)],
     strict: bool,
 ) -> Result<LoadReport> {
-    let vars = map
+    let dev = map
         .data()
         .lock()
-        .map_err(|_| TrainError::Config("poisoned var map".into()))?;
-    let dev = vars
+        .map_err(|_| TrainError::Config("poisoned var map".into()))?
         .values()
         .next()
         .map(|v| v.device().clone())
         .unwrap_or(Device::Cpu);
     let file = read_safetensors(path, &dev)?;
+    load_tensors(map, &file, path, prefixes, strict)
+}
+
+/// [`load_prefixed`] from tensors already read (`path` names their file in errors).
+pub fn load_tensors(
+    map: &VarMap,
+    file: &HashMap<String, Tensor>,
+    path: &Path,
+    prefixes: &[(&str, &str)],
+    strict: bool,
+) -> Result<LoadReport> {
+    let vars = map
+        .data()
+        .lock()
+        .map_err(|_| TrainError::Config("poisoned var map".into()))?;
     let mut report = LoadReport::default();
     let mut assign: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut names: Vec<&String> = file.keys().collect();
