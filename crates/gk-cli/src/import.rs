@@ -45,6 +45,10 @@ pub enum Family {
         /// LoRA scale alpha / r (HiVG's set_HiLoRA: 16 / 32).
         #[arg(long, default_value_t = 0.5)]
         lora_scale: f32,
+        /// Keep the LoRA pairs as a LoRA set named after the file's adapter (`default`), to
+        /// train them further, instead of merging them into CLIP's weights.
+        #[arg(long)]
+        keep_lora: bool,
     },
     /// CLIP-VG (linhuixiao/CLIP-VG): a released checkpoint (OpenAI CLIP ViT-B/16 in half
     /// precision, multi-layer visual features, a 512-wide fusion).
@@ -135,11 +139,12 @@ fn import_clip(
         _ => "?".into(),
     };
     eprintln!(
-        "{name} ({} container): {what}; {} tensors, {:.1}M values, {} LoRA pairs merged, {} px, {} text tokens, in {:.1}s",
+        "{name} ({} container): {what}; {} tensors, {:.1}M values, {} LoRA pairs merged, {} kept, {} px, {} text tokens, in {:.1}s",
         r.container,
         r.tensors,
         r.values as f64 / 1e6,
         r.lora_merged,
+        r.lora_kept,
         r.config.image_size,
         r.config.max_text_len,
         t0.elapsed().as_secs_f64()
@@ -183,10 +188,12 @@ pub fn run(a: ImportArgs) -> Result<()> {
             clip,
             bridge_mode,
             lora_scale,
+            keep_lora,
         } => {
             let opts = gk_train::import::HivgImport {
                 heads: clip.heads,
                 lora_scale,
+                keep_lora,
                 bridge_mode: match bridge_mode {
                     BridgeModeArg::PerSample => gk_models::hivg::BridgeMode::PerSample,
                     BridgeModeArg::Batched => gk_models::hivg::BridgeMode::Batched,

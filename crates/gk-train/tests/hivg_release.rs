@@ -343,3 +343,45 @@ fn release_presets_match_the_imports() {
         );
     }
 }
+
+/// `keep_lora`: the pairs stay a LoRA set (rank 4, alpha 2 here) on the towers' and the
+/// bridges' attention, and the run still answers with HiVG's boxes (merged at load).
+#[test]
+fn hivg_lora_kept_as_a_set_gives_the_same_boxes() {
+    let c = cases("hivg");
+    let file = "hivg_b_tiny_uncplus.pth";
+    let model = &c["models"][file];
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("kept");
+    let report = import::import_hivg(
+        &dir("hivg").join(file),
+        &tokenizer(),
+        &out,
+        &HivgImport {
+            keep_lora: true,
+            ..opts(&model["config"], BridgeMode::PerSample)
+        },
+    )
+    .unwrap();
+    assert_eq!((report.lora_kept, report.lora_merged), (112, 0));
+    let w = gk_train::weights::read_safetensors(
+        &out.join("best.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    for k in [
+        "visual.encoder.layers.0.self_attn.q_proj.lora_A.default.weight",
+        "visual.bridge.1.cross_attn.out_proj.lora_B.default.weight",
+        "text.encoder.layers.11.self_attn.v_proj.lora_A.default.weight",
+    ] {
+        assert!(w.contains_key(k), "{k} missing");
+    }
+    let cases = model["cases"].as_array().unwrap();
+    let idx: Vec<usize> = (0..cases.len()).collect();
+    let mut worst_box = 0f64;
+    for &i in &idx {
+        let (norm, _) = ground("hivg", &out, file, &[i]);
+        worst_box = worst_box.max(worst(&norm, &[f64s(&cases[i]["pred_cxcywh"])]));
+    }
+    assert!(worst_box < 1e-4, "{worst_box}");
+}

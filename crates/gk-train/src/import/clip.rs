@@ -48,6 +48,10 @@ pub struct HivgImport {
     /// How the bridges read the text: `PerSample` (exact at batch 1, independent of the
     /// batch) or `Batched` (HiVG's code, as its numbers were made).
     pub bridge_mode: BridgeMode,
+    /// Keep HiVG's LoRA pairs as a LoRA set (`lora_A.default`, `lora_B.default` on the
+    /// towers' and bridges' attention projections) instead of merging them: for further
+    /// HiLoRA training. Prediction merges them at load either way.
+    pub keep_lora: bool,
 }
 
 impl Default for HivgImport {
@@ -56,6 +60,7 @@ impl Default for HivgImport {
             heads: None,
             lora_scale: 0.5,
             bridge_mode: BridgeMode::PerSample,
+            keep_lora: false,
         }
     }
 }
@@ -242,6 +247,7 @@ pub fn import_hivg(
     // unwrapped names -> (checkpoint key, shape)
     let mut by_name: BTreeMap<String, (String, Vec<usize>)> = BTreeMap::new();
     let mut loras: Vec<(String, String, String)> = Vec::new(); // (module, A key, adapter)
+    let mut lora_b = 0;
     for (key, t) in &ckpt.entries {
         let name = unwrap_peft(key);
         if let Some((module, adapter)) = lora_a(&name) {
@@ -249,7 +255,8 @@ pub fn import_hivg(
             continue;
         }
         if name.contains(".lora_B.") {
-            continue; // read with its A
+            lora_b += 1; // read with its A
+            continue;
         }
         if let Some((first, _)) = by_name.insert(name.clone(), (key.clone(), t.shape.clone())) {
             return Err(format_err(
@@ -257,6 +264,15 @@ pub fn import_hivg(
                 format!("`{first}` and `{key}` are the same parameter ({name}) twice"),
             ));
         }
+    }
+    if lora_b != loras.len() {
+        return Err(format_err(
+            path,
+            format!(
+                "{} lora_A but {lora_b} lora_B weights: an adapter lost half of its pair",
+                loras.len()
+            ),
+        ));
     }
     let shapes: BTreeMap<String, Vec<usize>> = by_name
         .iter()
@@ -268,7 +284,7 @@ pub fn import_hivg(
     let patch = shape(&format!("{v}embeddings.patch_embedding.weight"))?;
     let (cv, p) = (patch[0], patch[2]);
     let n_pos = shape(&format!("{v}embeddings.position_embedding.weight"))?[0];
-    let grid = ((n_pos - 1) as f64).sqrt() as usize;
+    let grid = (n_pos.saturating_sub(1) as f64).sqrt() as usize;
     if grid * grid + 1 != n_pos {
         return Err(format_err(
             path,
@@ -379,6 +395,34 @@ pub fn import_hivg(
         ));
     }
     let contrastive = shape("clip.text_projection.weight")?[0];
+    // kept LoRA: one set, the file's rank, alpha = scale * rank
+    let lora = match (opts.keep_lora, loras.first()) {
+        (true, Some((_, a_key, adapter))) => {
+            let rank = |k: &str| {
+                ckpt.entries
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, t)| t.shape[0])
+            };
+            let r = rank(a_key).unwrap_or(0);
+            if let Some((_, k, _)) = loras
+                .iter()
+                .find(|(_, k, ad)| rank(k) != Some(r) || ad != adapter)
+            {
+                return Err(format_err(path, format!("{k}: LoRA pairs of different ranks or adapters cannot be kept as one set (import without --keep-lora to merge them)")));
+            }
+            vec![gk_models::lora::LoraConfig {
+                name: adapter.clone(),
+                rank: r,
+                alpha: f64::from(opts.lora_scale) * r as f64,
+                dropout: 0.1,
+                targets: ["q_proj", "k_proj", "v_proj", "out_proj"]
+                    .map(String::from)
+                    .to_vec(),
+            }]
+        }
+        _ => Vec::new(),
+    };
     let tok = clip_tokenizer(tokenizer, words[0])?;
     let (vh, th) = match opts.heads {
         Some((a, b)) => (Some(a), Some(b)),
@@ -391,17 +435,21 @@ pub fn import_hivg(
         num_attention_heads: heads(cv, vh, path, "vision")?,
         image_size: grid * p,
         patch_size: p,
+        lora: lora.clone(),
         ..ClipVisionConfig::vit_base_patch16()
     };
-    let text = text_config(
-        words[0],
-        ct,
-        shape(&format!("{t}encoder.layers.0.mlp.fc1.weight"))?[0],
-        text_layers_n,
-        text_len,
-        heads(ct, th, path, "text")?,
-        &tok,
-    );
+    let text = ClipTextConfig {
+        lora,
+        ..text_config(
+            words[0],
+            ct,
+            shape(&format!("{t}encoder.layers.0.mlp.fc1.weight"))?[0],
+            text_layers_n,
+            text_len,
+            heads(ct, th, path, "text")?,
+            &tok,
+        )
+    };
     let hivg = HivgConfig {
         vision,
         bridge_layers: bridges.clone(),
@@ -459,6 +507,23 @@ pub fn import_hivg(
             unmapped.extend([a_key.clone(), b_key]);
             continue;
         };
+        if opts.keep_lora {
+            let module = param.trim_end_matches(".weight");
+            for (ab, key) in [("A", a_key), ("B", &b_key)] {
+                let shape = &ckpt
+                    .entries
+                    .iter()
+                    .find(|(n, _)| n == key)
+                    .expect("listed")
+                    .1
+                    .shape;
+                sources.insert(
+                    format!("{module}.lora_{ab}.{adapter}.weight"),
+                    Source::copy(key, shape),
+                );
+            }
+            continue;
+        }
         merged.insert(base_name.clone());
         sources.insert(
             param,
@@ -488,6 +553,7 @@ pub fn import_hivg(
     let tensors = ckpt.materialise(&pairs)?;
     let mut report = ckpt.report(path, &tensors, unused, cfg);
     report.lora_merged = merged.len();
+    report.lora_kept = if opts.keep_lora { loras.len() } else { 0 };
     report.lora_scale = Some(opts.lora_scale);
     let optim = clip_optim(report.config.image_size as u32);
     write_run(out, &ckpt, &tok, &tensors, optim, &report)?;
@@ -690,7 +756,7 @@ pub fn import_clipvg(
     let conv = shape("clip.visual.conv1.weight")?;
     let (cv, p) = (conv[0], conv[2]);
     let n_pos = shape("clip.visual.positional_embedding")?[0];
-    let grid = ((n_pos - 1) as f64).sqrt() as usize;
+    let grid = (n_pos.saturating_sub(1) as f64).sqrt() as usize;
     if grid * grid + 1 != n_pos {
         return Err(format_err(
             path,

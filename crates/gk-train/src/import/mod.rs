@@ -52,8 +52,10 @@ pub struct ImportReport {
     /// Checkpoint keys the model does not use (TransVG: none; HiVG: the heads of its
     /// training losses, CLIP's `position_ids` buffers, ...).
     pub unused: Vec<String>,
-    /// LoRA pairs merged into their base weights (`W + scale · B·A`) and the scale.
+    /// LoRA pairs merged into their base weights (`W + scale · B·A`), or kept as a LoRA
+    /// set, and the scale.
     pub lora_merged: usize,
+    pub lora_kept: usize,
     pub lora_scale: Option<f32>,
     /// The checkpoint's `args` (argparse.Namespace) as JSON, if it had them.
     pub args: serde_json::Value,
@@ -339,6 +341,7 @@ impl Checkpoint {
             values: tensors.values().map(Tensor::elem_count).sum(),
             unused,
             lora_merged: 0,
+            lora_kept: 0,
             lora_scale: None,
             args: Value::Dict(
                 self.args
