@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Side-by-side CPU timings: groundkit (Rust, candle) vs the PyTorch twins, on random
-# weights: forwards of CLIP-B/16, its grounder and the HiVG-B/16 and QRNet (Swin-S) grounders
-# (bench_torch.py), and the demo grounder's forward and training step (synth_twin.py).
+# weights: forwards of CLIP-B/16, its grounder and the HiVG-B/16 and QRNet (Swin-S) grounders,
+# and of the released HiVG-B/16, CLIP-VG and TransVG-R50 (our transcriptions; bench_torch.py),
+# and the demo grounder's forward and training step (synth_twin.py).
 #
 #     bash tools/reference/bench_compare.sh [THREADS=2] [MODELS]
 #
 # MODELS: comma-separated subset of clip-b16-vision,grounder-clip-b16,grounder-hivg-b16,
-# grounder-qrnet-swin-s,grounder-transvg-r50,synth-small,synth-small-train (default: all but the
-# HiVG, QRNet and TransVG ones).
+# grounder-hivg-b16-release,grounder-clipvg-b16,grounder-qrnet-swin-s,grounder-transvg-r50,
+# synth-small,synth-small-train (default: all but the HiVG, CLIP-VG, QRNet and TransVG ones).
 #
 # Builds only `cargo build --release -p gk-cli`, then for each model x batch runs
 #     RAYON_NUM_THREADS=$THREADS target/release/groundkit bench --models M --batch B --iters 5

@@ -601,10 +601,108 @@ def build_grounder_transvg_r50(batch: int, attn: str):
     }
 
 
+class _ReleaseGrounder(torch.nn.Module):
+    """A released grounder's transcription (`self.model`) plus CLIP's contrastive outputs, as the Rust's ClipHead
+    computes them: (box [B, 4], image [B, 512], text [B, 512], exp(logit_scale)). Subclasses build the model and
+    say how to run it (`box`, filling `keep`) and where its pooled image embedding is (`image`)."""
+
+    def forward(self, canvas, mask, ids):
+        keep = {}
+        box = self.box(canvas, mask, ids, keep)
+        # the EOS row of text_projection(final-LN'd text) = text_projection of the pooled EOS token
+        text = keep["text_features"][torch.arange(ids.shape[0]), ids.argmax(-1)]
+        return box, self.image(keep), text, self.logit_scale.exp()
+
+
+class _HivgRelease(_ReleaseGrounder):
+    """`hivg_ref.HiVG` at `FULL_B` with its LoRA merged (see build_grounder_hivg_b16_release)."""
+
+    def __init__(self):
+        import hivg_ref as H
+
+        super().__init__()
+        self.model = H.HiVG(H.FULL_B)
+        H.merge_lora_(self.model)
+        self.clip = self.model.inner
+        self.logit_scale = self.clip.logit_scale
+
+    def box(self, canvas, mask, ids, keep):
+        return self.model(canvas, mask, ids, "per_sample", keep)
+
+    def image(self, keep):
+        return self.clip.visual_projection(self.clip.vision_model.post_layernorm(keep["vision_states"][-1][:, 0]))
+
+
+class _ClipVgRelease(_ReleaseGrounder):
+    """`clipvg_ref.MLCLIPVG` at `FULL_B16` in fp32 (see build_grounder_clipvg_b16)."""
+
+    def __init__(self):
+        import clipvg_ref as C
+
+        super().__init__()
+        self.model = C.MLCLIPVG(C.FULL_B16)
+        # CLIP's positional_embedding / text_projection are torch.empty until initialised
+        C.randomize_(self.model, torch.Generator().manual_seed(0))
+        self.logit_scale = self.model.clip.logit_scale
+
+    def box(self, canvas, mask, ids, keep):
+        return self.model(canvas, mask, ids, keep)
+
+    def image(self, keep):
+        # the last extracted level is block 11's output: its CLS through ln_post and proj
+        v = self.model.clip.visual
+        return v.ln_post(keep["image_features"][:, 0, -v.ln_post.normalized_shape[0]:]) @ v.proj
+
+
+def _release_inputs(batch: int) -> dict:
+    """The Rust bench's inputs in CLIP-VG's / HiVG's convention: random 224 px canvas, int32 pad mask all 0 (all
+    image), ids all 1 (77 of them, none 0, so none masked as padding)."""
+    return {
+        "canvas": torch.randn(batch, 3, 224, 224),
+        "mask": torch.zeros(batch, 224, 224, dtype=torch.int32),
+        "ids": torch.ones(batch, 77, dtype=torch.long),
+    }
+
+
+def build_grounder_hivg_b16_release(batch: int, attn: str):
+    """HiVG-B/16 as released, PyTorch side: our transcription (`hivg_ref.HiVG`, checked against HiVG's own
+    code by make_hivg_fixtures.py) at `FULL_B` (HF CLIP ViT-B/16 + text base, dataset 'unc': bridges in vision
+    layers 0, 3, 7, 11 reading text hidden state 12 through the adaptive weights and cross_gate, multi-level
+    hidden states 1, 4, 8, 12, 6 pre-norm fusion layers of width 512 with the final norm), bridge_mode
+    'per_sample', random weights (transformers' init), every LoRA merged into its Linear (`merge_lora_`: the Rust
+    importer merges too), on `_release_inputs`.
+    Rust twin `GrounderConfig::hivg_b16_release()` computes the same box path, plus CLIP's contrastive head
+    (visual_projection of post_layernorm(last CLS), text_projection of the EOS token, exp(logit_scale)); the
+    wrapper here computes those as well (the text one as the EOS row of HiVG's already projected text, one
+    [B, 512] x [512, 512] matmul less). Not computed on either side: HiVG's auxiliary heads (visu_token_mlp,
+    seg convs; `aux_heads` off in the Rust), ml_text_feat_perceiver, condition_text_proj (mixup only). Only
+    here: the patch mask is resized twice (torchvision Resize and the F.interpolate check; B x 224 x 224, cheap).
+    Attention as transcribed (HF eager CLIP attention, explicit softmax in the bridges, nn.MultiheadAttention
+    in the fusion): --attn does not apply."""
+    return _HivgRelease().eval(), _release_inputs(batch)
+
+
+def build_grounder_clipvg_b16(batch: int, attn: str):
+    """CLIP-VG (ViT-B/16) as released, PyTorch side: our transcription (`clipvg_ref.MLCLIPVG`, checked against
+    CLIP-VG's own code by make_hivg_fixtures.py) at `FULL_B16` (OpenAI CLIP ViT-B/16 + text base, the outputs of
+    blocks 0, 3, 7, 11 into ml_visu_proj, text through ln_final, text_projection and text_proj, 6 post-norm
+    fusion layers of width 512 without a final norm), in fp32 (the release runs CLIP in fp16 on CUDA; the Rust
+    side is f32), random weights (clipvg_ref.randomize_), on `_release_inputs`.
+    Rust twin `GrounderConfig::clipvg_b16()` computes the same box path (its CLIP tower runs all 12 layers, as
+    here: block 11 is extracted), plus CLIP's contrastive head (visual_projection of the post-LN'd last CLS,
+    text_projection of the EOS token, exp(logit_scale)); the wrapper here computes those as well (ln_post and
+    proj on the CLS of the last level; the EOS row of the already projected text). CLIP-VG's visu_proj exists
+    but is unused on both sides. Only here: the patch mask's torchvision Resize plus its F.interpolate check.
+    Attention as transcribed (nn.MultiheadAttention throughout): --attn does not apply."""
+    return _ClipVgRelease().eval(), _release_inputs(batch)
+
+
 MODELS: dict[str, Callable] = {
     "clip-b16-vision": build_clip_b16_vision,
     "grounder-clip-b16": build_grounder_clip_b16,
     "grounder-hivg-b16": build_grounder_hivg_b16,
+    "grounder-hivg-b16-release": build_grounder_hivg_b16_release,
+    "grounder-clipvg-b16": build_grounder_clipvg_b16,
     "grounder-qrnet-swin-s": build_grounder_qrnet_swin_s,
     "grounder-transvg-r50": build_grounder_transvg_r50,
 }

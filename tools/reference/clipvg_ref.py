@@ -35,12 +35,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+import hivg_ref as H
 import transvg_ref as T
-from hivg_ref import MLP, patch_mask
+from hivg_ref import QuickGELU, patch_mask
 
 
 @dataclass(frozen=True)
-class CLIPVGConfig:
+class CLIPVGConfig(H.ClipVgTokens):
     embed_dim: int = 512
     image_resolution: int = 224
     vision_layers: int = 12
@@ -63,14 +64,6 @@ class CLIPVGConfig:
     def grid(self) -> int:
         return self.image_resolution // self.vision_patch_size
 
-    @property
-    def num_visu_token(self) -> int:
-        return self.grid ** 2
-
-    @property
-    def vl_pos_rows(self) -> int:
-        return self.num_visu_token + 1 + self.context_length + 1
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(extract_layer=list(self.extract_layer), grid=self.grid, num_visu_token=self.num_visu_token,
@@ -92,11 +85,6 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x):
         t = x.dtype
         return super().forward(x.type(torch.float32)).type(t)
-
-
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -184,12 +172,17 @@ def convert_weights_fp16_(model: nn.Module) -> None:
 # --------------------------------------------------------------------------
 # CLIP-VG's wrappers and ML_CLIP_VG
 # --------------------------------------------------------------------------
+def hold_(wrapper: nn.Module, src: nn.Module, names: str) -> None:
+    """`wrapper.<name> = src.<name>` for each of the space-separated `names`, in that order: the wrapper holds
+    CLIP's own submodules / parameters (same objects), registered in the order CLIP-VG's wrapper assigns them."""
+    for n in names.split():
+        setattr(wrapper, n, getattr(src, n))
+
+
 class MultiLevelTransformer(nn.Module):
     def __init__(self, clip_vit: Transformer, extract_layer):
         super().__init__()
-        self.width = clip_vit.width
-        self.layers = clip_vit.layers
-        self.resblocks = clip_vit.resblocks
+        hold_(self, clip_vit, "width layers resblocks")
         self.extract_layer = list(extract_layer)
 
     def forward(self, x):
@@ -204,15 +197,9 @@ class MultiLevelTransformer(nn.Module):
 class MultiLevelImageEncoder(nn.Module):
     def __init__(self, v: VisionTransformer, extract_layer):
         super().__init__()
-        self.input_resolution = v.input_resolution
-        self.output_dim = v.output_dim
-        self.conv1 = v.conv1
-        self.class_embedding = v.class_embedding
-        self.positional_embedding = v.positional_embedding
-        self.ln_pre = v.ln_pre
+        hold_(self, v, "input_resolution output_dim conv1 class_embedding positional_embedding ln_pre")
         self.transformer = MultiLevelTransformer(v.transformer, extract_layer)
-        self.ln_post = v.ln_post
-        self.proj = v.proj
+        hold_(self, v, "ln_post proj")
 
     def forward(self, x):
         x = self.conv1(x)
@@ -227,11 +214,7 @@ class MultiLevelImageEncoder(nn.Module):
 class TextEncoder(nn.Module):
     def __init__(self, clip: CLIP):
         super().__init__()
-        self.transformer = clip.transformer
-        self.positional_embedding = clip.positional_embedding
-        self.ln_final = clip.ln_final
-        self.text_projection = clip.text_projection
-        self.token_embedding = clip.token_embedding
+        hold_(self, clip, "transformer positional_embedding ln_final text_projection token_embedding")
 
     def forward(self, ids):
         dtype = self.transformer.resblocks[0].attn.in_proj_weight.dtype  # = clip.dtype (conv1's)
@@ -257,7 +240,7 @@ class MLCLIPVG(nn.Module):
                                                        cfg.vl_enc_layers)
         self.image_encoder_clip_vg = MultiLevelImageEncoder(self.clip.visual, cfg.extract_layer)
         self.text_encoder_clip_vg = TextEncoder(self.clip)
-        self.bbox_embed = MLP(d, d, 4, 3)
+        self.bbox_embed = T.MLP(d, d, 4, 3)
         self.ml_visu_proj = nn.Linear(len(cfg.extract_layer) * cfg.vision_width, d)
         self.eval()
 
@@ -290,31 +273,9 @@ class MLCLIPVG(nn.Module):
 # --------------------------------------------------------------------------
 @torch.no_grad()
 def randomize_(model: MLCLIPVG, gen: torch.Generator) -> None:
-    def uni(shape, bound):
-        return (torch.rand(shape, generator=gen) * 2 - 1) * bound
-
-    seen = set()
-    for name, mod in model.named_modules():
-        if id(mod) in seen:  # the wrappers hold CLIP's own modules
-            continue
-        seen.add(id(mod))
-        if isinstance(mod, nn.LayerNorm):
-            mod.weight.copy_(torch.rand(mod.weight.shape, generator=gen) + 0.5)
-            mod.bias.copy_((torch.rand(mod.bias.shape, generator=gen) - 0.5) * 0.2)
-        elif isinstance(mod, nn.MultiheadAttention):
-            d = mod.embed_dim
-            mod.in_proj_weight.copy_(uni(mod.in_proj_weight.shape, math.sqrt(6.0 / (2 * d))))
-            mod.in_proj_bias.copy_((torch.rand(mod.in_proj_bias.shape, generator=gen) - 0.5) * 0.2)
-        elif isinstance(mod, nn.Linear):
-            b = 1.0 / math.sqrt(mod.in_features)
-            mod.weight.copy_(uni(mod.weight.shape, b * math.sqrt(3)))
-            if mod.bias is not None:
-                mod.bias.copy_(uni(mod.bias.shape, b))
-        elif isinstance(mod, nn.Conv2d):
-            fan_in = mod.weight[0].numel()
-            mod.weight.copy_(uni(mod.weight.shape, math.sqrt(6.0 / fan_in)))
-        elif isinstance(mod, nn.Embedding):
-            mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen))
+    """hivg_ref's module loop (the wrappers hold CLIP's own modules: each is drawn once), then CLIP's own
+    parameters (positional embeddings, projections, class embedding, logit scale)."""
+    H.randomize_modules_(model, gen)
     c = model.clip
     c.positional_embedding.copy_(torch.randn(c.positional_embedding.shape, generator=gen))
     c.text_projection.copy_(torch.randn(c.text_projection.shape, generator=gen) / math.sqrt(c.text_projection.shape[0]))
@@ -373,15 +334,7 @@ def clipvg_train_flags(cfg: CLIPVGConfig, dataset: str = "unc") -> OrderedDict:
 
 
 def clipvg_args(cfg: CLIPVGConfig, dataset: str = "unc") -> argparse.Namespace:
-    a = OrderedDict(CLIPVG_TRAIN_DEFAULTS)
-    for k, v in clipvg_train_flags(cfg, dataset).items():
-        assert k in a, k
-        a[k] = v
-    a.update(rank=0, world_size=5, gpu=0, distributed=True, dist_backend="nccl")
-    ns = argparse.Namespace()
-    for k, v in a.items():
-        setattr(ns, k, v)
-    return ns
+    return H.train_namespace(CLIPVG_TRAIN_DEFAULTS, clipvg_train_flags(cfg, dataset), world_size=5)
 
 
 def trainable_names(model: MLCLIPVG) -> list[str]:
@@ -394,26 +347,5 @@ def trainable_names(model: MLCLIPVG) -> list[str]:
 def optimizer_state(model: MLCLIPVG, args, *, stateful: set[str], gen: torch.Generator, epoch: int):
     """train_clip_vg.py: AdamW with 4 groups (rest, visu_cnn, visu_tra, text_tra: only `rest` non-empty),
     cosine LambdaLR; moments only for `stateful`."""
-    import warnings
-
-    params = dict(model.named_parameters())
-    names = trainable_names(model)
-    shadow = [params[n].detach().clone().float().requires_grad_(True) for n in names]
-    groups = [{"params": shadow, "lr": args.lr}, {"params": [], "lr": args.lr_visu_cnn},
-              {"params": [], "lr": args.lr_visu_tra}, {"params": [], "lr": args.lr_bert}]
-    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    epochs = args.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1. + math.cos(math.pi * e / epochs)))
-    for n, p in zip(names, shadow):
-        if n in stateful:
-            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
-    opt.step()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(epoch + 1):
-            sched.step()
-    osd, ssd = opt.state_dict(), sched.state_dict()
-    for st in osd["state"].values():
-        st["step"] = torch.tensor(float((epoch + 1) * 1000))
-    assert len(osd["state"]) == len(stateful)
-    return osd, ssd
+    return H.adamw_cosine_state(model, trainable_names(model), args, stateful=stateful, gen=gen, epoch=epoch,
+                                empty_group_lrs=(args.lr_visu_cnn, args.lr_visu_tra, args.lr_bert))

@@ -176,5 +176,16 @@ def write_json_compact(path: Path, obj, width: int = 120) -> None:
         f.write(text)
 
 
+def assert_same_files(a: Path, b: Path) -> int:
+    """The two folders hold the same files (recursively) with the same bytes; returns how many (for the
+    generators' --verify-stable)."""
+    names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
+    again = sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
+    assert names == again, set(names) ^ set(again)
+    for r in names:
+        assert (a / r).read_bytes() == (b / r).read_bytes(), f"not byte-stable: {a.name}/{r}"
+    return len(names)
+
+
 def rel(p: Path) -> str:
     return os.path.relpath(p, ROOT)

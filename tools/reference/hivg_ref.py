@@ -48,14 +48,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import transvg_ref as T
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out", "wte")  # HiVG.py:776
 
 
 # --------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------
+class ClipVgTokens(T.VisuTokens):
+    """CLIP-VG / HiVG: `vl_pos_embed` has a row per token of [REG, visual (CLS + grid), text (context_length)]."""
+
+    @property
+    def vl_pos_rows(self) -> int:
+        return self.num_visu_token + 1 + self.context_length + 1
+
+
 @dataclass(frozen=True)
-class HiVGConfig:
+class HiVGConfig(ClipVgTokens):
     variant: str = "B"  # "B": ViT-B/16 layout; "L": ViT-L/14 layout (HiVG.py:661-683)
     dataset: str = "unc"  # decides extract_text_layer (HiVG.py:686-699)
     mixup_pretrain: bool = False
@@ -108,14 +118,6 @@ class HiVGConfig:
     def grid(self) -> int:
         assert self.image_size % self.patch_size == 0
         return self.image_size // self.patch_size
-
-    @property
-    def num_visu_token(self) -> int:
-        return self.grid ** 2
-
-    @property
-    def vl_pos_rows(self) -> int:
-        return self.num_visu_token + 1 + self.context_length + 1
 
     @property
     def key_prefix(self) -> str:
@@ -234,6 +236,25 @@ def add_lora_(model: nn.Module, r: int, alpha: int) -> list[str]:
             setattr(parent, name.rsplit(".", 1)[1], LoraLinear(mod, r, alpha))
             hit.append(name)
     return hit
+
+
+@torch.no_grad()
+def merge_lora_(model: nn.Module) -> list[str]:
+    """Replace every LoraLinear by a plain nn.Linear holding W + alpha/r * B @ A and the same bias, in place (what
+    peft's merge_and_unload and groundkit's importer do): the same function of x, one matmul instead of three. Key
+    names lose the lora_A / lora_B entries. Returns the merged module names."""
+    merged = []
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoraLinear):
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                            device=mod.weight.device, dtype=mod.weight.dtype)
+            lin.weight = nn.Parameter(mod.merged_weight().detach().clone())
+            if mod.bias is not None:
+                lin.bias = nn.Parameter(mod.bias.detach().clone())
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, lin)
+            merged.append(name)
+    return merged
 
 
 def peft_nest(model: nn.Module, depth: int) -> nn.Module:
@@ -402,47 +423,6 @@ class BridgeVisionModel(nn.Module):
         return states
 
 
-# --------------------------------------------------------------------------
-# Fusion: DETR pre-norm encoder with the final norm (vl_transformer.py, normalize_before=True)
-# --------------------------------------------------------------------------
-class PreNormEncoderLayer(nn.Module):
-    def __init__(self, d: int, nhead: int, ffn: int):
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d, nhead, dropout=0.0)
-        self.linear1 = nn.Linear(d, ffn)
-        self.linear2 = nn.Linear(ffn, d)
-        self.norm1 = nn.LayerNorm(d)
-        self.norm2 = nn.LayerNorm(d)
-
-    def forward(self, src, key_padding_mask, pos):  # forward_pre, seq-first
-        s = self.norm1(src)
-        q = k = s + pos
-        src = src + self.self_attn(q, k, value=s, key_padding_mask=key_padding_mask, need_weights=False)[0]
-        s = self.norm2(src)
-        return src + self.linear2(F.relu(self.linear1(s)))
-
-
-class PreNormEncoder(nn.Module):
-    def __init__(self, d: int, nhead: int, ffn: int, layers: int):
-        super().__init__()
-        self.layers = nn.ModuleList(PreNormEncoderLayer(d, nhead, ffn) for _ in range(layers))
-        self.norm = nn.LayerNorm(d)
-
-    def forward(self, src, key_padding_mask, pos):
-        for layer in self.layers:
-            src = layer(src, key_padding_mask, pos)
-        return self.norm(src)
-
-
-class VisionLanguageEncoder(nn.Module):
-    def __init__(self, d: int, nhead: int, ffn: int, layers: int):
-        super().__init__()
-        self.encoder = PreNormEncoder(d, nhead, ffn, layers)
-
-    def forward(self, src, mask, pos):
-        return self.encoder(src, mask, pos)
-
-
 class TokenMLP(nn.Module):  # HiVG's TOKEN_MLP (visu_token_mlp, unused by the box)
     def __init__(self, d: int, hidden: int):
         super().__init__()
@@ -468,20 +448,6 @@ def patch_mask(mask: torch.Tensor, grid: int, antialias: bool = True) -> torch.T
 # --------------------------------------------------------------------------
 # HiVG
 # --------------------------------------------------------------------------
-class MLP(nn.Module):
-    def __init__(self, d_in: int, d_hidden: int, d_out: int, n: int):
-        super().__init__()
-        dims = [d_in] + [d_hidden] * (n - 1)
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:] + [d_out]))
-
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
-
-
 class HiVG(nn.Module):
     """Same modules in the same registration order as HiVG.HiVG (HiVG.py:651-767), so `state_dict()` gives the
     release's keys in the release's order."""
@@ -505,8 +471,10 @@ class HiVG(nn.Module):
         self.text_proj = nn.Linear(P, P)
         self.reg_token = nn.Embedding(1, P)
         self.vl_pos_embed = nn.Embedding(cfg.vl_pos_rows, P)
-        self.vl_transformer = VisionLanguageEncoder(P, cfg.vl_heads, cfg.vl_ffn, cfg.vl_layers)
-        self.bbox_embed = MLP(P, P, 4, 3)
+        # DETR pre-norm encoder (vl_transformer.py, normalize_before=True) with the final encoder.norm
+        self.vl_transformer = T.EncoderOnlyTransformer(P, cfg.vl_heads, cfg.vl_ffn, cfg.vl_layers,
+                                                       normalize_before=True)
+        self.bbox_embed = T.MLP(P, P, 4, 3)
         self.reg_pos_embed = nn.Embedding(1, P)
         self.condition_text_pos_embed = nn.Embedding(cfg.context_length, Vw)
         self.ml_visual_projection = nn.Linear(len(cfg.extract_vision_layers) * Vw, P)
@@ -576,6 +544,14 @@ class HiVG(nn.Module):
 @torch.no_grad()
 def randomize_(model: HiVG, gen: torch.Generator, lora_b_std: float = 0.3) -> None:
     """Default-like inits with every bias, LayerNorm affine and LoRA B non-trivial."""
+    randomize_modules_(model, gen, lora_b_std)
+    model.inner.logit_scale.fill_(math.log(1 / 0.07))
+
+
+@torch.no_grad()
+def randomize_modules_(model: nn.Module, gen: torch.Generator, lora_b_std: float = 0.3) -> None:
+    """randomize_'s module loop (also CLIP-VG's): LayerNorm, MultiheadAttention, Linear (LoRA A / B apart), Conv2d /
+    ConvTranspose2d, Embedding, HiVG's vision embeddings; every module once (named_modules skips shared ones)."""
     def uni(shape, bound):
         return (torch.rand(shape, generator=gen) * 2 - 1) * bound
 
@@ -607,24 +583,6 @@ def randomize_(model: HiVG, gen: torch.Generator, lora_b_std: float = 0.3) -> No
             mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * std)
         elif isinstance(mod, ModifiedVisionEmbeddings):
             mod.class_embedding.copy_(torch.randn(mod.class_embedding.shape, generator=gen))
-    model.inner.logit_scale.fill_(math.log(1 / 0.07))
-
-
-@torch.no_grad()
-def calibrate_box_head_(model, feats: torch.Tensor, gen: torch.Generator,
-                        mean=(0.0, 0.0, -0.9, -0.9), std=(0.7, 0.7, 0.45, 0.45)) -> None:
-    """Rescale the head's last Linear so that, over `feats` (the reg tokens of the cases), the four logits have the
-    given mean/std: boxes spread over the canvas, sigmoids not saturated (as transvg_ref.calibrate_box_head_)."""
-    l0, l1, l2 = model.bbox_embed.layers
-    h = F.relu(l1(F.relu(l0(feats))))
-    hc = h - h.mean(0, keepdim=True)
-    w = torch.randn(l2.weight.shape, generator=gen)
-    for i in range(4):
-        s = (hc @ w[i]).std()
-        assert s > 1e-4, "the reg token barely depends on the input"
-        w[i] *= std[i] / s
-    l2.weight.copy_(w)
-    l2.bias.copy_(torch.tensor(mean) - w @ h.mean(0))
 
 
 def unused_by_box(model: HiVG) -> list[str]:
@@ -707,11 +665,17 @@ def hivg_train_flags(cfg: HiVGConfig) -> OrderedDict:
 def hivg_args(cfg: HiVGConfig) -> argparse.Namespace:
     """hivg_train.py's Namespace after parsing the stage-3 command and utils.misc.init_distributed_mode (launched
     with torch.distributed.launch --use_env on 7 GPUs: rank, world_size, gpu set; distributed, dist_backend added)."""
-    a = OrderedDict(HIVG_TRAIN_DEFAULTS)
-    for k, v in hivg_train_flags(cfg).items():
+    return train_namespace(HIVG_TRAIN_DEFAULTS, hivg_train_flags(cfg), world_size=7)
+
+
+def train_namespace(defaults: OrderedDict, flags: OrderedDict, world_size: int) -> argparse.Namespace:
+    """A train script's Namespace (hivg_train.py, train_clip_vg.py): its parser defaults in parser order, the
+    command's `flags` applied (each a known option), then init_distributed_mode's fields for `world_size` GPUs."""
+    a = OrderedDict(defaults)
+    for k, v in flags.items():
         assert k in a, k
         a[k] = v
-    a.update(rank=0, world_size=7, gpu=0, distributed=True, dist_backend="nccl")
+    a.update(rank=0, world_size=world_size, gpu=0, distributed=True, dist_backend="nccl")
     ns = argparse.Namespace()
     for k, v in a.items():
         setattr(ns, k, v)
@@ -737,24 +701,19 @@ def optimizer_state(model: HiVG, args, *, stateful: set[str], gen: torch.Generat
     """(optimizer.state_dict(), lr_scheduler.state_dict()) of hivg_train.py: AdamW with one group (rest_param,
     lr=args.lr) and the cosine LambdaLR, after `epoch + 1` epochs; moments only for the parameters in `stateful`
     (a real run has them for all; kept small here)."""
-    import warnings
+    return adamw_cosine_state(model, trainable_names(model), args, stateful=stateful, gen=gen, epoch=epoch)
 
-    params = dict(model.named_parameters())
-    names = trainable_names(model)
-    shadow = [params[n].detach().clone().requires_grad_(True) for n in names]
-    opt = torch.optim.AdamW([{"params": shadow, "lr": args.lr}], lr=args.lr, weight_decay=args.weight_decay)
+
+def adamw_cosine_state(model: nn.Module, names: list[str], args, *, stateful: set[str], gen: torch.Generator,
+                       epoch: int, empty_group_lrs: tuple = ()) -> tuple[dict, dict]:
+    """(optimizer.state_dict(), lr_scheduler.state_dict()) of hivg_train.py / train_clip_vg.py (transvg_ref's
+    adamw_state): AdamW (args.lr, args.weight_decay) whose first group holds the parameters `names` (lr=args.lr),
+    then one empty group per `empty_group_lrs`, and LambdaLR 0.5 (1 + cos(pi e / args.epochs)), after `epoch + 1`
+    epochs; moments only for the parameters in `stateful`."""
     epochs = args.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1. + math.cos(math.pi * e / epochs)))
-    for n, p in zip(names, shadow):
-        if n in stateful:
-            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
-    opt.step()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(epoch + 1):
-            sched.step()
-    osd, ssd = opt.state_dict(), sched.state_dict()
-    for st in osd["state"].values():
-        st["step"] = torch.tensor(float((epoch + 1) * 1000))
+    osd, ssd = T.adamw_state(dict(model.named_parameters()), [names] + [[] for _ in empty_group_lrs],
+                             [args.lr, *empty_group_lrs], lr=args.lr, weight_decay=args.weight_decay,
+                             lr_lambda=lambda e: 0.5 * (1. + math.cos(math.pi * e / epochs)), no_grad=set(),
+                             stateful=stateful, gen=gen, epoch=epoch, style="torch2")
     assert len(osd["state"]) == len(stateful), (len(osd["state"]), stateful)
     return osd, ssd

@@ -97,7 +97,7 @@ sys.path.insert(0, str(HERE))
 import clipvg_ref as C  # noqa: E402
 import hivg_ref as H  # noqa: E402
 import transvg_ref as T  # noqa: E402
-from common import load_clip_tokenizer, write_json_compact as write_json  # noqa: E402
+from common import assert_same_files, load_clip_tokenizer, write_json_compact as write_json  # noqa: E402
 from gen_fixtures import Tokenizer_from, bpe_pairs_seen, clip_pretokens, merge_pair  # noqa: E402
 
 ROOT = HERE.parent.parent
@@ -334,6 +334,23 @@ def case_record(i, img, expr, t, p, pred) -> OrderedDict:
                        pred_cxcywh=f32list(pred), bbox_xyxy=xyxy, bbox_xyxy_clipped=clipped)
 
 
+def case_io_(io_: OrderedDict, i: int, box: torch.Tensor, keep: dict, canv: torch.Tensor, visual_key: str) -> None:
+    """Case i's io tensors: its box and fused reg token; for case 0 also canvas row S // 2, the first multi-level
+    visual token (before the projection, `keep[visual_key]`) and the text features."""
+    io_[f"case{i}.pred"] = box
+    io_[f"case{i}.reg"] = keep["reg"][0]
+    if i == 0:
+        io_["case0.pixels_row"] = canv[0, :, S // 2, :]
+        io_["case0.ml_visual_token0"] = keep[visual_key][0, 0]
+        io_["case0.text_features"] = keep["text_features"][0]
+
+
+def visu_masks_(io_: OrderedDict, prep: dict, grid: int, antialias: bool) -> None:
+    """Each image's patch mask (1 = pad) as the system computes it."""
+    for name, p in prep.items():
+        io_[f"visu_mask.{Path(name).stem}"] = H.patch_mask(p.mask[None], grid, antialias=antialias)[0].float()
+
+
 def check_boxes(preds: torch.Tensor, records: list, min_px: float = 3.0) -> None:
     assert preds.min() > 0.03 and preds.max() < 0.97, preds  # no saturated sigmoid
     for r in records:
@@ -523,21 +540,33 @@ def original_clipvg(O, cfg: C.CLIPVGConfig, sd: dict, fp16: bool):
 # --------------------------------------------------------------------------
 # HiVG
 # --------------------------------------------------------------------------
+def case_inputs(cases: list, prep: dict, texts: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cases as one batch: canvases [N, 3, S, S], pad masks [N, S, S], ids [N, 77]."""
+    canv = torch.stack([prep[img].canvas for img, _ in cases])
+    mask = torch.stack([prep[img].mask for img, _ in cases])
+    ids = torch.tensor([t["ids"] for t in texts])
+    return canv, mask, ids
+
+
+@torch.no_grad()
+def calibrate_on_cases_(model, run, canv, mask, ids, gen: torch.Generator) -> None:
+    """transvg_ref.calibrate_box_head_ on the reg tokens of the cases, each run alone: `run(canvas, mask, ids, keep)`
+    is the model's forward at batch 1 filling `keep`."""
+    regs = []
+    for i in range(len(ids)):
+        keep = {}
+        run(canv[i:i + 1], mask[i:i + 1], ids[i:i + 1], keep)
+        regs.append(keep["reg"])
+    T.calibrate_box_head_(model, torch.cat(regs), gen)
+
+
 def build_hivg(cfg: H.HiVGConfig, seed: int, prep: dict, texts: list[dict]):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = H.HiVG(cfg)
     H.randomize_(model, gen)
-    canv = torch.stack([prep[img].canvas for img, _ in HIVG_CASES])
-    mask = torch.stack([prep[img].mask for img, _ in HIVG_CASES])
-    ids = torch.tensor([t["ids"] for t in texts])
-    with torch.no_grad():
-        regs = []
-        for i in range(len(HIVG_CASES)):
-            keep = {}
-            model(canv[i:i + 1], mask[i:i + 1], ids[i:i + 1], "per_sample", keep)
-            regs.append(keep["reg"])
-        H.calibrate_box_head_(model, torch.cat(regs), gen)
+    canv, mask, ids = case_inputs(HIVG_CASES, prep, texts)
+    calibrate_on_cases_(model, lambda c, m, i, keep: model(c, m, i, "per_sample", keep), canv, mask, ids, gen)
     return model, canv, mask, ids
 
 
@@ -554,15 +583,10 @@ def hivg_goldens(model: H.HiVG, canv, mask, ids, prep, texts, images_info) -> tu
         preds.append(box)
         regs.append(keep["reg"][0])
         records.append(case_record(i, img, expr, t, prep[img], box))
-        io_[f"case{i}.pred"] = box
-        io_[f"case{i}.reg"] = keep["reg"][0]
+        case_io_(io_, i, box, keep, canv, "ml_visual")
         if i == 0:
-            io_["case0.pixels_row"] = canv[0, :, S // 2, :]
-            io_["case0.ml_visual_token0"] = keep["ml_visual"][0, 0]
-            io_["case0.text_features"] = keep["text_features"][0]
             io_["case0.bridge0_text"] = keep[f"bridge{cfg.adapt_layers[0]}.text"][0]
-    for name, p in prep.items():
-        io_[f"visu_mask.{Path(name).stem}"] = H.patch_mask(p.mask[None], cfg.grid, antialias=True)[0].float()
+    visu_masks_(io_, prep, cfg.grid, antialias=True)
     preds = torch.stack(preds)
     check_boxes(preds, records)
     # the batch
@@ -740,17 +764,9 @@ def make_clipvg(out: Path, tok: SubsetTokenizer, original) -> dict:
     T.strengthen_text_(model, gain=3.0)  # the 77 text tokens vs 197 visual ones: make the expression move the box
     C.convert_weights_fp16_(model.clip)
     ref = copy.deepcopy(model).float().eval()  # fp32 reference: the fp16 weights upcast
-    canv = torch.stack([prep[img].canvas for img, _ in CLIPVG_CASES])
-    mask = torch.stack([prep[img].mask for img, _ in CLIPVG_CASES])
-    ids = torch.tensor([t["ids"] for t in texts])
-    with torch.no_grad():
-        regs = []
-        for i in range(len(CLIPVG_CASES)):
-            keep = {}
-            ref(canv[i:i + 1], mask[i:i + 1], ids[i:i + 1], keep)
-            regs.append(keep["reg"])
-        H.calibrate_box_head_(ref, torch.cat(regs), gen)
-        model.bbox_embed.load_state_dict(ref.bbox_embed.state_dict())  # the head is fp32 in both
+    canv, mask, ids = case_inputs(CLIPVG_CASES, prep, texts)
+    calibrate_on_cases_(ref, ref, canv, mask, ids, gen)
+    model.bbox_embed.load_state_dict(ref.bbox_embed.state_dict())  # the head is fp32 in both
     records, io_ = [], OrderedDict()
     preds, p16 = [], []
     with torch.no_grad():
@@ -759,20 +775,14 @@ def make_clipvg(out: Path, tok: SubsetTokenizer, original) -> dict:
             box = ref(canv[i:i + 1], mask[i:i + 1], ids[i:i + 1], keep)[0]
             preds.append(box)
             records.append(case_record(i, img, expr, t, prep[img], box))
-            io_[f"case{i}.pred"] = box
-            io_[f"case{i}.reg"] = keep["reg"][0]
-            if i == 0:
-                io_["case0.pixels_row"] = canv[0, :, S // 2, :]
-                io_["case0.ml_visual_token0"] = keep["image_features"][0, 0]
-                io_["case0.text_features"] = keep["text_features"][0]
+            case_io_(io_, i, box, keep, canv, "image_features")
             try:
                 b16 = model(canv[i:i + 1], mask[i:i + 1], ids[i:i + 1])[0].float()
             except RuntimeError as e:  # CPU without fp16 kernels
                 b16 = None
                 fp16_error = str(e).split("\n")[0]
             p16.append(b16)
-        for name, p in prep.items():
-            io_[f"visu_mask.{Path(name).stem}"] = H.patch_mask(p.mask[None], cfg.grid, antialias=False)[0].float()
+        visu_masks_(io_, prep, cfg.grid, antialias=False)
         preds = torch.stack(preds)
         check_boxes(preds, records)
         # batch = batch 1
@@ -934,10 +944,7 @@ def main() -> None:
             h2, c2 = Path(tmp) / "hivg_release", Path(tmp) / "clipvg_release"
             generate(h2, c2, False)
             for x, y in ((a.hivg_out, h2), (a.clipvg_out, c2)):
-                names = sorted(p.name for p in x.iterdir())
-                assert names == sorted(p.name for p in y.iterdir()), (x, names)
-                for n in names:
-                    assert (x / n).read_bytes() == (y / n).read_bytes(), f"not byte-stable: {x.name}/{n}"
+                assert_same_files(x, y)
         print("\nbyte-stable: a second run (in a temporary folder) gives identical bytes for every file")
 
 

@@ -72,6 +72,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import mmdet_swin_ref as M  # noqa: E402
+from common import assert_same_files  # noqa: E402
 import transvg_ref as T  # noqa: E402  (QRNet's test transforms are TransVG's: prepare_image)
 
 ROOT = HERE.parent.parent
@@ -695,12 +696,8 @@ def verify_stable(out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         again = Path(tmp) / "again"
         make(again, original=False)
-        a = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-        b = sorted(p.relative_to(again).as_posix() for p in again.rglob("*") if p.is_file())
-        assert a == b, set(a) ^ set(b)
-        for r in a:
-            assert (out / r).read_bytes() == (again / r).read_bytes(), f"not byte-stable: {r}"
-    print(f"\nbyte-stable: a second run gives identical bytes for all {len(a)} files")
+        n = assert_same_files(out, again)
+    print(f"\nbyte-stable: a second run gives identical bytes for all {n} files")
 
 
 def main() -> None:

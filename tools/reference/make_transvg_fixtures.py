@@ -78,6 +78,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import transvg_ref as T  # noqa: E402
+from common import assert_same_files  # noqa: E402
 
 ROOT = HERE.parent.parent
 DEFAULT_OUT = ROOT / "tests" / "fixtures" / "transvg"
@@ -546,12 +547,8 @@ def verify_stable(out: Path, original: Path | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         again = Path(tmp) / "again"
         make_tiny(again, original)
-        a = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-        b = sorted(p.relative_to(again).as_posix() for p in again.rglob("*") if p.is_file())
-        assert a == b, set(a) ^ set(b)
-        for r in a:
-            assert (out / r).read_bytes() == (again / r).read_bytes(), f"not byte-stable: {r}"
-    print(f"\nbyte-stable: a second run gives identical bytes for all {len(a)} files")
+        n = assert_same_files(out, again)
+    print(f"\nbyte-stable: a second run gives identical bytes for all {n} files")
 
 
 # --------------------------------------------------------------------------

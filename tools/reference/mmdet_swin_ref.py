@@ -488,46 +488,12 @@ def save_mmcv_legacy(obj: dict, path: Path, *, optimizer_location: str = "cuda:0
     """The same object in torch's pre-1.6 (non-zip) container, written deterministically: transvg_ref's legacy
     format (magic, 1001, sys_info, object with ('storage', torch.<T>Storage, key, location, numel, None)
     persistent ids, sorted key list, then per key int64-LE numel + raw data) with per-storage locations."""
-    import io as _io
-    import pickle
-    import struct
-
     sys.path.insert(0, str(HERE))
     import transvg_ref as T
 
     opt_ptrs = set(tensor_ptrs(obj.get("optimizer", {})))
-    serialized, keys = {}, {}
-
-    class Pickler(pickle.Pickler):
-        def persistent_id(self, o):
-            if isinstance(o, torch.storage.TypedStorage):
-                st = o._untyped_storage
-                key = keys.get(st._cdata)
-                if key is None:
-                    key = keys[st._cdata] = T._fake_address(len(keys))
-                    serialized[key] = (st, o.dtype)
-                numel = st.nbytes() // torch.empty((), dtype=o.dtype).element_size()
-                loc = optimizer_location if st.data_ptr() in opt_ptrs else "cpu"
-                return ("storage", getattr(torch, o._pickle_storage_type()), key, loc, numel, None)
-            assert not torch.is_storage(o), type(o)
-            return None
-
-    f = _io.BytesIO()
-    sys_info = dict(protocol_version=T.LEGACY_PROTOCOL, little_endian=sys.byteorder == "little",
-                    type_sizes=dict(short=2, int=4, long=4))
-    pickle.dump(T.LEGACY_MAGIC, f, protocol=2)
-    pickle.dump(T.LEGACY_PROTOCOL, f, protocol=2)
-    pickle.dump(sys_info, f, protocol=2)
-    Pickler(f, protocol=2).dump(obj)
-    order = sorted(serialized)
-    pickle.dump(order, f, protocol=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as out:
-        out.write(f.getvalue())
-        for k in order:
-            st, dtype = serialized[k]
-            out.write(struct.pack("<q", st.nbytes() // torch.empty((), dtype=dtype).element_size()))
-            out.write(torch.empty(0, dtype=torch.uint8).set_(st).numpy().tobytes())
+    T.save_legacy_checkpoint(obj, path,
+                             location=lambda st: optimizer_location if st.data_ptr() in opt_ptrs else "cpu")
 
 
 # --------------------------------------------------------------------------
@@ -576,10 +542,34 @@ MIRRORS = {
 }
 
 
+def import_from_files(root: Path, files: dict[str, str | bytes], purge: tuple[str, ...], module: str):
+    """Write `files` (path under `root` -> text or bytes), drop the loaded modules whose top-level package is in
+    `purge` (earlier stubs or copies), then import `module` with `root` first on sys.path (warnings silenced)."""
+    import importlib
+    import warnings
+
+    for p, data in files.items():
+        f = root / p
+        f.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, bytes):
+            f.write_bytes(data)
+        else:
+            f.write_text(data)
+    for name in list(sys.modules):
+        if name.split(".")[0] in purge:
+            del sys.modules[name]
+    sys.path.insert(0, str(root))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return importlib.import_module(module)
+    finally:
+        sys.path.remove(str(root))
+
+
 def load_original_swin(which: str, tmp: Path):
     """Import the original swin_transformer.py (bytes as in the mirror's HEAD) from a temporary package with
     stub mmcv_custom / mmdet / timm / icecream / models modules; returns (module, commit)."""
-    import importlib
     import subprocess
 
     git_dir, rel = MIRRORS[which]
@@ -587,24 +577,9 @@ def load_original_swin(which: str, tmp: Path):
                          capture_output=True).stdout
     commit = subprocess.run(["git", "-C", str(git_dir), "rev-parse", "HEAD"], check=True,
                             capture_output=True, text=True).stdout.strip()
-    root = tmp / f"orig_{which}"
-    for p, text in _STUBS.items():
-        f = root / p
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text(text)
-    (root / "mmdet/models/backbones/swin_transformer.py").write_bytes(src)
-    for name in list(sys.modules):
-        if name.split(".")[0] in ("mmcv_custom", "mmdet", "models", "icecream", "timm"):
-            del sys.modules[name]
-    sys.path.insert(0, str(root))
-    try:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mod = importlib.import_module("mmdet.models.backbones.swin_transformer")
-    finally:
-        sys.path.remove(str(root))
+    mod = import_from_files(tmp / f"orig_{which}", {**_STUBS, "mmdet/models/backbones/swin_transformer.py": src},
+                            ("mmcv_custom", "mmdet", "models", "icecream", "timm"),
+                            "mmdet.models.backbones.swin_transformer")
     return mod, commit
 
 
@@ -621,7 +596,6 @@ def qrnet_test_canvas(image_path: Path, side: int, tmp: Path) -> tuple[torch.Ten
     """QRNet's own eval transforms (datasets/__init__.py: RandomResize([side]), ToTensor(),
     NormalizeAndPad(size=side)) from the mirror's datasets/transforms.py, with stub utils.box_utils /
     utils.misc; returns (canvas [3,S,S], mask [S,S])."""
-    import importlib
     import subprocess
 
     from PIL import Image
@@ -629,27 +603,16 @@ def qrnet_test_canvas(image_path: Path, side: int, tmp: Path) -> tuple[torch.Ten
     git_dir = MIRRORS["qrnet"][0]
     src = subprocess.run(["git", "-C", str(git_dir), "show", "HEAD:datasets/transforms.py"], check=True,
                          capture_output=True).stdout
-    root = tmp / "orig_qrnet_transforms"
-    stubs = {"qrnet_datasets/__init__.py": "",
+    files = {"qrnet_datasets/__init__.py": "",
              "utils/__init__.py": "",
              "utils/box_utils.py": ("import torch\n"
                                     "def xyxy2xywh(x):\n"
                                     "    x0, y0, x1, y1 = x.unbind(-1)\n"
                                     "    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)\n"),
-             "utils/misc.py": "from torch.nn.functional import interpolate\n"}
-    for p, text in stubs.items():
-        f = root / p
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text(text)
-    (root / "qrnet_datasets/transforms.py").write_bytes(src)
-    for name in list(sys.modules):
-        if name.split(".")[0] in ("utils", "qrnet_datasets"):
-            del sys.modules[name]
-    sys.path.insert(0, str(root))
-    try:
-        tr = importlib.import_module("qrnet_datasets.transforms")
-    finally:
-        sys.path.remove(str(root))
+             "utils/misc.py": "from torch.nn.functional import interpolate\n",
+             "qrnet_datasets/transforms.py": src}
+    tr = import_from_files(tmp / "orig_qrnet_transforms", files, ("utils", "qrnet_datasets"),
+                           "qrnet_datasets.transforms")
     pipeline = tr.Compose([tr.RandomResize([side]), tr.ToTensor(), tr.NormalizeAndPad(size=side)])
     img = Image.open(image_path).convert("RGB")
     out = pipeline({"img": img, "box": torch.tensor([0.0, 0.0, 1.0, 1.0])})

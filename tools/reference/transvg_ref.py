@@ -29,6 +29,7 @@ import sys
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -43,8 +44,16 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 # --------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------
+class VisuTokens:
+    """For a config with a square `grid` of visual tokens (TransVG, CLIP-VG, HiVG)."""
+
+    @property
+    def num_visu_token(self) -> int:
+        return self.grid ** 2
+
+
 @dataclass(frozen=True)
-class TransVGConfig:
+class TransVGConfig(VisuTokens):
     backbone: str = "resnet50"  # resnet50 (3/4/6/3) | resnet101 (3/4/23/3)
     width: int = 64  # ResNet base width: conv1 out = width, planes width, 2w, 4w, 8w (expansion 4)
     dilation: bool = False  # replace_stride_with_dilation=[False, False, dilation]
@@ -78,10 +87,6 @@ class TransVGConfig:
     def grid(self) -> int:
         assert self.imsize % self.stride == 0
         return self.imsize // self.stride
-
-    @property
-    def num_visu_token(self) -> int:
-        return self.grid ** 2
 
     @property
     def backbone_channels(self) -> int:
@@ -208,39 +213,60 @@ def check_resnet_layout() -> None:
 # Transformer pieces (DETR post-norm encoder layer; the VL encoder uses the same layer)
 # --------------------------------------------------------------------------
 class EncoderLayer(nn.Module):
-    def __init__(self, d: int, nhead: int, ffn: int):
+    """DETR's TransformerEncoderLayer: `forward_post` (TransVG, CLIP-VG) or, with `normalize_before`,
+    `forward_pre` (HiVG's `--normalize_before`); pos added to q and k, not v; ReLU FFN; no dropout (eval)."""
+
+    def __init__(self, d: int, nhead: int, ffn: int, normalize_before: bool = False):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d, nhead, dropout=0.0)
         self.linear1 = nn.Linear(d, ffn)
         self.linear2 = nn.Linear(ffn, d)
         self.norm1 = nn.LayerNorm(d)
         self.norm2 = nn.LayerNorm(d)
+        self.normalize_before = normalize_before
 
     def forward(self, src, key_padding_mask, pos):
         # src, pos: [L, B, d] (sequence first, as TransVG); key_padding_mask [B, L], True = ignore
+        if self.normalize_before:
+            return self.forward_pre(src, key_padding_mask, pos)
         q = k = src + pos
         src = self.norm1(src + self.self_attn(q, k, value=src, key_padding_mask=key_padding_mask,
                                               need_weights=False)[0])
         return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
 
+    def forward_pre(self, src, key_padding_mask, pos):
+        s = self.norm1(src)
+        q = k = s + pos
+        src = src + self.self_attn(q, k, value=s, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        s = self.norm2(src)
+        return src + self.linear2(F.relu(self.linear1(s)))
+
 
 class Encoder(nn.Module):
-    def __init__(self, d: int, nhead: int, ffn: int, layers: int):
+    """DETR's TransformerEncoder; the final `norm` exists with `normalize_before` only (DETR's encoder_norm)."""
+
+    def __init__(self, d: int, nhead: int, ffn: int, layers: int, normalize_before: bool = False):
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(d, nhead, ffn) for _ in range(layers))
+        self.layers = nn.ModuleList(EncoderLayer(d, nhead, ffn, normalize_before) for _ in range(layers))
+        if normalize_before:
+            self.norm = nn.LayerNorm(d)
+        self.normalize_before = normalize_before
 
     def forward(self, src, key_padding_mask, pos):
         for layer in self.layers:
             src = layer(src, key_padding_mask, pos)
-        return src  # no final norm (post-norm)
+        return self.norm(src) if self.normalize_before else src  # post-norm: no final norm
 
 
 class EncoderOnlyTransformer(nn.Module):
     """Holds `.encoder` so keys read `transformer.encoder.layers.N.*` / `vl_transformer.encoder.layers.N.*`."""
 
-    def __init__(self, d: int, nhead: int, ffn: int, layers: int):
+    def __init__(self, d: int, nhead: int, ffn: int, layers: int, normalize_before: bool = False):
         super().__init__()
-        self.encoder = Encoder(d, nhead, ffn, layers)
+        self.encoder = Encoder(d, nhead, ffn, layers, normalize_before)
+
+    def forward(self, src, mask, pos):
+        return self.encoder(src, mask, pos)
 
 
 def sine_position_embedding(mask: torch.Tensor, num_pos_feats: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -687,9 +713,10 @@ def transvg_param_groups(model: TransVG) -> tuple[list[list[str]], set[str]]:
 
 
 def adamw_state(params: dict, groups: list[list[str]], group_lrs: list, *, lr: float, weight_decay: float,
-                lr_drop: int, no_grad: set[str], stateful: set[str] | None, gen: torch.Generator, epoch: int,
-                style: str) -> tuple[dict, dict]:
-    """(optimizer.state_dict(), lr_scheduler.state_dict()) of an AdamW + StepLR after `epoch + 1` epochs.
+                lr_drop: int | None = None, lr_lambda: Callable[[int], float] | None = None, no_grad: set[str],
+                stateful: set[str] | None, gen: torch.Generator, epoch: int, style: str) -> tuple[dict, dict]:
+    """(optimizer.state_dict(), lr_scheduler.state_dict()) of an AdamW + StepLR(lr_drop) (TransVG, DETR) or
+    LambdaLR(lr_lambda) (CLIP-VG, HiVG: cosine) after `epoch + 1` epochs.
 
     A real torch AdamW runs one step on detached copies with random gradients, for the parameters in
     `stateful` (None = all) minus `no_grad` (parameters that never get a gradient keep no state, e.g. BERT's
@@ -698,11 +725,15 @@ def adamw_state(params: dict, groups: list[list[str]], group_lrs: list, *, lr: f
     this torch writes (0-d float tensor `step`, foreach/maximize/... keys)."""
     import warnings
 
+    assert (lr_drop is None) != (lr_lambda is None), "one schedule: lr_drop (StepLR) or lr_lambda (LambdaLR)"
     shadow = {n: params[n].detach().clone().requires_grad_(True) for g in groups for n in g}
     pg = [({"params": [shadow[n] for n in g]} if glr is None else {"params": [shadow[n] for n in g], "lr": glr})
           for g, glr in zip(groups, group_lrs)]
     opt = torch.optim.AdamW(pg, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, lr_drop)
+    if lr_lambda is None:
+        sched = torch.optim.lr_scheduler.StepLR(opt, lr_drop)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     for g in groups:
         for n in g:
             if n in no_grad or (stateful is not None and n not in stateful):
@@ -783,13 +814,14 @@ def _fake_address(i: int) -> str:
     return str(139_000_000_000_000 + ((i * 2654435761) % (1 << 32)) * 64)
 
 
-def save_legacy_checkpoint(obj, path: Path, location: str = "cuda:0") -> None:
+def save_legacy_checkpoint(obj, path: Path, location: str | Callable[[torch.UntypedStorage], str] = "cuda:0") -> None:
     """The pre-1.6 (non-zip) torch.save format, written deterministically.
 
     torch's own `_use_new_zipfile_serialization=False` writer keys storages by their memory address, so its
     bytes change from run to run; this writer is the same format (five protocol-2 pickles: magic, 1001,
     sys_info, the object with persistent ids ('storage', torch.FloatStorage, key, location, numel, None), the
     sorted key list; then per key an int64-LE element count and the raw data) with stable keys.
+    `location`: every storage's tag, or a function of the (untyped) storage giving it.
     check_legacy_writer() compares it opcode by opcode with torch's writer."""
     serialized: dict[str, tuple[torch.UntypedStorage, torch.dtype]] = {}
     keys: dict[int, str] = {}
@@ -803,7 +835,8 @@ def save_legacy_checkpoint(obj, path: Path, location: str = "cuda:0") -> None:
                     key = keys[st._cdata] = _fake_address(len(keys))
                     serialized[key] = (st, o.dtype)
                 numel = st.nbytes() // torch.empty((), dtype=o.dtype).element_size()
-                return ("storage", getattr(torch, o._pickle_storage_type()), key, location, numel, None)
+                loc = location(st) if callable(location) else location
+                return ("storage", getattr(torch, o._pickle_storage_type()), key, loc, numel, None)
             assert not torch.is_storage(o), type(o)
             return None
 
