@@ -69,6 +69,21 @@ hard-coded argparse defaults equal their get_args_parser().
 
 Run (reference venv; CPU only, one to three minutes on 2 threads; --verify-stable doubles it):
     .venv-ref/bin/python tools/reference/make_hivg_fixtures.py [--verify-stable] [--no-original]
+
+--full DIR (not committed; tools/reference/hivg_full_check.py runs the binary on it): the same code at the released
+sizes, into DIR (outside the repo), instead of the tiny dirs:
+  DIR/hivg_b16_unc.pth     HiVG-B/16 fine-tune as released (H.FULL_B): dataset unc (text level [12]), HF CLIP
+                           ViT-B/16 + text base (vocab 49408, 77 positions, projection 512), bridges [0,3,7,11],
+                           unmerged peft-0.3 LoRA r 32 / alpha 16 (lora_B non-zero), 4 nested base_model.model.,
+                           storages cuda:0, AdamW moments for every trainable parameter (as hivg_train.py saves them)
+  DIR/clipvg_b16_unc.pth   CLIP-VG ViT-B/16 (C.FULL_B16), CLIP part fp16, aliased wrapper keys, AdamW moments for
+                           every trainable parameter
+  DIR/*.io.safetensors, DIR/images/ (copies of the four PNGs), DIR/tokenizer.json (the whole HF CLIP tokenizer, built
+  offline from open_clip's BPE file by the same code as the subset: CLIP's own ids), DIR/cases.json: schema 1 as
+  above with "system": "full", image paths "images/<name>", tokenizer.truncate {"hivg": true, "clipvg": false}, both
+  models (HIVG_CASES / CLIPVG_CASES: ids = clip_ids; HiVG per_sample boxes and the batch FULL_BATCH_ORDER in
+  'batched' mode; CLIP-VG fp32 boxes). About 10 minutes on 2 threads, ~8 GB of memory:
+    .venv-ref/bin/python tools/reference/make_hivg_fixtures.py --full /tmp/hivg_full [--no-original]
 """
 from __future__ import annotations
 
@@ -79,9 +94,11 @@ import copy
 import hashlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import types
 import warnings
 import zipfile
@@ -155,7 +172,11 @@ def clipvg_config(vocab: int) -> C.CLIPVGConfig:
 # Helpers
 # --------------------------------------------------------------------------
 def sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load(path: Path):
@@ -179,8 +200,9 @@ def model_storages(path: Path) -> int:
     return len({v.untyped_storage().data_ptr() for v in load(path)["model"].values()})
 
 
-def save_checkpoint(obj: dict, path: Path) -> None:
-    """torch zip via transvg_ref (storages tagged cuda:0, byte-stable), then read back and compare."""
+def save_checkpoint(obj: dict, path: Path, max_bytes: int | None = 1_000_000) -> None:
+    """torch zip via transvg_ref (storages tagged cuda:0, byte-stable), then read back and compare (and, unless
+    max_bytes is None, check the size: the committed files stay small)."""
     import make_transvg_fixtures as MT
 
     T.save_zip_checkpoint(obj, path, location=LOCATION)
@@ -191,7 +213,7 @@ def save_checkpoint(obj: dict, path: Path) -> None:
     for k, v in obj["model"].items():
         b = back["model"][k]
         assert b.dtype == v.dtype and b.shape == v.shape and torch.equal(b, v), k
-    assert path.stat().st_size < 1_000_000, (path, path.stat().st_size)
+    assert max_bytes is None or path.stat().st_size < max_bytes, (path, path.stat().st_size)
 
 
 def save_io(io_: dict, path: Path) -> None:
@@ -213,7 +235,11 @@ def dtype_counts(sd) -> dict:
 # Tokenizer: dense subset of the CLIP BPE
 # --------------------------------------------------------------------------
 class SubsetTokenizer:
-    def __init__(self, out_path: Path, strings: list[str]):
+    """The CLIP BPE cut down to what `strings` need (ids renumbered densely in the full vocabulary's order), written
+    to `out_path`; with whole=True nothing is cut: the whole HF CLIP tokenizer.json (49408 ids, 48894 merges, the
+    ids are then CLIP's own), through the same code."""
+
+    def __init__(self, out_path: Path, strings: list[str], whole: bool = False):
         from tokenizers import Tokenizer
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -226,12 +252,15 @@ class SubsetTokenizer:
         merges = [merge_pair(m) for m in model["merges"]]
         ranks = {p: i for i, p in enumerate(merges)}
         keep, seen = {"!"}, set()
-        for s in strings:
+        for s in ([] if whole else strings):
             for w in clip_pretokens(self.full_tok, s):
                 syms = list(w)
                 syms[-1] += suffix
                 keep |= set(syms)
                 seen |= bpe_pairs_seen(w, ranks, suffix)
+        if whole:
+            keep |= set(model["vocab"])
+            seen = set(merges)
         kept = [p for p in merges if p in seen]
         keep |= {a + b for a, b in kept}
         specials = [t["content"] for t in full["added_tokens"]]
@@ -243,6 +272,8 @@ class SubsetTokenizer:
         n = len(vocab)
         assert vocab["!"] == 0 and self.full_vocab["!"] == 0
         assert vocab["<|startoftext|>"] == n - 2 and vocab["<|endoftext|>"] == n - 1
+        if whole:
+            assert vocab == self.full_vocab and n == 49408 and len(kept) == len(merges) == 48894, (n, len(kept))
         small = copy.deepcopy(full)
         small["model"]["vocab"] = dict(vocab)
         small["model"]["merges"] = ([[a, b] for a, b in kept] if isinstance(model["merges"][0], list)
@@ -308,15 +339,15 @@ class SubsetTokenizer:
 # --------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------
-def prepare_images(names: list[str], rel_to: Path) -> tuple[dict, dict]:
-    """Preprocessed images and their cases.json entries; paths relative to `rel_to` (the committed folder, also
-    when writing elsewhere, so that a run into a temporary folder gives the same bytes)."""
+def prepare_images(names: list[str], rel_to: Path, src: Path = IMAGES) -> tuple[dict, dict]:
+    """Preprocessed images (read from `src`) and their cases.json entries; paths relative to `rel_to` (the committed
+    folder, also when writing elsewhere, so that a run into a temporary folder gives the same bytes)."""
     from PIL import Image
     import os
 
     prep, info = {}, OrderedDict()
     for name in names:
-        p = IMAGES / name
+        p = src / name
         T.check_prepare_against_torchvision(p, S)
         pr = T.prepare_image(p, S)
         prep[name] = pr
@@ -560,22 +591,23 @@ def calibrate_on_cases_(model, run, canv, mask, ids, gen: torch.Generator) -> No
     T.calibrate_box_head_(model, torch.cat(regs), gen)
 
 
-def build_hivg(cfg: H.HiVGConfig, seed: int, prep: dict, texts: list[dict]):
+def build_hivg(cfg: H.HiVGConfig, seed: int, prep: dict, texts: list[dict], cases: list = HIVG_CASES):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = H.HiVG(cfg)
     H.randomize_(model, gen)
-    canv, mask, ids = case_inputs(HIVG_CASES, prep, texts)
+    canv, mask, ids = case_inputs(cases, prep, texts)
     calibrate_on_cases_(model, lambda c, m, i, keep: model(c, m, i, "per_sample", keep), canv, mask, ids, gen)
     return model, canv, mask, ids
 
 
 @torch.no_grad()
-def hivg_goldens(model: H.HiVG, canv, mask, ids, prep, texts, images_info) -> tuple[list, OrderedDict, dict, dict]:
+def hivg_goldens(model: H.HiVG, canv, mask, ids, prep, texts, cases: list = HIVG_CASES,
+                 order: list = BATCH_ORDER) -> tuple[list, OrderedDict, dict, dict]:
     cfg = model.cfg
     records, io_ = [], OrderedDict()
     preds, regs = [], []
-    for i, ((img, expr), t) in enumerate(zip(HIVG_CASES, texts)):
+    for i, ((img, expr), t) in enumerate(zip(cases, texts)):
         keep = {}
         box = model(canv[i:i + 1], mask[i:i + 1], ids[i:i + 1], "per_sample", keep)[0]
         b2 = model(canv[i:i + 1], mask[i:i + 1], ids[i:i + 1], "batched")[0]
@@ -590,7 +622,7 @@ def hivg_goldens(model: H.HiVG, canv, mask, ids, prep, texts, images_info) -> tu
     preds = torch.stack(preds)
     check_boxes(preds, records)
     # the batch
-    o = BATCH_ORDER
+    o = list(order)
     keep_b = {}
     bb = model(canv[o], mask[o], ids[o], "batched", keep_b)
     bp = model(canv[o], mask[o], ids[o], "per_sample")
@@ -601,7 +633,7 @@ def hivg_goldens(model: H.HiVG, canv, mask, ids, prep, texts, images_info) -> tu
     io_["batched.pred"] = bb
     io_["batched.reg"] = keep_b["reg"]
     io_["batched_per_sample.pred"] = bp
-    px = [T.cxcywh_to_pixels(b.tolist(), prep[HIVG_CASES[c][0]], S) for c, b in zip(o, bb)]
+    px = [T.cxcywh_to_pixels(b.tolist(), prep[cases[c][0]], S) for c, b in zip(o, bb)]
     batched = OrderedDict(order=o, bridge_mode="batched", pred_cxcywh=[f32list(b) for b in bb],
                           bbox_xyxy=[a for a, _ in px], bbox_xyxy_clipped=[b for _, b in px],
                           per_sample_pred_cxcywh=[f32list(b) for b in bp],
@@ -612,7 +644,7 @@ def hivg_goldens(model: H.HiVG, canv, mask, ids, prep, texts, images_info) -> tu
     return records, io_, batched, facts
 
 
-def hivg_checks(model: H.HiVG, canv, mask, ids) -> None:
+def hivg_checks(model: H.HiVG, canv, mask, ids, order: list = BATCH_ORDER) -> None:
     cfg = model.cfg
     # our text loop = HF's CLIPTextModel (hidden_states semantics: [embeddings, layer 1, ..., layer 12])
     tm = model.inner.text_model
@@ -624,7 +656,7 @@ def hivg_checks(model: H.HiVG, canv, mask, ids) -> None:
     assert err < 1e-5 and (last - ref.last_hidden_state).abs().max() < 1e-5, err
     # unused keys = autograd
     model.zero_grad(set_to_none=True)
-    o = BATCH_ORDER
+    o = list(order)
     for mode in ("batched", "per_sample"):
         model(canv[o], mask[o], ids[o], mode).sum().backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None]
@@ -657,10 +689,16 @@ def renamed(k: str, model: H.HiVG, naming: str) -> str:
     return next(iter(H.base_layer_renaming(OrderedDict([(k, None)]), model.lora_module_keys())))
 
 
-def hivg_checkpoint(model: H.HiVG, seed: int, epoch: int, val_accu: float) -> dict:
+TINY_STATEFUL = frozenset({"reg_token.weight", "bbox_embed.layers.2.bias"})  # AdamW moments kept in the tiny files
+
+
+def hivg_checkpoint(model: H.HiVG, seed: int, epoch: int, val_accu: float, all_moments: bool = False) -> dict:
+    """hivg_train.py's checkpoint object; AdamW moments for TINY_STATEFUL only, or (all_moments, as a real run
+    saves it) for every trainable parameter."""
     args = H.hivg_args(model.cfg)
-    osd, ssd = H.optimizer_state(model, args, stateful={"reg_token.weight", "bbox_embed.layers.2.bias"},
-                                 gen=torch.Generator().manual_seed(1000 + seed), epoch=epoch)
+    stateful = set(H.trainable_names(model)) if all_moments else set(TINY_STATEFUL)
+    osd, ssd = H.optimizer_state(model, args, stateful=stateful, gen=torch.Generator().manual_seed(1000 + seed),
+                                 epoch=epoch)
     sd = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
     return {"model": sd, "optimizer": osd, "lr_scheduler": ssd, "epoch": int(epoch), "args": args,
             "val_accu": float(val_accu)}
@@ -677,21 +715,10 @@ def make_hivg(out: Path, tok: SubsetTokenizer, original) -> dict:
                       models=OrderedDict(), invalid=OrderedDict())
     summary = OrderedDict()
     for seed, (name, cfg) in enumerate(hivg_configs(tok.size).items(), start=1):
-        model, canv, mask, ids = build_hivg(cfg, seed, prep, texts)
-        records, io_, batched, facts = hivg_goldens(model, canv, mask, ids, prep, texts, images)
-        hivg_checks(model, canv, mask, ids)
-        obj = hivg_checkpoint(model, seed, epoch=9 if cfg.variant == "L" else 19,
-                              val_accu={1: 0.7806, 2: 0.8025, 3: 0.8652}[seed])
-        io_name = name.replace(".pth", ".io.safetensors")
-        save_checkpoint(obj, out / name)
-        save_io(io_, out / io_name)
-        entry = hivg_entry(name, cfg, obj, model, records, batched, io_name, "peft0.3", "tokenizer.json")
-        entry["n_storages"] = zip_storages(out / name)
-        entry["n_model_storages"] = model_storages(out / name)
+        entry, obj, model, summary[name] = hivg_model(out, name, cfg, seed, 9 if cfg.variant == "L" else 19,
+                                                      {1: 0.7806, 2: 0.8025, 3: 0.8652}[seed], prep, texts,
+                                                      original)
         doc["models"][name] = entry
-        if original is not None:
-            facts.update(check_hivg_original(original, model, obj["model"], canv, mask, ids, records, batched))
-        summary[name] = (records, batched, facts)
         if name == "hivg_b_tiny_uncplus.pth":
             # (b) newer peft naming, same weights
             bl = dict(obj)
@@ -728,6 +755,43 @@ def make_hivg(out: Path, tok: SubsetTokenizer, original) -> dict:
     return summary
 
 
+@contextlib.contextmanager
+def timed(times: dict | None, label: str):
+    """Adds the seconds the block takes to times[label] (when times is a dict)."""
+    t = time.time()
+    yield
+    if times is not None:
+        times[label] = times.get(label, 0.0) + time.time() - t
+
+
+def hivg_model(out: Path, name: str, cfg: H.HiVGConfig, seed: int, epoch: int, val_accu: float, prep: dict,
+               texts: list[dict], original, cases: list = HIVG_CASES, order: list = BATCH_ORDER, full: bool = False,
+               times: dict | None = None) -> tuple[OrderedDict, dict, H.HiVG, tuple]:
+    """One HiVG file as hivg_train.py writes it (`out / name`, peft 0.3 names) with its io.safetensors: random
+    weights (seed), calibrated head, goldens on `cases` (batch 1) and the batch `order`, the checks, and (with
+    `original`) HiVG's own code on the file. full: AdamW moments for every trainable parameter, no size limit.
+    Returns (cases.json entry, checkpoint object, model, (records, batched, facts))."""
+    with timed(times, "hivg: build + calibrate"):
+        model, canv, mask, ids = build_hivg(cfg, seed, prep, texts, cases)
+    with timed(times, "hivg: goldens"):
+        records, io_, batched, facts = hivg_goldens(model, canv, mask, ids, prep, texts, cases, order)
+    with timed(times, "hivg: checks (HF text loop, autograd)"):
+        hivg_checks(model, canv, mask, ids, order)
+    with timed(times, "hivg: optimizer state"):
+        obj = hivg_checkpoint(model, seed, epoch=epoch, val_accu=val_accu, all_moments=full)
+    io_name = name.replace(".pth", ".io.safetensors")
+    with timed(times, "hivg: save + read back"):
+        save_checkpoint(obj, out / name, max_bytes=None if full else 1_000_000)
+        save_io(io_, out / io_name)
+        entry = hivg_entry(name, cfg, obj, model, records, batched, io_name, "peft0.3", "tokenizer.json")
+        entry["n_storages"] = zip_storages(out / name)
+        entry["n_model_storages"] = model_storages(out / name)
+    if original is not None:
+        with timed(times, "hivg: HiVG's own code"):
+            facts.update(check_hivg_original(original, model, obj["model"], canv, mask, ids, records, batched))
+    return entry, obj, model, (records, batched, facts)
+
+
 @torch.no_grad()
 def check_hivg_original(O, model, sd, canv, mask, ids, records, batched) -> dict:
     cfg = model.cfg
@@ -755,22 +819,38 @@ def make_clipvg(out: Path, tok: SubsetTokenizer, original) -> dict:
     prep, images = prepare_images(sorted({i for i, _ in CLIPVG_CASES}), CLIPVG_OUT)
     texts = [tok.ids(e.lower(), truncate=False) for _, e in CLIPVG_CASES]
     tok_rel = os.path.relpath(HIVG_OUT / "tokenizer.json", CLIPVG_OUT)
-    cfg = clipvg_config(tok.size)
-    seed = 11
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = C.MLCLIPVG(cfg)
-    C.randomize_(model, gen)
-    T.strengthen_text_(model, gain=3.0)  # the 77 text tokens vs 197 visual ones: make the expression move the box
-    C.convert_weights_fp16_(model.clip)
-    ref = copy.deepcopy(model).float().eval()  # fp32 reference: the fp16 weights upcast
-    canv, mask, ids = case_inputs(CLIPVG_CASES, prep, texts)
-    calibrate_on_cases_(ref, ref, canv, mask, ids, gen)
-    model.bbox_embed.load_state_dict(ref.bbox_embed.state_dict())  # the head is fp32 in both
+    name = "clipvg_b_tiny.pth"
+    entry, summary = clipvg_model(out, name, clipvg_config(tok.size), 11, prep, texts, original, tok_rel)
+    doc = OrderedDict(schema=1, system="clipvg", imsize=S, mean=T.IMAGENET_MEAN, std=T.IMAGENET_STD,
+                      tokenizer=tokenizer_doc(tok, tok_rel, truncate=False), images=images, models=OrderedDict(),
+                      invalid=OrderedDict())
+    doc["models"][name] = entry
+    write_json(out / "cases.json", doc)
+    return {name: summary}
+
+
+def clipvg_model(out: Path, name: str, cfg: C.CLIPVGConfig, seed: int, prep: dict, texts: list[dict], original,
+                 tok_rel: str, cases: list = CLIPVG_CASES, full: bool = False,
+                 times: dict | None = None) -> tuple[OrderedDict, tuple]:
+    """One CLIP-VG file as train_clip_vg.py writes it (`out / name`: CLIP part fp16, aliased wrapper keys) with its
+    io.safetensors: random weights (seed), calibrated head, fp32 goldens on `cases` (batch 1), the checks, and (with
+    `original`) CLIP-VG's own code on the file. full: AdamW moments for every trainable parameter, no size limit.
+    Returns (cases.json entry, (records, None, facts))."""
+    with timed(times, "clipvg: build + calibrate"):
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        model = C.MLCLIPVG(cfg)
+        C.randomize_(model, gen)
+        T.strengthen_text_(model, gain=3.0)  # the 77 text tokens vs 197 visual ones: make the expression move the box
+        C.convert_weights_fp16_(model.clip)
+        ref = copy.deepcopy(model).float().eval()  # fp32 reference: the fp16 weights upcast
+        canv, mask, ids = case_inputs(cases, prep, texts)
+        calibrate_on_cases_(ref, ref, canv, mask, ids, gen)
+        model.bbox_embed.load_state_dict(ref.bbox_embed.state_dict())  # the head is fp32 in both
     records, io_ = [], OrderedDict()
     preds, p16 = [], []
-    with torch.no_grad():
-        for i, ((img, expr), t) in enumerate(zip(CLIPVG_CASES, texts)):
+    with torch.no_grad(), timed(times, "clipvg: goldens (fp32, and fp16 for information)"):
+        for i, ((img, expr), t) in enumerate(zip(cases, texts)):
             keep = {}
             box = ref(canv[i:i + 1], mask[i:i + 1], ids[i:i + 1], keep)[0]
             preds.append(box)
@@ -799,36 +879,39 @@ def make_clipvg(out: Path, tok: SubsetTokenizer, original) -> dict:
     else:
         facts["fp16_vs_fp32"] = f"not run: {fp16_error}"
     # unused keys = autograd (through the fp32 reference; shared parameters reported under all their names)
-    ref.zero_grad(set_to_none=True)
-    ref(canv, mask, ids).sum().backward()
-    al = C.aliases(ref)
-    grads = {n: p.grad for n, p in ref.named_parameters()}
-    sdv = ref.state_dict(keep_vars=True)
-    no_grad = [k for k in sdv if grads.get(al.get(k, k)) is None]
-    assert no_grad == C.unused_by_box(ref), set(no_grad) ^ set(C.unused_by_box(ref))
-    ref.zero_grad(set_to_none=True)
+    with timed(times, "clipvg: checks (autograd)"):
+        ref.zero_grad(set_to_none=True)
+        ref(canv, mask, ids).sum().backward()
+        al = C.aliases(ref)
+        grads = {n: p.grad for n, p in ref.named_parameters()}
+        sdv = ref.state_dict(keep_vars=True)
+        no_grad = [k for k in sdv if grads.get(al.get(k, k)) is None]
+        assert no_grad == C.unused_by_box(ref), set(no_grad) ^ set(C.unused_by_box(ref))
+        ref.zero_grad(set_to_none=True)
+        del ref, grads, sdv
     # the checkpoint
-    args = C.clipvg_args(cfg)
-    osd, ssd = C.optimizer_state(model, args, stateful={"reg_token.weight", "bbox_embed.layers.2.bias"},
-                                 gen=torch.Generator().manual_seed(1000 + seed), epoch=109)
+    with timed(times, "clipvg: optimizer state"):
+        args = C.clipvg_args(cfg)
+        stateful = set(C.trainable_names(model)) if full else set(TINY_STATEFUL)
+        osd, ssd = C.optimizer_state(model, args, stateful=stateful, gen=torch.Generator().manual_seed(1000 + seed),
+                                     epoch=109)
     sd = model.state_dict()  # shared tensors stay shared: torch.save writes each storage once
     obj = {"model": sd, "optimizer": osd, "lr_scheduler": ssd, "epoch": 109, "args": args, "val_accu": 0.8125}
-    name = "clipvg_b_tiny.pth"
-    save_checkpoint(obj, out / name)
-    n_st = zip_storages(out / name)
-    back = load(out / name)["model"]
-    for k, a in C.aliases(model).items():
-        assert back[k].untyped_storage().data_ptr() == back[a].untyped_storage().data_ptr(), k
-    n_model_st = model_storages(out / name)
-    assert n_st < len(sd) and n_model_st == len(sd) - len(C.aliases(model)), (n_st, n_model_st, len(sd))
-    io_name = name.replace(".pth", ".io.safetensors")
-    save_io(io_, out / io_name)
+    with timed(times, "clipvg: save + read back"):
+        save_checkpoint(obj, out / name, max_bytes=None if full else 1_000_000)
+        n_st = zip_storages(out / name)
+        back = load(out / name)["model"]
+        for k, a in C.aliases(model).items():
+            assert back[k].untyped_storage().data_ptr() == back[a].untyped_storage().data_ptr(), k
+        del back
+        n_model_st = model_storages(out / name)
+        assert n_st < len(sd) and n_model_st == len(sd) - len(C.aliases(model)), (n_st, n_model_st, len(sd))
+        io_name = name.replace(".pth", ".io.safetensors")
+        save_io(io_, out / io_name)
     if original is not None:
-        facts.update(check_clipvg_original(original, cfg, sd, canv, mask, ids, preds, p16))
-    doc = OrderedDict(schema=1, system="clipvg", imsize=S, mean=T.IMAGENET_MEAN, std=T.IMAGENET_STD,
-                      tokenizer=tokenizer_doc(tok, tok_rel, truncate=False), images=images, models=OrderedDict(),
-                      invalid=OrderedDict())
-    doc["models"][name] = OrderedDict(
+        with timed(times, "clipvg: CLIP-VG's own code"):
+            facts.update(check_clipvg_original(original, cfg, sd, canv, mask, ids, preds, p16))
+    entry = OrderedDict(
         kind="clipvg", container="zip", location=LOCATION, config=cfg.to_dict(), top_level=list(obj),
         optimizer=OrderedDict(type="AdamW", groups=len(osd["param_groups"]),
                               n_params=[len(g["params"]) for g in osd["param_groups"]],
@@ -839,8 +922,7 @@ def make_clipvg(out: Path, tok: SubsetTokenizer, original) -> dict:
         unused_keys=C.unused_by_box(model), buffers=[], aliases=C.aliases(model),
         reference="fp32 on CPU, the fp16 weights upcast (the release ran the CLIP part in fp16 on CUDA)",
         fp16_vs_fp32_max_abs=facts["fp16_vs_fp32"], io=io_name, tokenizer=tok_rel, cases=records)
-    write_json(out / "cases.json", doc)
-    return {name: (records, None, facts)}
+    return entry, (records, None, facts)
 
 
 def check_clipvg_original(O, cfg, sd, canv, mask, ids, preds, p16) -> dict:
@@ -862,11 +944,12 @@ def check_clipvg_original(O, cfg, sd, canv, mask, ids, preds, p16) -> dict:
     return facts
 
 
-def tokenizer_doc(tok: SubsetTokenizer, rel: str, truncate: bool) -> OrderedDict:
+def tokenizer_doc(tok: SubsetTokenizer, rel: str, truncate, full: bool = False) -> OrderedDict:
+    source = ("CLIP BPE (open_clip bpe_simple_vocab_16e6 = OpenAI's), " +
+              ("the whole HF CLIP tokenizer.json (CLIP's own ids)" if full else
+               "subset, ids renumbered densely in the full vocabulary's order"))
     return OrderedDict(file=rel, vocab_size=tok.size, n_merges=tok.n_merges, sot_id=tok.sot, eot_id=tok.eot,
-                       bang_id=tok.vocab["!"], pad_id=0, context_length=77, truncate=truncate,
-                       source="CLIP BPE (open_clip bpe_simple_vocab_16e6 = OpenAI's), subset, ids renumbered densely "
-                              "in the full vocabulary's order",
+                       bang_id=tok.vocab["!"], pad_id=0, context_length=77, truncate=truncate, source=source,
                        full_ids=OrderedDict(sot=49406, eot=49407, bang=0))
 
 
@@ -898,18 +981,85 @@ def generate(hivg_out: Path, clipvg_out: Path, use_original: bool) -> dict:
     return {"summary": s, "tok": tok}
 
 
+def shown(d: Path) -> Path:
+    """`d` relative to the repo root when inside it, else as given."""
+    try:
+        return d.resolve().relative_to(ROOT)
+    except ValueError:
+        return d
+
+
+# --------------------------------------------------------------------------
+# Full size (--full DIR; not committed)
+# --------------------------------------------------------------------------
+FULL_HIVG_NAME = "hivg_b16_unc.pth"
+FULL_CLIPVG_NAME = "clipvg_b16_unc.pth"
+FULL_BATCH_ORDER = [5, 0, 7, 2]
+
+
+def make_full(out: Path, use_original: bool) -> None:
+    """The full-size files (see the module docstring) into `out`, through the same code as the tiny ones."""
+    t0 = time.time()
+    times = OrderedDict()
+    hcfg, ccfg = H.FULL_B, C.FULL_B16
+    assert (hcfg.variant, hcfg.dataset, hcfg.extract_text_layers, hcfg.adapt_layers) == ("B", "unc", [12], [0, 3, 7, 11])
+    assert (hcfg.vision_width, hcfg.vision_heads, hcfg.vision_layers, hcfg.vision_ffn) == (768, 12, 12, 3072)
+    assert (hcfg.text_width, hcfg.text_heads, hcfg.text_layers, hcfg.text_ffn) == (512, 8, 12, 2048)
+    assert (hcfg.vocab_size, hcfg.context_length, hcfg.projection_dim) == (49408, 77, 512)
+    assert (hcfg.lora_r, hcfg.lora_alpha, hcfg.peft_depth) == (32, 16, 4)
+    assert (ccfg.vision_width, ccfg.vision_heads, ccfg.transformer_width, ccfg.transformer_heads) == (768, 12, 512, 8)
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted({i for i, _ in HIVG_CASES + CLIPVG_CASES})
+    assert names == sorted(p.name for p in IMAGES.glob("*.png")), names
+    (out / "images").mkdir(exist_ok=True)
+    for n in names:
+        shutil.copyfile(IMAGES / n, out / "images" / n)
+    with timed(times, "tokenizer (full, checked)"):
+        strings = [e for _, e in HIVG_CASES] + [e for _, e in CLIPVG_CASES]
+        strings = list(dict.fromkeys(strings + [s.lower() for s in strings]))
+        tok = SubsetTokenizer(out / "tokenizer.json", strings, whole=True)
+    prep, images = prepare_images(names, out, src=out / "images")
+    htexts = [tok.ids(e.lower(), truncate=True) for _, e in HIVG_CASES]
+    ctexts = [tok.ids(e.lower(), truncate=False) for _, e in CLIPVG_CASES]
+    assert htexts[0]["ids"].count(0) > 77 - len(htexts[0]["tokens"]), "case 0 must hold a real '!' (id 0)"
+    assert htexts[7]["truncated"] and not any(t["truncated"] for t in htexts[:7] + ctexts)
+    assert all(t["ids"] == t["clip_ids"] for t in htexts + ctexts)
+    assert max(max(t["ids"]) for t in htexts) == 49407
+    doc = OrderedDict(schema=1, system="full", imsize=S, mean=T.IMAGENET_MEAN, std=T.IMAGENET_STD,
+                      tokenizer=tokenizer_doc(tok, "tokenizer.json", OrderedDict(hivg=True, clipvg=False), full=True),
+                      images=images, models=OrderedDict(), invalid=OrderedDict())
+    summary = OrderedDict()
+    with contextlib.ExitStack() as stack:
+        O = None
+        if use_original:
+            check_args_against_mirrors()
+            O = stack.enter_context(original_code(Path(stack.enter_context(tempfile.TemporaryDirectory()))))
+            check_tokenize_original(O, tok)
+        entry, obj, model, summary[FULL_HIVG_NAME] = hivg_model(
+            out, FULL_HIVG_NAME, hcfg, 21, 19, 0.8431, prep, htexts, O, HIVG_CASES, FULL_BATCH_ORDER, full=True,
+            times=times)
+        doc["models"][FULL_HIVG_NAME] = entry
+        del obj, model
+        doc["models"][FULL_CLIPVG_NAME], summary[FULL_CLIPVG_NAME] = clipvg_model(
+            out, FULL_CLIPVG_NAME, ccfg, 31, prep, ctexts, O, "tokenizer.json", CLIPVG_CASES, full=True, times=times)
+    write_json(out / "cases.json", doc)
+    times["total"] = time.time() - t0
+    report([out], {"summary": summary, "tok": tok})
+    print("\ntimings (s): " + json.dumps({k: round(v, 1) for k, v in times.items()}))
+
+
 def report(dirs: list[Path], res: dict) -> None:
     tok = res["tok"]
     print(f"tokenizer: {tok.size} ids ({tok.n_merges} merges), '!' = {tok.vocab['!']}, SOT = {tok.sot}, "
           f"EOT = {tok.eot}")
     for d in dirs:
         total = 0
-        print(f"\n{d.relative_to(ROOT)}:")
-        for p in sorted(d.iterdir()):
+        print(f"\n{shown(d)}:")
+        for p in sorted(q for q in d.rglob("*") if q.is_file()):
             n = p.stat().st_size
             total += n
-            print(f"  {p.name:<42} {n:>9}  {sha(p)[:16]}")
-        print(f"  {'total':<42} {total:>9}")
+            print(f"  {p.relative_to(d).as_posix():<42} {n:>10}  {sha(p)[:16]}")
+        print(f"  {'total':<42} {total:>10}")
     for name, (records, batched, facts) in res["summary"].items():
         print(f"\n{name}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in facts.items()))
@@ -927,12 +1077,17 @@ def main() -> None:
     ap.add_argument("--clipvg-out", type=Path, default=CLIPVG_OUT)
     ap.add_argument("--no-original", action="store_true", help="skip the comparison with the mirrored code")
     ap.add_argument("--verify-stable", action="store_true", help="regenerate into a temp dir, assert same bytes")
+    ap.add_argument("--full", type=Path, metavar="DIR",
+                    help="write the full-size HiVG-B/16 and CLIP-VG-B/16 files to DIR instead (~1.9 GB, not committed)")
     a = ap.parse_args()
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
     use_original = not a.no_original and all(p.exists() for p in MIRRORS.values())
     if not use_original:
         print("note: not comparing with HiVG's / CLIP-VG's own code (mirrors missing or --no-original)")
+    if a.full:
+        make_full(a.full, use_original)
+        return
     res = generate(a.hivg_out, a.clipvg_out, use_original)
     report([a.hivg_out, a.clipvg_out], res)
     for d, limit in ((a.hivg_out, 2_000_000), (a.clipvg_out, 2_000_000)):
