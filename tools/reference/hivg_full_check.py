@@ -82,7 +82,7 @@ def main() -> None:
             worst = max(worst, err)
             print(f"  case {c['case']} {c['image']:<20} |box - ref| {err:.2e} px")
         line = (f"{model}: {size / 1e6:.0f} MB file, import {imp}, {len(entry['cases'])} cases, "
-                f"max |box - ref| {worst:.2e} px")
+                + ("not run" if a.dry_run else f"max |box - ref| {worst:.2e} px"))
         b = entry.get("batched")
         if b:
             # HiVG's own cross-sample bridge: one batch of len(order) in that order

@@ -82,7 +82,8 @@ sizes, into DIR (outside the repo), instead of the tiny dirs:
   offline from open_clip's BPE file by the same code as the subset: CLIP's own ids), DIR/cases.json: schema 1 as
   above with "system": "full", image paths "images/<name>", tokenizer.truncate {"hivg": true, "clipvg": false}, both
   models (HIVG_CASES / CLIPVG_CASES: ids = clip_ids; HiVG per_sample boxes and the batch FULL_BATCH_ORDER in
-  'batched' mode; CLIP-VG fp32 boxes). About 10 minutes on 2 threads, ~8 GB of memory:
+  'batched' mode; CLIP-VG fp32 boxes). ~2 GB of files; about 4 minutes on 2 threads (half of it HiVG's and CLIP-VG's
+own code on the files), 6.2 GB peak memory:
     .venv-ref/bin/python tools/reference/make_hivg_fixtures.py --full /tmp/hivg_full [--no-original]
 """
 from __future__ import annotations
@@ -1078,7 +1079,7 @@ def main() -> None:
     ap.add_argument("--no-original", action="store_true", help="skip the comparison with the mirrored code")
     ap.add_argument("--verify-stable", action="store_true", help="regenerate into a temp dir, assert same bytes")
     ap.add_argument("--full", type=Path, metavar="DIR",
-                    help="write the full-size HiVG-B/16 and CLIP-VG-B/16 files to DIR instead (~1.9 GB, not committed)")
+                    help="write the full-size HiVG-B/16 and CLIP-VG-B/16 files to DIR instead (~2 GB, not committed)")
     a = ap.parse_args()
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
