@@ -7,6 +7,7 @@ mod commands;
 mod datasets;
 mod demo;
 mod embed;
+mod fuzz;
 mod import;
 mod report;
 mod serve;
@@ -40,7 +41,7 @@ enum Command {
     /// Train a grounder (or, with a `[ckd]` table, a weakly supervised CKD model) from a run
     /// config (TOML), or resume an interrupted run.
     Train(commands::TrainArgs),
-    /// Turn a released checkpoint (TransVG) into a run folder that eval, predict, serve
+    /// Turn a released checkpoint (TransVG, HiVG, CLIP-VG) into a run folder that eval, predict, serve
     /// and fine-tuning (`train --init-from`) take like any trained run.
     Import(import::ImportArgs),
     /// Evaluate a run: Acc@0.5, Acc@0.75 and mIoU per split and per expression type (CKD
@@ -70,6 +71,10 @@ enum Command {
     /// DUET's terms; `qrnet`; `ckd`: weakly supervised NCE vs NCE + distillation vs the
     /// supervised grounder) over seeds and data fractions; a table and a bar chart.
     Ablate(ablate::AblateArgs),
+    /// Fuzz every file parser (torch and pickle files, the dataset formats, JSONL, run
+    /// configs, tokenizers, safetensors, images) with mutants of the repository's fixtures;
+    /// fails on any panic, slow input or runaway memory, saving the inputs.
+    Fuzz(fuzz::FuzzArgs),
     /// Time the CLIP-B/16 vision tower and the CLIP-B/16 grounder forward on random
     /// weights (set RAYON_NUM_THREADS to fix the thread count); prints JSON lines.
     Bench(bench::BenchArgs),
@@ -92,6 +97,7 @@ fn main() -> ExitCode {
         Command::TrainDetector(a) => weak::train_detector(a),
         Command::Ablate(a) => ablate::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Fuzz(a) => fuzz::run_fuzz(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

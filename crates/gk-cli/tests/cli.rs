@@ -1068,3 +1068,42 @@ fn import_hivg_then_eval_in_batches() {
     );
     assert_clean_failure(&o, "bridges' trained attention weights are missing");
 }
+
+/// `fuzz`: a short run over two parsers from the repository's fixtures; an unknown parser
+/// name is a clean error.
+#[test]
+fn fuzz_runs_and_names_unknown_parsers() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let save = dir.path().join("failures");
+    let o = groundkit(&[
+        "fuzz",
+        "--inputs",
+        "300",
+        "--targets",
+        "config,pickle",
+        "--root",
+        root.to_str().unwrap(),
+        "--save",
+        save.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        assert_eq!(l["inputs"], 300);
+        assert!(l["failures"].as_array().unwrap().is_empty(), "{l}");
+    }
+    let o = groundkit(&[
+        "fuzz",
+        "--targets",
+        "nope",
+        "--root",
+        root.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "no parser \"nope\"");
+}

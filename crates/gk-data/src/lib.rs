@@ -3,6 +3,7 @@ pub mod batch;
 pub mod dataset;
 pub mod entities;
 pub mod error;
+pub mod fuzz;
 pub mod image_io;
 pub mod phrases;
 pub mod pickle;

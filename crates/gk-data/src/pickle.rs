@@ -808,7 +808,18 @@ impl Machine<'_> {
                     }
                     self.push(Node::Namespace(Vec::new()));
                 }
-                b'i' | b'o' | 0x92 => {
+                b'i' => {
+                    // INST names its class inline: refuse it by name like GLOBAL does
+                    let module = self.line_str()?;
+                    let name = self.line_str()?;
+                    self.global(&module, &name, at)?;
+                    return Err(PickleError::Unsupported {
+                        pos: at,
+                        op,
+                        what: "object instantiation",
+                    });
+                }
+                b'o' | 0x92 => {
                     return Err(PickleError::Unsupported {
                         pos: at,
                         op,

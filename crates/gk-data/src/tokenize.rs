@@ -50,7 +50,24 @@ impl TextTokenizer {
         if !path.is_file() {
             return Err(err("file not found".into()));
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| err(e.to_string()))?;
+        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// [`Self::from_file`] on the file's bytes (`path` names it in errors). The bytes must
+    /// be JSON before the tokenizers library sees them: on some malformed files it panics
+    /// instead of returning an error (found by `gk_data::fuzz`); a panic left anyway is
+    /// caught and reported as an error.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
+        let err = |msg: String| DataError::Tokenizer {
+            path: path.to_path_buf(),
+            msg,
+        };
+        serde_json::from_slice::<serde_json::Value>(bytes)
+            .map_err(|e| err(format!("not JSON: {e}")))?;
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(|_| err("the tokenizers library failed on this file (a panic)".into()))?;
+        let inner = parsed.map_err(|e| err(e.to_string()))?;
         Self::from_tokenizer(inner).map_err(|e| err(e.to_string()))
     }
 
