@@ -307,20 +307,6 @@ pub fn run(target: &Target, bounds: &Bounds, mut progress: impl FnMut(u64)) -> R
     report
 }
 
-/// Every tensor a torch file's object refers to.
-fn tensors_of<'a>(v: &'a crate::pickle::Value, out: &mut Vec<&'a crate::pickle::TensorRef>) {
-    use crate::pickle::Value;
-    match v {
-        Value::Tensor(t) => out.push(t),
-        Value::List(items) | Value::Tuple(items) => items.iter().for_each(|i| tensors_of(i, out)),
-        Value::Dict(kv) => kv.iter().for_each(|(k, v)| {
-            tensors_of(k, out);
-            tensors_of(v, out);
-        }),
-        _ => {}
-    }
-}
-
 fn read_files(paths: impl IntoIterator<Item = PathBuf>) -> Vec<Vec<u8>> {
     paths
         .into_iter()
@@ -412,7 +398,7 @@ pub fn targets(root: &Path) -> Vec<Target> {
                 let f = crate::pth::TorchFile::from_bytes(b.to_vec(), Path::new("fuzz.pth"))
                     .map_err(|e| e.to_string())?;
                 let mut ts = Vec::new();
-                tensors_of(f.object(), &mut ts);
+                crate::pth::tensors(f.object(), &mut ts);
                 for t in ts {
                     f.read_f32(t).map_err(|e| e.to_string())?;
                 }

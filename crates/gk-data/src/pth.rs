@@ -76,7 +76,7 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> DataError + '_ {
 }
 
 /// Every tensor of `v`, depth first.
-fn tensors<'a>(v: &'a Value, out: &mut Vec<&'a TensorRef>) {
+pub fn tensors<'a>(v: &'a Value, out: &mut Vec<&'a TensorRef>) {
     match v {
         Value::Tensor(t) => out.push(t),
         Value::List(items) | Value::Tuple(items) => items.iter().for_each(|i| tensors(i, out)),
