@@ -792,6 +792,7 @@ pub fn criterion(
 /// Trains (or resumes) a CKD run; returns the final state and the last validation report.
 pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, CkdReport)> {
     let dev = Device::Cpu;
+    run.recover_checkpoint()?;
     let LoadedCkd {
         cfg,
         model,

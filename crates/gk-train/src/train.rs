@@ -658,9 +658,16 @@ impl<'a> Steps<'a> {
         let stop = stop_after.is_some_and(|s| self.state.step >= s);
         if stop || self.evaluates() {
             self.state.finished = self.state.step == self.total;
-            self.run.save_weights(map, "model.safetensors")?;
-            opt.save(&self.run.file("optim.safetensors"))?;
-            self.run.save_json("trainer_state.json", &self.state)?;
+            let weights = |p: &std::path::Path| crate::weights::save_atomic(map, p);
+            let moments = |p: &std::path::Path| opt.save(p);
+            self.run.save_checkpoint(
+                self.state.step,
+                &[
+                    ("model.safetensors", &weights),
+                    ("optim.safetensors", &moments),
+                ],
+                &self.state,
+            )?;
         }
         if stop {
             self.pb.finish_and_clear();
@@ -683,7 +690,9 @@ pub fn dropout_seed(seed: u64, step: usize) -> u64 {
 /// Trains (or resumes) the run in `run`. Returns the final state and the last validation report.
 pub fn train(run: &RunDir, opts: &TrainOptions) -> Result<(TrainerState, EvalReport)> {
     let dev = Device::Cpu;
-    // a resumed run is built from its last checkpoint (nothing drawn)
+    // a resumed run is built from its last checkpoint (nothing drawn), once a checkpoint
+    // that a kill interrupted is rolled back or forward
+    run.recover_checkpoint()?;
     let resuming = run.file("trainer_state.json").is_file();
     let Loaded {
         cfg,
