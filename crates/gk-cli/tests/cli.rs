@@ -850,6 +850,24 @@ fn import_transvg_then_predict() {
     let case = &cases["models"]["r101_tiny_legacy.pth"]["cases"][1];
     let image = tv(&format!("images/{}", case["image"].as_str().unwrap()));
     let picture = dir.path().join("p.png");
+    predict_matches(&run, &image, case, &picture);
+    // fine-tuning starts from the imported weights (one step on the embedded benchmark)
+    let o = fine_tune_one_step(dir.path(), &run);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("loaded 605 tensors"), "{}", stderr(&o));
+    // a second import into the same folder, a DETR file, a missing file
+    let o = import(&ckpt, &run);
+    assert_clean_failure(&o, "tv");
+    let detr = tv("detr_r50_tiny.pth");
+    let o = import(&detr, &dir.path().join("d"));
+    assert_clean_failure(&o, "DETR detection checkpoint");
+    let o = import(Path::new("nope.pth"), &dir.path().join("n"));
+    assert_clean_failure(&o, "nope.pth");
+}
+
+/// `predict` on a reference case: the box within 0.5 px of its `bbox_xyxy_clipped`, and
+/// the picture written.
+fn predict_matches(run: &Path, image: &Path, case: &serde_json::Value, picture: &Path) {
     let o = groundkit(&[
         "predict",
         "--run",
@@ -875,18 +893,6 @@ fn import_transvg_then_predict() {
         );
     }
     assert!(picture.is_file());
-    // fine-tuning starts from the imported weights (one step on the embedded benchmark)
-    let o = fine_tune_one_step(dir.path(), &run);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("loaded 605 tensors"), "{}", stderr(&o));
-    // a second import into the same folder, a DETR file, a missing file
-    let o = import(&ckpt, &run);
-    assert_clean_failure(&o, "tv");
-    let detr = tv("detr_r50_tiny.pth");
-    let o = import(&detr, &dir.path().join("d"));
-    assert_clean_failure(&o, "DETR detection checkpoint");
-    let o = import(Path::new("nope.pth"), &dir.path().join("n"));
-    assert_clean_failure(&o, "nope.pth");
 }
 
 /// One fine-tuning step of an imported run on the embedded benchmark (`train
@@ -1014,32 +1020,8 @@ fn import_hivg_then_eval_in_batches() {
     assert!(v1["val"]["all"]["miou"].as_f64().unwrap() < 99.0, "{v1}");
     let case = &all[0];
     let name = case["image"].as_str().unwrap();
-    let o = groundkit(&[
-        "predict",
-        "--run",
-        run.to_str().unwrap(),
-        "--image",
-        hv(cases["images"][name]["path"].as_str().unwrap())
-            .to_str()
-            .unwrap(),
-        "--expr",
-        case["expr"].as_str().unwrap(),
-        "--out",
-        dir.path().join("p.png").to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    for (a, b) in got["bbox_xyxy"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(case["bbox_xyxy_clipped"].as_array().unwrap())
-    {
-        assert!(
-            (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 0.5,
-            "{got}"
-        );
-    }
+    let image = hv(cases["images"][name]["path"].as_str().unwrap());
+    predict_matches(&run, &image, case, &dir.path().join("p.png"));
     // fine-tuning starts from the imported weights (one step on the embedded benchmark)
     let o = fine_tune_one_step(dir.path(), &run);
     assert!(o.status.success(), "{}", stderr(&o));

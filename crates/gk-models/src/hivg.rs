@@ -458,12 +458,24 @@ impl HivgVisual {
             BridgeText::Projected => Vec::new(),
         };
         // the one text of every bridge in mixup mode: [B, L, Cv]
+        // HiVG's batch mixing: its [L, B, C] text buffer read as [B, L, C]
+        let mode = self.cfg.bridge_mode;
+        let mix = |t: Tensor| -> Result<Tensor> {
+            match mode {
+                BridgeMode::Batched => {
+                    let (b, n, c) = t.dims3()?;
+                    t.transpose(0, 1)?.contiguous()?.reshape((b, n, c))
+                }
+                BridgeMode::Masked | BridgeMode::PerSample => Ok(t),
+            }
+        };
+        // mixup: one text for every bridge, mixed once
         let shared = match (&self.condition_text_proj, projected) {
-            (Some(p), Some(t)) => Some(p.forward(t)?),
+            (Some(p), Some(t)) => Some(mix(p.forward(t)?)?),
             (Some(_), None) => candle_core::bail!("hivg: projected text missing"),
             (None, _) => None,
         };
-        let bias = match self.cfg.bridge_mode {
+        let bias = match mode {
             BridgeMode::Masked => Some(nn::key_padding_bias(text_mask, pixels.dtype())?), // [B, 1, 1, L]
             BridgeMode::PerSample | BridgeMode::Batched => None,
         };
@@ -474,15 +486,7 @@ impl HivgVisual {
             if let Some(j) = self.cfg.bridge_layers.iter().position(|&b| b == l) {
                 let t = match &shared {
                     Some(t) => t.clone(),
-                    None => self.bridges[j].text(&texts)?,
-                };
-                let t = match self.cfg.bridge_mode {
-                    BridgeMode::Batched => {
-                        // HiVG's [L, B, C] buffer read as [B, L, C]
-                        let (b, n, c) = t.dims3()?;
-                        t.transpose(0, 1)?.contiguous()?.reshape((b, n, c))?
-                    }
-                    BridgeMode::Masked | BridgeMode::PerSample => t,
+                    None => mix(self.bridges[j].text(&texts)?)?,
                 };
                 x = self.bridges[j].forward(&x, &t, bias.as_ref())?;
             }

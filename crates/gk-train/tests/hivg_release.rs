@@ -12,6 +12,9 @@
 //! equal; boxes within 1e-4 of the normalised output and 0.5 px in the image (the seen
 //! maxima are printed).
 
+mod common;
+
+use common::{f64s, max_abs_diff};
 use gk_data::image_io;
 use gk_models::hivg::BridgeMode;
 use gk_train::import::{self, HivgImport, ImportReport};
@@ -29,14 +32,6 @@ fn cases(system: &str) -> serde_json::Value {
 
 fn tokenizer() -> PathBuf {
     dir("hivg").join("tokenizer.json")
-}
-
-fn f64s(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
 }
 
 /// The tiny towers' head counts (CLIP's 64-wide heads do not divide widths of 8 and 16).
@@ -240,15 +235,7 @@ fn newer_peft_names_import_to_the_same_weights() {
     let wb = gk_train::weights::read_safetensors(&b.join("best.safetensors"), &dev).unwrap();
     assert_eq!(wa.len(), wb.len());
     for (k, t) in &wa {
-        let d = (t - &wb[k])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0, "{k}");
+        assert_eq!(max_abs_diff(t, &wb[k]), 0.0, "{k}");
     }
 }
 

@@ -2,7 +2,10 @@
 //! and resumed run ends with exactly the weights of an uninterrupted one (dropout included),
 //! and evaluation and prediction read what training wrote.
 
+mod common;
+
 use candle_core::Device;
+use common::train_losses;
 use gk_data::synth::{generate, SynthConfig};
 use gk_models::convnet::ConvNetConfig;
 use gk_models::grounder::GrounderConfig;
@@ -85,13 +88,7 @@ fn train_resume_eval_predict() {
     );
 
     // the loss went down over training (metrics.jsonl has a train line every 10 steps or at the end)
-    let losses: Vec<f64> = std::fs::read_to_string(a.file("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["event"] == "train")
-        .map(|v| v["loss"].as_f64().unwrap())
-        .collect();
+    let losses = train_losses(&a);
     assert!(!losses.is_empty());
 
     // prediction reads the run through the one inference interface
@@ -140,16 +137,7 @@ fn loss_falls_on_a_fixed_batch() {
     cfg.optim.eval_every = 1000;
     let run = train::prepare(&dir.path().join("r"), cfg).unwrap();
     train::train(&run, &TrainOptions::default()).unwrap();
-    let v: Vec<serde_json::Value> = std::fs::read_to_string(run.file("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let train: Vec<f64> = v
-        .iter()
-        .filter(|v| v["event"] == "train")
-        .map(|v| v["loss"].as_f64().unwrap())
-        .collect();
+    let train = train_losses(&run);
     assert!(train.len() >= 2, "{train:?}");
     assert!(
         train.last().unwrap() < &(train[0] * 0.8),

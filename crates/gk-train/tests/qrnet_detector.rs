@@ -9,8 +9,11 @@
 //! shift mask, odd merging) and on a 37x50 input. Tolerance 1e-4 absolute (f32 summation
 //! order; seen below 1e-5).
 
+mod common;
+
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
+use common::{max_abs_diff, train_losses};
 use gk_models::nn::LayerNorm;
 use gk_models::swin::{Swin, SwinConfig};
 use std::path::{Path, PathBuf};
@@ -38,17 +41,6 @@ fn swin_config(det: &gk_train::import::MmdetBackbone) -> SwinConfig {
 /// `[1, C, H, W]` -> `[1, H*W, C]`.
 fn tokens(nchw: &Tensor) -> Tensor {
     nchw.flatten_from(2).unwrap().transpose(1, 2).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]
@@ -91,7 +83,7 @@ fn detector_backbone_features_match_mmdet_swin() {
             let norm = LayerNorm::new(vb.pp(format!("out_norm.{i}")), c, 1e-5).unwrap();
             let ours = norm.forward(&out.stages[i]).unwrap();
             let theirs = tokens(&io[&format!("{case}stage{i}")]);
-            let d = max_diff(&ours, &theirs);
+            let d = max_abs_diff(&ours, &theirs);
             assert!(d < 1e-4, "{case}stage{i}: {d}");
             worst = worst.max(d);
             let w = vb.pp(format!("lateral.{i}"));
@@ -99,7 +91,7 @@ fn detector_backbone_features_match_mmdet_swin() {
                 w.get((16, c), "weight").unwrap(),
                 Some(w.get(16, "bias").unwrap()),
             );
-            let d = max_diff(
+            let d = max_abs_diff(
                 &lateral.forward(&ours).unwrap(),
                 &tokens(&io[&format!("{case}lateral{i}")]),
             );
@@ -119,7 +111,7 @@ fn detector_backbone_features_match_mmdet_swin() {
         .forward(&io["pixels"])
         .unwrap();
     let norm = LayerNorm::new(vb.pp("out_norm.3"), cfg.stage_dim(3), 1e-5).unwrap();
-    let d = max_diff(
+    let d = max_abs_diff(
         &norm.forward(&out.stages[3]).unwrap(),
         &tokens(&io["stage3"]),
     );
@@ -176,13 +168,7 @@ fn qrnet_trains_from_the_detector() {
     }];
     let run = train::prepare(&dir.path().join("r"), cfg).unwrap();
     train::train(&run, &TrainOptions::default()).unwrap();
-    let losses: Vec<f64> = std::fs::read_to_string(run.file("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["event"] == "train")
-        .map(|v| v["loss"].as_f64().unwrap())
-        .collect();
+    let losses = train_losses(&run);
     assert!(
         losses.len() >= 2 && losses.last().unwrap() < &(losses[0] * 0.8),
         "loss did not fall: {losses:?}"
@@ -193,7 +179,7 @@ fn qrnet_trains_from_the_detector() {
     for (name, t) in &det.tensors {
         if let Some(ours) = trained.get(&format!("visual.{name}")) {
             if name.starts_with("swin.") {
-                assert_eq!(max_diff(ours, t), 0.0, "{name} moved although frozen");
+                assert_eq!(max_abs_diff(ours, t), 0.0, "{name} moved although frozen");
                 checked += 1;
             }
         }

@@ -7,6 +7,9 @@
 //! normalisation reproduced exactly), token ids equal, boxes within 1e-4 of the model's
 //! normalised output and 0.5 px in the image (seen: 2.7e-6 and 1.4e-3 px: f32 summation order).
 
+mod common;
+
+use common::f64s;
 use gk_data::image_io::{self, Normalize, Resize};
 use gk_train::infer::{self, Query};
 use gk_train::run::RunDir;
@@ -18,14 +21,6 @@ fn fixtures() -> PathBuf {
 
 fn cases() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("cases.json")).unwrap()).unwrap()
-}
-
-fn f64s(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
 }
 
 #[test]

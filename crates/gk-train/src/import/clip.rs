@@ -94,6 +94,34 @@ fn heads(width: usize, given: Option<usize>, path: &Path, tower: &str) -> Result
     Ok(h)
 }
 
+/// A ViT-B/16-style vision tower of `width`, `ffn`, `layers`, whose `n_pos` positions
+/// (CLS + a square grid) at `patch` px per patch give the image size; heads from `opts`.
+fn vision_config(
+    width: usize,
+    ffn: usize,
+    layers: usize,
+    (n_pos, patch): (usize, usize),
+    opts: &HivgImport,
+    path: &Path,
+) -> Result<ClipVisionConfig> {
+    let grid = (n_pos.saturating_sub(1) as f64).sqrt() as usize;
+    if grid * grid + 1 != n_pos {
+        return Err(format_err(
+            path,
+            format!("{n_pos} vision positions are not a square grid plus CLS"),
+        ));
+    }
+    Ok(ClipVisionConfig {
+        hidden_size: width,
+        intermediate_size: ffn,
+        num_hidden_layers: layers,
+        num_attention_heads: heads(width, opts.heads.map(|h| h.0), path, "vision")?,
+        image_size: grid * patch,
+        patch_size: patch,
+        ..ClipVisionConfig::vit_base_patch16()
+    })
+}
+
 /// The tokenizer of a CLIP release: a `tokenizer.json`, or a CLIP folder holding one; its
 /// ids must fit the token embedding's `rows`.
 fn clip_tokenizer(path: &Path, rows: usize) -> Result<TextTokenizer> {
@@ -101,7 +129,7 @@ fn clip_tokenizer(path: &Path, rows: usize) -> Result<TextTokenizer> {
         true => path.join("tokenizer.json"),
         false => path.to_path_buf(),
     };
-    let tok = TextTokenizer::from_file(&file)?.with_pad_id(0);
+    let tok = TextTokenizer::from_file(&file)?; // padding: the run's layout (pad_id 0)
     for special in ["<|startoftext|>", "<|endoftext|>"] {
         if tok.inner().token_to_id(special).is_none() {
             return Err(format_err(
@@ -284,13 +312,6 @@ pub fn import_hivg(
     let patch = shape(&format!("{v}embeddings.patch_embedding.weight"))?;
     let (cv, p) = (patch[0], patch[2]);
     let n_pos = shape(&format!("{v}embeddings.position_embedding.weight"))?[0];
-    let grid = (n_pos.saturating_sub(1) as f64).sqrt() as usize;
-    if grid * grid + 1 != n_pos {
-        return Err(format_err(
-            path,
-            format!("{n_pos} vision positions are not a square grid plus CLS"),
-        ));
-    }
     let vision_layers = count_blocks(&names, &format!("{v}encoder.layers."), "layer_norm1.weight");
     let t = "clip.text_model.";
     let words = shape(&format!("{t}embeddings.token_embedding.weight"))?;
@@ -398,12 +419,7 @@ pub fn import_hivg(
     // kept LoRA: one set, the file's rank, alpha = scale * rank
     let lora = match (opts.keep_lora, loras.first()) {
         (true, Some((_, a_key, adapter))) => {
-            let rank = |k: &str| {
-                ckpt.entries
-                    .iter()
-                    .find(|(n, _)| n == k)
-                    .map(|(_, t)| t.shape[0])
-            };
+            let rank = |k: &str| ckpt.tensor(k).map(|t| t.shape[0]);
             let r = rank(a_key).unwrap_or(0);
             if let Some((_, k, _)) = loras
                 .iter()
@@ -424,19 +440,17 @@ pub fn import_hivg(
         _ => Vec::new(),
     };
     let tok = clip_tokenizer(tokenizer, words[0])?;
-    let (vh, th) = match opts.heads {
-        Some((a, b)) => (Some(a), Some(b)),
-        None => (None, None),
-    };
+    let th = opts.heads.map(|h| h.1);
     let vision = ClipVisionConfig {
-        hidden_size: cv,
-        intermediate_size: shape(&format!("{v}encoder.layers.0.mlp.fc1.weight"))?[0],
-        num_hidden_layers: vision_layers,
-        num_attention_heads: heads(cv, vh, path, "vision")?,
-        image_size: grid * p,
-        patch_size: p,
         lora: lora.clone(),
-        ..ClipVisionConfig::vit_base_patch16()
+        ..vision_config(
+            cv,
+            shape(&format!("{v}encoder.layers.0.mlp.fc1.weight"))?[0],
+            vision_layers,
+            (n_pos, p),
+            opts,
+            path,
+        )?
     };
     let text = ClipTextConfig {
         lora,
@@ -500,7 +514,7 @@ pub fn import_hivg(
                 format!("LoRA adapters for {module} but no base weight ({base_name} or its .base_layer. form)"),
             ));
         };
-        if !ckpt.entries.iter().any(|(k, _)| k == &b_key) {
+        if ckpt.tensor(&b_key).is_none() {
             return Err(format_err(path, format!("{a_key} has no {b_key}")));
         }
         let Some(param) = hivg_key(&base_name, &bridges) else {
@@ -510,13 +524,7 @@ pub fn import_hivg(
         if opts.keep_lora {
             let module = param.trim_end_matches(".weight");
             for (ab, key) in [("A", a_key), ("B", &b_key)] {
-                let shape = &ckpt
-                    .entries
-                    .iter()
-                    .find(|(n, _)| n == key)
-                    .expect("listed")
-                    .1
-                    .shape;
+                let shape = &ckpt.tensor(key).expect("listed").shape;
                 sources.insert(
                     format!("{module}.lora_{ab}.{adapter}.weight"),
                     Source::copy(key, shape),
@@ -756,13 +764,6 @@ pub fn import_clipvg(
     let conv = shape("clip.visual.conv1.weight")?;
     let (cv, p) = (conv[0], conv[2]);
     let n_pos = shape("clip.visual.positional_embedding")?[0];
-    let grid = (n_pos.saturating_sub(1) as f64).sqrt() as usize;
-    if grid * grid + 1 != n_pos {
-        return Err(format_err(
-            path,
-            format!("{n_pos} vision positions are not a square grid plus CLS"),
-        ));
-    }
     let vision_layers = count_blocks(&names, "clip.visual.transformer.resblocks.", "ln_1.weight");
     let words = shape("clip.token_embedding.weight")?;
     let ct = words[1];
@@ -780,19 +781,15 @@ pub fn import_clipvg(
         }
     };
     let tok = clip_tokenizer(tokenizer, words[0])?;
-    let (vh, th) = match opts.heads {
-        Some((a, b)) => (Some(a), Some(b)),
-        None => (None, None),
-    };
-    let vision = ClipVisionConfig {
-        hidden_size: cv,
-        intermediate_size: shape("clip.visual.transformer.resblocks.0.mlp.c_fc.weight")?[0],
-        num_hidden_layers: vision_layers,
-        num_attention_heads: heads(cv, vh, path, "vision")?,
-        image_size: grid * p,
-        patch_size: p,
-        ..ClipVisionConfig::vit_base_patch16()
-    };
+    let th = opts.heads.map(|h| h.1);
+    let vision = vision_config(
+        cv,
+        shape("clip.visual.transformer.resblocks.0.mlp.c_fc.weight")?[0],
+        vision_layers,
+        (n_pos, p),
+        opts,
+        path,
+    )?;
     let text = text_config(
         words[0],
         ct,

@@ -114,16 +114,12 @@ pub fn mmdet_swin_backbone(path: &Path) -> Result<MmdetBackbone> {
         }
     }
     let shape = |k: &str| {
-        ckpt.entries
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, t)| t.shape.clone())
-            .ok_or_else(|| {
-                format_err(
-                    path,
-                    format!("no `{k}`: not a Swin detector (mmdet's SwinTransformer backbone)"),
-                )
-            })
+        ckpt.tensor(k).map(|t| t.shape.clone()).ok_or_else(|| {
+            format_err(
+                path,
+                format!("no `{k}`: not a Swin detector (mmdet's SwinTransformer backbone)"),
+            )
+        })
     };
     let embed_dim = shape("backbone.patch_embed.proj.weight")?[0];
     let (mut depths, mut heads) = (Vec::new(), Vec::new());
@@ -131,7 +127,7 @@ pub fn mmdet_swin_backbone(path: &Path) -> Result<MmdetBackbone> {
         let blocks = (0..)
             .take_while(|j| {
                 let k = format!("backbone.layers.{i}.blocks.{j}.norm1.weight");
-                ckpt.entries.iter().any(|(n, _)| n == &k)
+                ckpt.tensor(&k).is_some()
             })
             .count();
         if blocks == 0 {

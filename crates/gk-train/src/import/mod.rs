@@ -262,6 +262,8 @@ pub fn plan(
 struct Checkpoint {
     file: TorchFile,
     entries: Vec<(String, TensorRef)>,
+    /// key -> its index in `entries`
+    index: HashMap<String, usize>,
     args: BTreeMap<String, Value>,
 }
 
@@ -282,11 +284,22 @@ impl Checkpoint {
         let entries =
             pth::state_dict(model).map_err(|e| format_err(path, format!("model: {e}")))?;
         let args = args_of(top);
+        let index = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (k, _))| (k.clone(), i))
+            .collect();
         Ok(Self {
             file,
             entries,
+            index,
             args,
         })
+    }
+
+    /// The tensor stored under `key`.
+    fn tensor(&self, key: &str) -> Option<&TensorRef> {
+        self.index.get(key).map(|&i| &self.entries[i].1)
     }
 
     fn shapes(&self) -> Shapes {
@@ -298,10 +311,10 @@ impl Checkpoint {
 
     /// Makes every planned parameter, one checkpoint tensor at a time.
     fn materialise(&self, pairs: &[(String, Source)]) -> Result<HashMap<String, Tensor>> {
-        let refs: HashMap<&str, &TensorRef> =
-            self.entries.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let read = |key: &str| -> Result<Tensor> {
-            let t = refs[key];
+            let t = self
+                .tensor(key)
+                .expect("planned sources name checkpoint keys");
             Ok(Tensor::from_vec(
                 self.file.read_f32(t)?,
                 t.shape.as_slice(),
