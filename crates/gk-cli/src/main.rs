@@ -9,6 +9,7 @@ mod demo;
 mod embed;
 mod fuzz;
 mod import;
+mod predict;
 mod report;
 mod serve;
 mod teacher;
@@ -53,8 +54,9 @@ enum Command {
     /// Counts, expression lengths and box sizes of a canonical JSONL file, beside the
     /// published split sizes.
     Stats(datasets::StatsArgs),
-    /// Ground one expression in one image with a trained run; prints JSON, writes a picture.
-    Predict(commands::PredictArgs),
+    /// Ground expressions with a trained run: one image (prints JSON, writes a picture), or a
+    /// JSONL file or folder of many (batched, resumable, one JSON line per expression).
+    Predict(predict::PredictArgs),
     /// Serve a trained run over HTTP: `POST /v1/ground?expression=...` with an image body
     /// answers the box as JSON; `GET /` is a page to try it.
     Serve(serve::ServeArgs),
@@ -90,7 +92,7 @@ fn main() -> ExitCode {
         Command::Import(a) => import::run(a),
         Command::Convert(a) => datasets::convert(a),
         Command::Stats(a) => datasets::stats(a),
-        Command::Predict(a) => commands::predict(a),
+        Command::Predict(a) => predict::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Embed(a) => embed::run(a),
         Command::PretrainTeacher(a) => teacher::run(a),

@@ -220,8 +220,8 @@ fn synth_train_eval_predict_end_to_end() {
         .success());
     let o = groundkit(&["eval", "--run", run.to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(v["val"]["all"]["n"].as_u64().unwrap() > 0 && v.get("testB").is_some());
+    let eval_json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(eval_json["val"]["all"]["n"].as_u64().unwrap() > 0 && eval_json.get("testB").is_some());
     let img = data
         .join("images/val")
         .read_dir()
@@ -276,7 +276,76 @@ fn synth_train_eval_predict_end_to_end() {
         "bad.jsonl:1",
     );
     published_split_convert_stats_eval(dir.path(), &run);
+    batch_predict_matches_eval_and_resumes(dir.path(), &run, &data, &eval_json);
     serve_answers_and_survives_bad_requests(&run, &img);
+}
+
+/// `predict --input` over the val set: the accuracy `eval` gave (`eval_json`), a bad row
+/// counted and written, and a run cut mid-line continues to the same file, no line twice.
+fn batch_predict_matches_eval_and_resumes(
+    dir: &Path,
+    run: &Path,
+    data: &Path,
+    eval_json: &serde_json::Value,
+) {
+    let input = dir.join("queries.jsonl");
+    let mut text = std::fs::read_to_string(data.join("val.jsonl")).unwrap();
+    let n = text.lines().count();
+    text += "{\"id\": \"gone\", \"image\": \"images/val/missing.png\", \"expr\": \"x\"}\n";
+    std::fs::write(&input, &text).unwrap();
+    let out = dir.join("pred.jsonl");
+    let predict = |batch: &str| {
+        let o = groundkit(&[
+            "predict",
+            "--run",
+            run.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--images",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--batch",
+            batch,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let s = predict("8");
+    assert_eq!(
+        (s["predicted"].as_u64(), s["bad"].as_u64()),
+        (Some(n as u64), Some(1))
+    );
+    assert_eq!(s["scored"].as_u64(), Some(n as u64));
+    let acc = s["acc50"].as_f64().unwrap();
+    let want = eval_json["val"]["all"]["acc50"].as_f64().unwrap();
+    assert!((acc - want).abs() < 1e-9, "predict {acc} vs eval {want}");
+    assert!(
+        s["bad_examples"][0]
+            .as_str()
+            .unwrap()
+            .contains("missing.png"),
+        "{s}"
+    );
+    let full = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(full.lines().count(), n + 1);
+    // an interrupted run: a third of the lines and half of the next
+    let cut = full.lines().take(n / 3).map(|l| l.len() + 1).sum::<usize>() + 20;
+    std::fs::write(&out, &full[..cut]).unwrap();
+    let s = predict("3");
+    assert_eq!(s["already_done"].as_u64(), Some((n / 3) as u64));
+    let resumed = std::fs::read_to_string(&out).unwrap();
+    let ids = |t: &str| {
+        t.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(&resumed),
+        ids(&full),
+        "same rows, same order, none twice"
+    );
+    assert_eq!(s["acc50"].as_f64(), Some(acc));
 }
 
 /// One raw HTTP/1.1 request (`head` without the blank line) -> (status, body text). Write

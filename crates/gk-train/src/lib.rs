@@ -1,4 +1,5 @@
 //! gk-train: losses, weights and run directories, the trainer, evaluation and prediction.
+pub mod batch_predict;
 pub mod ckd;
 pub mod detector;
 pub mod distill;

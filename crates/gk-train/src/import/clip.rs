@@ -373,9 +373,7 @@ pub fn import_hivg(
     let args = &ckpt.args;
     let dataset = ckpt.dataset();
     let mixup = arg_bool(args, "mixup_pretrain").unwrap_or(false);
-    let text_layers = if mixup {
-        vec![text_layers_n]
-    } else if n_text == 1 {
+    let text_layers = if mixup || n_text == 1 {
         vec![text_layers_n]
     } else if n_text == 2 {
         vec![text_layers_n / 2, text_layers_n]
