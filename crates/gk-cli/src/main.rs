@@ -57,8 +57,9 @@ enum Command {
     /// Ground expressions with a trained run: one image (prints JSON, writes a picture), or a
     /// JSONL file or folder of many (batched, resumable, one JSON line per expression).
     Predict(predict::PredictArgs),
-    /// Serve a trained run over HTTP: `POST /v1/ground?expression=...` with an image body
-    /// answers the box as JSON; `GET /` is a page to try it.
+    /// Serve a run over HTTP: `POST /v1/ground?expression=...` with an image body (or a form)
+    /// answers the boxes as JSON; a bounded queue, micro-batching, timeouts, `/metrics`,
+    /// `/v1/model`, graceful shutdown on SIGTERM; `GET /` is a page to try it.
     Serve(serve::ServeArgs),
     /// Print CLIP image and text embeddings (L2-normalised) and their cosine similarity,
     /// from a Hugging Face CLIP folder (config.json, model.safetensors, tokenizer.json).

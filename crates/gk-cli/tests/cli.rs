@@ -414,7 +414,7 @@ fn serve_answers_and_survives_bad_requests(run: &Path, img: &Path) {
         let (status, body) = post("?expression=the%20red%20circle", &png);
         assert_eq!(status, 200, "{body}");
         let v = json(&body);
-        let b: Vec<f64> = serde_json::from_value(v["bbox_xyxy"].clone()).unwrap();
+        let b: Vec<f64> = serde_json::from_value(v["results"][0]["bbox_xyxy"].clone()).unwrap();
         assert!(
             b[0] >= 0.0 && b[1] >= 0.0 && b[2] <= w as f64 && b[3] <= h as f64,
             "{v}"
@@ -430,7 +430,7 @@ fn serve_answers_and_survives_bad_requests(run: &Path, img: &Path) {
             &*format!("?expression={}", "a".repeat(101)),
             &png[..],
             400,
-            "101 characters",
+            "has 101 characters",
         ),
         (
             "?expression=the%20red%20circle",
@@ -442,7 +442,7 @@ fn serve_answers_and_survives_bad_requests(run: &Path, img: &Path) {
             "?expression=the%20red%20circle",
             &b""[..],
             400,
-            "empty body",
+            "empty image",
         ),
     ] {
         let (got, text) = post(query, body);
@@ -470,8 +470,38 @@ fn serve_answers_and_survives_bad_requests(run: &Path, img: &Path) {
     let (got, text) = http(&addr, "GET / HTTP/1.1", b"");
     assert!(got == 200 && text.contains("/v1/ground"), "{got}");
     assert_eq!(good(), first, "the same request after the bad ones");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // SIGTERM with a request in flight (half its body sent): it is answered, then the
+    // server exits cleanly
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let half = png.len() / 2;
+    s.write_all(
+        format!(
+            "POST /v1/ground?expression=the%20red%20circle HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            png.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    s.write_all(&png[..half]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    s.write_all(&png[half..]).unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let v = json(out.split_once("\r\n\r\n").unwrap().1);
+    let b: Vec<f64> = serde_json::from_value(v["results"][0]["bbox_xyxy"].clone()).unwrap();
+    assert_eq!(b, first, "the request in flight at SIGTERM");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
 }
 
 fn split_fixture(p: &str) -> PathBuf {
