@@ -9,6 +9,7 @@ mod demo;
 mod embed;
 mod fuzz;
 mod import;
+mod loadtest;
 mod predict;
 mod report;
 mod serve;
@@ -61,6 +62,9 @@ enum Command {
     /// answers the boxes as JSON; a bounded queue, micro-batching, timeouts, `/metrics`,
     /// `/v1/model`, graceful shutdown on SIGTERM; `GET /` is a page to try it.
     Serve(serve::ServeArgs),
+    /// Load-test `serve` on a run (loopback): good clients at each concurrency with malformed,
+    /// oversize and slow clients mixed in; throughput, p50/p99, answers by status, memory.
+    Loadtest(loadtest::LoadtestArgs),
     /// Print CLIP image and text embeddings (L2-normalised) and their cosine similarity,
     /// from a Hugging Face CLIP folder (config.json, model.safetensors, tokenizer.json).
     Embed(embed::EmbedArgs),
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
         Command::Stats(a) => datasets::stats(a),
         Command::Predict(a) => predict::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Loadtest(a) => loadtest::run(a),
         Command::Embed(a) => embed::run(a),
         Command::PretrainTeacher(a) => teacher::run(a),
         Command::TrainDetector(a) => weak::train_detector(a),

@@ -64,11 +64,16 @@ impl Batcher {
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
+        let permits = Arc::new(Semaphore::new(cfg.queue));
+        let in_flight = {
+            let p = permits.clone();
+            move || cfg.queue - p.available_permits()
+        };
         let worker = std::thread::Builder::new()
             .name("gk-serve-model".into())
-            .spawn(move || work(&*model, &rx, cfg, &metrics))?;
+            .spawn(move || work(&*model, &rx, cfg, &in_flight, &metrics))?;
         Ok(Self {
-            permits: Arc::new(Semaphore::new(cfg.queue)),
+            permits,
             capacity: cfg.queue,
             tx: Mutex::new(Some(tx)),
             worker: Mutex::new(Some(worker)),
@@ -111,8 +116,16 @@ impl Batcher {
     }
 }
 
-/// The worker loop: one batch per turn until the sending side is dropped.
-fn work(model: &dyn GroundingModel, rx: &mpsc::Receiver<Job>, cfg: BatchConfig, m: &Metrics) {
+/// The worker loop: one batch per turn until the sending side is dropped. It waits for
+/// more jobs only while other admitted requests are on their way (still decoding): a lone
+/// request runs at once.
+fn work(
+    model: &dyn GroundingModel,
+    rx: &mpsc::Receiver<Job>,
+    cfg: BatchConfig,
+    in_flight: &dyn Fn() -> usize,
+    m: &Metrics,
+) {
     let mut carry: Option<Job> = None;
     loop {
         let first = match carry.take() {
@@ -126,7 +139,12 @@ fn work(model: &dyn GroundingModel, rx: &mpsc::Receiver<Job>, cfg: BatchConfig, 
         let mut jobs = vec![first];
         let until = Instant::now() + cfg.max_wait;
         while n < cfg.max_batch {
-            match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            let next = if in_flight() > jobs.len() + carry.is_some() as usize {
+                rx.recv_timeout(until.saturating_duration_since(Instant::now()))
+            } else {
+                rx.try_recv().map_err(|_| mpsc::RecvTimeoutError::Timeout)
+            };
+            match next {
                 Ok(j) if n + j.exprs.len() > cfg.max_batch => {
                     carry = Some(j);
                     break;

@@ -317,3 +317,61 @@ fn shutdown_lets_the_request_in_flight_finish() {
     assert_eq!(boxes(&json(&body)), [want_box("in flight", 16, 16)]);
     srv.join();
 }
+
+#[test]
+fn the_load_client_measures_and_checks_answers_beside_bad_clients() {
+    use crate::load::{reference, run_level, LevelConfig, Query};
+    let model = Arc::new(FakeModel::slow(Duration::from_millis(2)));
+    let cfg = ServeConfig {
+        max_body_bytes: 1 << 20,
+        timeout: Duration::from_millis(600),
+        header_timeout: Duration::from_millis(400),
+        ..ServeConfig::default()
+    };
+    let mut srv = Server::start(model.clone(), cfg);
+    let addr: std::net::SocketAddr = srv.addr.parse().unwrap();
+    let pool: Vec<Query> = [(16, 16, "a"), (30, 12, "the cat"), (8, 40, "left dog")]
+        .into_iter()
+        .map(|(w, h, e)| Query {
+            image: Arc::new(png(w, h)),
+            exprs: vec![e.to_string()],
+        })
+        .collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(async {
+        let want = reference(addr, &pool).await.unwrap();
+        run_level(
+            addr,
+            Arc::new(pool),
+            Arc::new(want),
+            LevelConfig {
+                concurrency: 4,
+                duration: Duration::from_millis(1200),
+                bad_clients: 4,
+                client_timeout: Duration::from_secs(10),
+            },
+        )
+        .await
+    });
+    assert!(report.sent > 10, "{report:?}");
+    assert_eq!(
+        report.by_status.get("200"),
+        Some(&report.sent),
+        "{report:?}"
+    );
+    assert_eq!(report.mismatched, 0, "{report:?}");
+    let outcome = |kind: &str, what: &str| report.bad[kind].get(what).copied().unwrap_or(0);
+    assert!(outcome("malformed", "400") > 0, "{report:?}");
+    assert!(outcome("oversize", "413") > 0, "{report:?}");
+    assert!(outcome("slow-body", "408") > 0, "{report:?}");
+    assert!(
+        outcome("slow-head", "closed") + outcome("slow-head", "408") > 0,
+        "{report:?}"
+    );
+    assert!(
+        model.batch_sizes().iter().any(|&b| b > 1),
+        "concurrent requests were batched"
+    );
+    srv.stop();
+    srv.join();
+}

@@ -1,13 +1,15 @@
 //! gk-serve: any run's model ([`gk_train::infer::GroundingModel`]) behind HTTP.
 //!
 //! - [`routes`]: the API and the page; [`batcher`]: the bounded queue and the one model
-//!   worker that micro-batches concurrent requests; [`metrics`]: Prometheus counters.
+//!   worker that micro-batches concurrent requests; [`metrics`]: Prometheus counters;
+//!   [`load`]: the load-test client (`groundkit loadtest`).
 //! - The accept loop here is our own over hyper's HTTP/1 connections: at most
 //!   `max_connections` open (more wait in the kernel's backlog), a request head not received
 //!   within `header_timeout` closes its connection, and on SIGTERM or Ctrl-C the listener
 //!   closes, requests in flight finish (for at most the request timeout), then the worker.
 
 pub mod batcher;
+pub mod load;
 pub mod metrics;
 pub mod routes;
 #[cfg(test)]

@@ -19,8 +19,7 @@ pub struct FakeModel {
     gated: bool,
     state: Mutex<State>,
     changed: Condvar,
-    /// Time each forward takes.
-    pub delay: Duration,
+    delay: Duration,
 }
 
 impl FakeModel {
@@ -47,6 +46,14 @@ impl FakeModel {
     pub fn gated() -> Self {
         Self {
             gated: true,
+            ..Self::new()
+        }
+    }
+
+    /// Each forward takes `delay`.
+    pub fn slow(delay: Duration) -> Self {
+        Self {
+            delay,
             ..Self::new()
         }
     }
